@@ -310,8 +310,10 @@ class GPT(nn.Module):
         stages are interleaved token-major into one sequence e_1 z_1^1..z_1^K e_2 z_2^1.. of (K+1)T slots,
         every slot at its token's position id, and run through the trunk f with plain causal attention.
         The thought z_t^j is f's output at the slot before it (e_t for j = 1): every pass refreshes all
-        thought stages from the previous pass's outputs at once. Each pass makes at least one more slot
-        exact, so with n_jacobi >= T the result equals the sequential, token-by-token computation.
+        thought stages from the previous pass's outputs at once. A thought is exact once every slot before
+        it is, and stage building makes the first token's thoughts exact, so each pass adds at least one
+        exact thought: n_jacobi >= K(T-1) gives exactly the sequential, token-by-token computation (in
+        practice the passes contract and it agrees to float precision much sooner).
         cache: filled by the final pass with all (K+1)T slots (generate's prefill).
         Returns the hidden state at the last thought of each token, (B, T, C): it predicts the next token.
         """
@@ -400,7 +402,7 @@ class GPT(nn.Module):
 
     def exact_logits(self, idx):
         """Next-token logits (B, V) recomputed from scratch with exact thoughts: the uncached reference."""
-        logits, _ = self(idx, n_jacobi=idx.size(1))
+        logits, _ = self(idx, n_jacobi=self.config.n_thoughts * (idx.size(1) - 1))
         return logits[:, -1]
 
     def prefill(self, idx, max_len, n_jacobi=None):

@@ -114,9 +114,11 @@ def test_parallel_thoughts_equal_sequential_reference(K):
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(K))
     with torch.no_grad():
         ref = sequential_thought_logits(model, idx)
-        logits, _ = model(idx, n_jacobi=idx.size(1))
+        exact, _ = model(idx, n_jacobi=K * (idx.size(1) - 1))  # enough passes to be exact by construction
+        at_T, _ = model(idx, n_jacobi=idx.size(1))
         few, _ = model(idx, n_jacobi=1)
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(at_T, ref, atol=1e-5, rtol=1e-5)
     assert (few - ref).abs().max() > 1e-3  # too few Jacobi passes are not exact: the test can tell
 
 
@@ -124,7 +126,7 @@ def test_parallel_thoughts_equal_sequential_reference(K):
 def test_cached_thought_decoding_is_exact(K):
     model = tiny(n_thoughts=K)
     prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(7))
-    steps = list(model.generate_stream(prompt, 12, temperature=0, n_jacobi=prompt.size(1)))
+    steps = list(model.generate_stream(prompt, 12, temperature=0, n_jacobi=K * prompt.size(1)))
     tokens = torch.cat([prompt] + [t for t, _ in steps], dim=1)
     with torch.no_grad():
         ref = sequential_thought_logits(model, tokens)
