@@ -405,6 +405,16 @@ class GPT(nn.Module):
         logits, _ = self(idx, n_jacobi=self.config.n_thoughts * (idx.size(1) - 1))
         return logits[:, -1]
 
+    @torch.no_grad()
+    def sequential_logits(self, idx):
+        """Teacher-forced logits (B, T, V) computed one token at a time through the KV cache, as decoding does:
+        exact thoughts for the cost of about one pass (the parallel form needs K(T-1) Jacobi passes for that)."""
+        logits, caches = self.prefill(idx[:, :1], idx.size(1))
+        out = [logits]
+        for t in range(1, idx.size(1)):
+            out.append(self.decode_one(idx[:, t:t + 1], t, caches))
+        return torch.stack(out, dim=1)
+
     def prefill(self, idx, max_len, n_jacobi=None):
         """Run the prompt (B, T) into fresh KV caches with room for max_len tokens.
         Returns next-token logits (B, V) and the caches (one per pass for PonderLM v1, else one)."""

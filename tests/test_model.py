@@ -119,6 +119,7 @@ def test_parallel_thoughts_equal_sequential_reference(K):
         few, _ = model(idx, n_jacobi=1)
     torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(at_T, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.sequential_logits(idx), ref, atol=1e-5, rtol=1e-5)
     assert (few - ref).abs().max() > 1e-3  # too few Jacobi passes are not exact: the test can tell
 
 
