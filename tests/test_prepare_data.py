@@ -1,0 +1,175 @@
+"""prepare_data.py on generated text with a tiny byte-level BPE tokenizer trained here (no network, no ../shared)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from prepare_data import DataError, load_data_tokenizer, load_tokenizer, split_at_line, split_documents  # noqa: E402
+
+WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'token', 'café', 'naïve', '日本語', 'emoji 🙂', 'tab\there',
+         'crlf\r\n', 'line\n', '  spaced  ', '<|endoftext', '0123']
+
+
+def make_text(rng, n_lines):
+    return ''.join(' '.join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) + '\n' for _ in range(n_lines))
+
+
+@pytest.fixture(scope='session')
+def tokenizer_json(tmp_path_factory):
+    """A byte-level BPE tokenizer with <|endoftext|> = 0 and a vocabulary of about 300."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    rng = random.Random(0)
+    tok.train_from_iterator([make_text(rng, 20) for _ in range(50)], trainer)
+    path = tmp_path_factory.mktemp('tok') / 'tokenizer.json'
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def big_vocab_json(tmp_path_factory):
+    """A word-level tokenizer with 65537 ids: one too many for uint16."""
+    from tokenizers import Tokenizer, models
+    vocab = {'<|endoftext|>': 0, **{f'w{i}': i for i in range(1, 65536)}}
+    path = tmp_path_factory.mktemp('big') / 'tokenizer.json'
+    Tokenizer(models.WordLevel(vocab, unk_token='<|endoftext|>')).save(str(path))
+    return str(path)
+
+
+def prepare(*args):
+    return subprocess.run([sys.executable, 'prepare_data.py', *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def read_documents(out_dir, split, tok):
+    """Decode a split's bin file back into documents: every document ends with EOS."""
+    ids = np.fromfile(os.path.join(out_dir, f'{split}.bin'), dtype=np.uint16)
+    ends = np.flatnonzero(ids == tok.eos_id)
+    assert len(ids) and ends[-1] == len(ids) - 1
+    return [tok.decode(doc) for doc in np.split(ids, ends + 1)[:-1] for doc in [doc[:-1].tolist()]]
+
+
+def assert_no_temp_files(out_dir):
+    assert not [f for f in os.listdir(out_dir) if f.startswith('.') or f.endswith('.tmp')]
+
+
+def test_load_tokenizer(tokenizer_json):
+    tok = load_tokenizer(tokenizer_json)
+    assert (tok.eos_id, tok.vocab_size, tok.name) == (0, 300, tokenizer_json)
+    text = 'café 日本語 🙂\r\n  x'
+    assert tok.decode(tok.encode(text)) == text and tok.eos_id not in tok.encode(text)
+    assert load_tokenizer(os.path.dirname(tokenizer_json)).path == tokenizer_json  # a directory holding one
+    with pytest.raises(DataError, match='unknown tokenizer'):
+        load_tokenizer('nonsense')
+
+
+def test_splits():
+    text = 'a\nbb\nccc\ndddd\n'
+    train, val = split_at_line(text, 0.3)
+    assert train + val == text and train.endswith('\n') and val
+    assert split_at_line('one\ntwo', 0.01) == ('one\n', 'two')
+    with pytest.raises(DataError):
+        split_at_line('no line break\n', 0.1)
+    splits = split_documents([str(i) for i in range(10)], 0.25, seed=0)
+    assert len(splits['val']) == 2 and sorted(splits['train'] + splits['val'], key=int) == [str(i) for i in range(10)]
+    assert len(split_documents(['a', 'b'], 0.01, seed=0)['val']) == 1  # at least one val document
+
+
+def test_directory_of_documents(tmp_path, tokenizer_json):
+    rng = random.Random(1)
+    docs = [make_text(rng, rng.randint(1, 30)) for _ in range(12)]
+    for i, doc in enumerate(docs):
+        path = tmp_path / 'corpus' / f'part{i % 3}' / f'doc{i:02d}.txt'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(doc.encode('utf-8'))  # bytes: keep the \r\n as they are
+    (tmp_path / 'corpus' / 'notes.md').write_text('not a .txt file')
+    (tmp_path / 'corpus' / 'empty.txt').write_text('')
+    out = tmp_path / 'out'
+    r = prepare('--dataset=text', f'--input={tmp_path / "corpus"}', f'--tokenizer={tokenizer_json}',
+                f'--out_dir={out}', '--val_fraction=0.25', '--num_proc=2')
+    assert r.returncode == 0, r.stderr
+
+    meta = json.loads((out / 'meta.json').read_text())
+    tok = load_data_tokenizer(str(out))
+    train, val = read_documents(out, 'train', tok), read_documents(out, 'val', tok)
+    assert len(val) == 3 and sorted(train + val) == sorted(docs)  # lossless, each document exactly once
+    assert meta == {
+        'dataset': 'text', 'source': str(tmp_path / 'corpus'), 'tokenizer': tokenizer_json,
+        'tokenizer_file': 'tokenizer.json', 'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>',
+        'dtype': 'uint16',
+        'tokens': {s: os.path.getsize(out / f'{s}.bin') // 2 for s in ('train', 'val')},
+        'documents': {'train': 9, 'val': 3}}
+    assert (out / 'tokenizer.json').read_bytes() == open(tokenizer_json, 'rb').read()
+    assert_no_temp_files(out)
+
+
+def test_single_file_and_glob(tmp_path, tokenizer_json):
+    text = make_text(random.Random(2), 200)
+    (tmp_path / 'book.txt').write_bytes(text.encode('utf-8'))
+    out = tmp_path / 'out'
+    r = prepare('--dataset=text', f'--input={tmp_path / "book.txt"}', f'--tokenizer={tokenizer_json}',
+                f'--out_dir={out}', '--num_proc=1')
+    assert r.returncode == 0, r.stderr
+    tok = load_tokenizer(tokenizer_json)
+    [train], [val] = read_documents(out, 'train', tok), read_documents(out, 'val', tok)
+    assert train + val == text and train.endswith('\n') and 0.8 < len(train) / len(text) < 0.95
+    assert json.loads((out / 'meta.json').read_text())['documents'] == {'train': 1, 'val': 1}
+
+    r = prepare('--dataset=text', f'--input={tmp_path / "*.txt"}', f'--tokenizer={tokenizer_json}', f'--out_dir={out}')
+    assert r.returncode == 0, r.stderr
+    assert read_documents(out, 'train', tok) == [train]
+    assert_no_temp_files(out)
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, tokenizer_json, big_vocab_json):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'blank').mkdir()
+    (tmp_path / 'blank' / 'a.txt').write_text('')
+    (tmp_path / 'mixed').mkdir()
+    (tmp_path / 'mixed' / 'good.txt').write_text('fine text\n')
+    (tmp_path / 'mixed' / 'bad.txt').write_bytes(b'caf\xe9 latin-1\n')
+    (tmp_path / 'ok.txt').write_text('one line\nanother line\n')
+    return {'missing': (['--dataset=text', f'--input={tmp_path / "nope"}'], 'input not found'),
+            'empty dir': (['--dataset=text', f'--input={tmp_path / "empty"}'], 'no .txt files'),
+            'no text': (['--dataset=text', f'--input={tmp_path / "blank"}'], 'no text'),
+            'invalid utf-8': (['--dataset=text', f'--input={tmp_path / "mixed"}'], 'bad.txt is not valid UTF-8'),
+            'no input': (['--dataset=text'], 'needs --input'),
+            'big vocab': (['--dataset=text', f'--input={tmp_path / "ok.txt"}', f'--tokenizer={big_vocab_json}'],
+                          '65537 ids'),
+            'unknown dataset': (['--dataset=wikitext'], "unknown dataset 'wikitext'"),
+            'unknown tokenizer': (['--dataset=text', f'--input={tmp_path / "ok.txt"}', '--tokenizer=llama'],
+                                  "unknown tokenizer 'llama'"),
+            'missing tokenizer': (['--dataset=text', f'--input={tmp_path / "ok.txt"}', '--tokenizer=no/tok.json'],
+                                  'tokenizer file not found'),
+            'bad val_fraction': (['--dataset=text', f'--input={tmp_path / "ok.txt"}', '--val_fraction=1'],
+                                 'val_fraction must be'),
+            'unknown option': (['--val_fractoin=0.2'], 'did you mean val_fraction')}
+
+
+@pytest.mark.parametrize('case', ['missing', 'empty dir', 'no text', 'invalid utf-8', 'no input', 'big vocab',
+                                  'unknown dataset', 'unknown tokenizer', 'missing tokenizer', 'bad val_fraction',
+                                  'unknown option'])
+def test_bad_input_is_one_error_line(case, bad_inputs, tmp_path, tokenizer_json):
+    args, message = bad_inputs[case]
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'train.bin').write_bytes(b'previous')
+    if not any(a.startswith('--tokenizer=') for a in args):
+        args = args + [f'--tokenizer={tokenizer_json}']
+    r = prepare(*args, f'--out_dir={out}')
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), r.stderr
+    assert message in lines[0]
+    assert (out / 'train.bin').read_bytes() == b'previous'
+    assert sorted(os.listdir(out)) == ['train.bin']
