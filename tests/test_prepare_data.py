@@ -146,7 +146,7 @@ def bad_inputs(tmp_path, tokenizer_json, big_vocab_json):
             'invalid utf-8': (['--dataset=text', f'--input={tmp_path / "mixed"}'], 'bad.txt is not valid UTF-8'),
             'no input': (['--dataset=text'], 'needs --input'),
             'big vocab': (['--dataset=text', f'--input={tmp_path / "ok.txt"}', f'--tokenizer={big_vocab_json}'],
-                          '65537 ids'),
+                          '65536 ids'),
             'unknown dataset': (['--dataset=wikitext'], "unknown dataset 'wikitext'"),
             'unknown tokenizer': (['--dataset=text', f'--input={tmp_path / "ok.txt"}', '--tokenizer=llama'],
                                   "unknown tokenizer 'llama'"),
