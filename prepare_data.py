@@ -71,7 +71,7 @@ def pythia_tokenizer_path():
         try:
             return hf_hub_download(PYTHIA_REPO, 'tokenizer.json', local_files_only=True)
         except Exception:
-            print(f"fetching tokenizer.json of {PYTHIA_REPO} from the Hugging Face Hub...")
+            print(f"fetching tokenizer.json of {PYTHIA_REPO} from the Hugging Face Hub...", file=sys.stderr)
             return hf_hub_download(PYTHIA_REPO, 'tokenizer.json')
     except Exception as e:
         raise DataError(f"could not get the Pythia tokenizer ({PYTHIA_REPO} tokenizer.json): {one_line(e)}; "
