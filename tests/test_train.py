@@ -1,0 +1,264 @@
+"""
+train.py end to end on the CPU with a tiny model (2 layers, 32 wide, vocab 128, blocks of 16 tokens) and
+token files made here: the loss falls, a resumed run repeats an uninterrupted one bit for bit, two DDP
+processes equal one process with the same global batch, checkpoints are written atomically, and user
+mistakes end in one `error:` line.
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 128
+# one thread: ops this small gain nothing from two, and when other jobs share the cores every op of a two-thread
+# process waits for its descheduled partner (8 ms per op instead of 0.1 ms here)
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+TINY = ['--model=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', f'--vocab_size={VOCAB}',
+        '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_iters=2', '--log_interval=1',
+        '--warmup_iters=2', '--learning_rate=1e-2', '--n_thoughts=1', '--jacobi_train_range=(1,3)', '--n_jacobi=2',
+        '--device=cpu', '--dtype=float32', '--compile=False']
+
+
+def make_data(data_dir, tokens_train=2000, tokens_val=400, pattern=False, seed=0):
+    """train.bin/val.bin of uint16 ids < VOCAB and a meta.json, as prepare_data.py writes them."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (('train', tokens_train), ('val', tokens_val)):
+        if pattern:  # a cycle of 28 tokens: every next token is predictable from the current one
+            ids = np.tile(np.arange(1, 29), n // 28 + 1)[:n]
+        else:
+            ids = rng.integers(0, VOCAB, n)
+        ids.astype(np.uint16).tofile(data_dir / f'{name}.bin')
+    meta = {'dataset': 'test', 'tokenizer': 'test', 'vocab_size': VOCAB, 'eos_id': 0, 'dtype': 'uint16'}
+    (data_dir / 'meta.json').write_text(json.dumps(meta))
+    return data_dir
+
+
+def run_train(tmp_path, *args, nproc=0, data_dir=None, out='out', timeout=180, check=True):
+    """Run train.py (under torch.distributed.run with nproc processes if nproc) with the tiny model."""
+    data_dir = data_dir or tmp_path / 'data'
+    if not data_dir.exists():
+        make_data(data_dir)
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    cmd = launcher + ['train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / out}', *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def metrics(out_dir):
+    with open(out_dir / 'metrics.jsonl') as f:
+        entries = [json.loads(line) for line in f]
+    train = [(e['iter'], e['loss']) for e in entries if 'loss' in e]
+    val = [(e['iter'], e['val_loss']) for e in entries if 'val_loss' in e]
+    return train, val
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ''
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A short run on learnable data, shared by the tests that need a finished run and its checkpoint."""
+    tmp = tmp_path_factory.mktemp('trained')
+    make_data(tmp / 'data', pattern=True)
+    r = run_train(tmp, '--max_iters=30', '--eval_interval=10')
+    return tmp, r
+
+
+def test_loss_falls_and_outputs(trained):
+    tmp, r = trained
+    out = tmp / 'out'
+    for what in ('non-embedding params', 'tokens per iteration', '30 iterations', 'FLOPs/token'):
+        assert what in r.stdout
+    train, val = metrics(out)
+    assert [i for i, _ in train] == list(range(1, 31))
+    assert [i for i, _ in val] == [0, 10, 20, 30]
+    assert val[-1][1] < val[0][1] - 1.5, val  # from ~ln(128) = 4.85 towards 0 on the cycle
+    assert train[-1][1] < train[0][1] - 1.5, train
+    assert (out / 'loss.png').stat().st_size > 0
+    ckpt = load_ckpt(out / 'ckpt.pt')  # weights_only: nothing but tensors and plain values inside
+    assert set(ckpt) >= {'model_args', 'model', 'optimizer', 'iter_num', 'data_state', 'rng', 'best_val_loss', 'config'}
+    assert ckpt['iter_num'] == 30 and ckpt['model_args']['n_layer'] == 2 and ckpt['model_args']['n_thoughts'] == 1
+    assert ckpt['config']['data_dir'] == str(tmp / 'data') and ckpt['best_val_loss'] == min(v for _, v in val)
+    assert set(ckpt['data_state']) == {'epoch', 'position'}
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+    best = load_ckpt(out / 'best.pt')
+    assert best['best_val_loss'] == ckpt['best_val_loss']
+    assert not [p for p in os.listdir(out) if '.tmp' in p]
+
+
+def test_resume_is_exact(tmp_path):
+    # 30 blocks of train data = 3 iterations of 8 blocks per epoch: the run crosses epochs, the resume is mid-epoch.
+    # The schedule is pinned (warmup, lr_decay_iters) so the first half's run has the full run's learning rates.
+    make_data(tmp_path / 'data', tokens_train=30 * 16 + 1)
+    common = ['--eval_interval=4', '--lr_decay_iters=10', '--warmup_iters=2']
+    run_train(tmp_path, '--max_iters=10', *common, out='full')
+    run_train(tmp_path, '--max_iters=4', *common, out='half')
+    r = run_train(tmp_path, '--max_iters=10', '--init_from=resume', *common, out='half')
+    assert 'resuming at 4' in r.stdout
+    full_train, full_val = metrics(tmp_path / 'full')
+    half_train, half_val = metrics(tmp_path / 'half')
+    assert [i for i, _ in full_train] == list(range(1, 11))
+    assert half_train == full_train  # bit-identical losses, each iteration logged once
+    assert half_val == full_val and [i for i, _ in full_val] == [0, 4, 8, 10]
+    a, b = load_ckpt(tmp_path / 'full' / 'ckpt.pt'), load_ckpt(tmp_path / 'half' / 'ckpt.pt')
+    assert a['data_state'] == b['data_state'] and a['data_state']['epoch'] == 3
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_ddp_matches_one_process(tmp_path):
+    # the same global batch (2 sequences x 2 micro-batches) as 1 process x 2 accumulation steps
+    # and as 2 processes x 1; the Jacobi draws R must agree across the ranks too
+    args = ['--max_iters=3', '--eval_interval=3', '--batch_size=2', '--gradient_accumulation_steps=2']
+    run_train(tmp_path, *args, out='one')
+    run_train(tmp_path, *args, nproc=2, out='two')
+    a, b = load_ckpt(tmp_path / 'one' / 'ckpt.pt'), load_ckpt(tmp_path / 'two' / 'ckpt.pt')
+    assert a['iter_num'] == b['iter_num'] == 3 and a['data_state'] == b['data_state']
+    for k in a['model']:
+        x, y = a['model'][k], b['model'][k]
+        if k.endswith('query_key_value.bias'):
+            # the key bias adds q.b_k to every score of a query alike, which softmax ignores: its true gradient
+            # is 0, so the gradients are rounding noise that Adam scales up to lr-sized steps; compare q and v only
+            x, y = x.view(2, 3, 16)[:, [0, 2]], y.view(2, 3, 16)[:, [0, 2]]  # (head, q/k/v, head_size)
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=k)
+    (one_train, _), (two_train, _) = metrics(tmp_path / 'one'), metrics(tmp_path / 'two')
+    assert [i for i, _ in one_train] == [i for i, _ in two_train] == [1, 2, 3]
+    for (_, x), (_, y) in zip(one_train, two_train):
+        assert abs(x - y) < 1e-5  # the logged loss is the mean over all ranks
+
+
+def test_interrupted_checkpoint_save_keeps_the_old_one(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT))
+    path = str(tmp_path / 'ckpt.pt')
+    train.save_checkpoint({'iter_num': 1, 'w': torch.ones(3)}, path)
+
+    def crashing_save(obj, f):
+        f.write(b'half a checkpoint')
+        raise RuntimeError('disk full')
+
+    monkeypatch.setattr(torch, 'save', crashing_save)
+    with pytest.raises(RuntimeError, match='disk full'):
+        train.save_checkpoint({'iter_num': 2, 'w': torch.zeros(3)}, path)
+    monkeypatch.undo()
+    old = load_ckpt(path)
+    assert old['iter_num'] == 1 and torch.equal(old['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # no temp file left behind
+
+
+def assert_one_error_line(r, *needles):
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr, r.stderr
+    line = last_line(r.stderr)
+    assert line.startswith('error:'), r.stderr[-2000:]
+    for needle in needles:
+        assert needle in line, line
+
+
+@pytest.mark.parametrize('args, needles', [
+    (['--data_dir=/nonexistent/data'], ['/nonexistent/data', 'prepare_data.py']),
+    (['--bogus_key=1'], ['bogus_key']),
+    (['--model=pythia-7b'], ['pythia-7b']),
+    (['--batch_size=64'], ['larger than the data']),
+    (['--init_from=resume'], ['ckpt.pt', 'init_from=scratch']),
+    (['--vocab_size=64'], ['vocab']),
+])
+def test_bad_input_is_one_clear_error(tmp_path, args, needles):
+    assert_one_error_line(run_train(tmp_path, '--max_iters=1', *args, check=False), *needles)
+
+
+def test_resume_with_another_model_is_refused(trained):
+    tmp, _ = trained
+    out = tmp / 'out'
+    before = {name: digest(out / name) for name in ('ckpt.pt', 'metrics.jsonl')}
+    r = run_train(tmp, '--max_iters=40', '--init_from=resume', '--n_layer=3', '--n_thoughts=0', check=False)
+    assert_one_error_line(r, 'different model', 'n_layer', 'n_thoughts')
+    assert before == {name: digest(out / name) for name in before}  # nothing overwritten
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    tmp, _ = trained
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes((tmp / 'out' / 'ckpt.pt').read_bytes())
+    before = digest(out / 'ckpt.pt')
+    r = run_train(tmp_path, '--max_iters=40', '--eval_interval=1', '--init_from=resume', '--learning_rate=1e30',
+                  data_dir=tmp / 'data', check=False)
+    assert_one_error_line(r, 'diverged')
+    assert digest(out / 'ckpt.pt') == before
+    assert load_ckpt(out / 'ckpt.pt')['iter_num'] == 30
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    make_data(tmp_path / 'data')
+    cmd = [sys.executable, 'train.py', *TINY, f'--data_dir={tmp_path / "data"}', f'--out_dir={tmp_path / "out"}',
+           '--max_iters=100000', '--eval_interval=100000', '--always_save_checkpoint=False']
+    stdout, stderr = open(tmp_path / 'stdout', 'w+'), open(tmp_path / 'stderr', 'w+')  # files: a pipe could fill
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=stdout, stderr=stderr, text=True)
+    log = tmp_path / 'out' / 'metrics.jsonl'
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)  # the first evaluation and two logged iterations
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    stdout.seek(0), stderr.seek(0)
+    assert p.returncode == 0, stderr.read()[-2000:]
+    assert 'stopped by SIGTERM' in stdout.read()
+    ckpt = load_ckpt(tmp_path / 'out' / 'ckpt.pt')
+    train, _ = metrics(tmp_path / 'out')
+    assert ckpt['iter_num'] == train[-1][0] >= 2  # saved at the step boundary after the last logged iteration
+    r = run_train(tmp_path, f"--max_iters={ckpt['iter_num'] + 2}", '--init_from=resume', '--eval_interval=100000')
+    train, val = metrics(tmp_path / 'out')
+    assert [i for i, _ in train] == list(range(1, ckpt['iter_num'] + 3))
+    assert [i for i, _ in val] == [0, ckpt['iter_num'] + 2]
+
+
+def test_continue_from_a_hugging_face_checkpoint(tmp_path):
+    """init_from=<HF dir>: the weights and architecture come from it, the method from the config; resumable."""
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    hf_config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=128, max_position_embeddings=64, rotary_pct=0.25)
+    hf_model = transformers.GPTNeoXForCausalLM(hf_config)
+    hf_model.save_pretrained(tmp_path / 'hf')
+    make_data(tmp_path / 'data')
+    x = torch.from_numpy(np.fromfile(tmp_path / 'data' / 'val.bin', dtype=np.uint16)[:17].astype(np.int64))[None]
+    with torch.no_grad():
+        hf_loss = hf_model(x, labels=x).loss.item()  # HF shifts the labels: the same 16 targets as block 0
+    # a vanilla continuation, evaluated before any update: the val loss must be the pretrained model's
+    args = ['--n_thoughts=0', '--n_layer=5', '--batch_size=1', '--eval_iters=1', '--eval_interval=2']
+    run_train(tmp_path, f"--init_from={tmp_path / 'hf'}", '--max_iters=2', *args)
+    ckpt = load_ckpt(tmp_path / 'out' / 'ckpt.pt')
+    assert ckpt['pretrained'] == str(tmp_path / 'hf') and ckpt['model_args']['n_layer'] == 2  # not the asked 5
+    _, val = metrics(tmp_path / 'out')
+    assert abs(val[0][1] - hf_loss) < 1e-4, (val, hf_loss)
+    run_train(tmp_path, '--init_from=resume', '--max_iters=4', *args)
+    assert load_ckpt(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 4
