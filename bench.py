@@ -1,0 +1,484 @@
+"""
+Speed and memory of vanilla GPT-NeoX, PonderLM-2 and PonderLM on this machine: training steps (forward +
+backward + AdamW) and batch-1 greedy decoding with and without the KV cache, as a markdown table.
+
+    python bench.py                                          # pythia-70m, every method, best device
+    python bench.py --preset=pythia-160m --batch_size=8 --block_size=1024 --json=out/bench.json
+    python bench.py --preset=pythia-14m --block_size=256 --batch_size=4 --new_tokens=64 \
+        --new_tokens_uncached=8 --warmup=1 --repeats=3        # a few minutes on a small CPU
+    python bench.py --methods=vanilla,ponderlm2-k1 --warmup=3 --repeats=10
+    python bench.py --preset= --n_layer=2 --n_head=2 --n_embd=32 --vocab_size=128  # explicit dims
+
+Methods: vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained with R = n_jacobi
+Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N pondering steps.
+Every method is measured in its own child process (bench.py run again with a hidden --_task option), so
+its peak memory is its own and not the high-water mark of the methods before it.
+On CUDA it also compares torch.compile on/off and, when flash_attn imports, flash-attn vs SDPA.
+"""
+import json as jsonlib  # `json` is the config key for the output path
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import model as model_module
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# model
+preset = 'pythia-70m'  # a Pythia size, or '' for the explicit n_layer / n_head / n_embd below
+n_layer = 6
+n_head = 8
+n_embd = 512
+vocab_size = 50304
+block_size = 1024  # training sequence length
+batch_size = 8
+methods = 'vanilla,ponderlm2-k1,ponderlm2-k2,ponderlm1-n3'
+n_jacobi = 3  # PonderLM-2's R in training; fixed here, where train.py draws it from a range
+# decoding, batch 1, greedy
+prompt_len = 32
+new_tokens = 256  # with the KV cache
+new_tokens_uncached = 32  # without it every step recomputes the sequence (PonderLM-2: with exact thoughts)
+# measurement
+warmup = 2
+repeats = 5
+device = 'auto'  # 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' autocast; auto: bf16 on CUDA, fp32 on CPU
+threads = 0  # CPU threads for torch, 0 = its default; 1 avoids thrashing when other jobs share the cores
+compare_compile = True  # CUDA only: also time the training step under torch.compile
+compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
+seed = 1337
+json = ''  # path for every figure as JSON
+_config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+# the hidden option that makes this process a child measuring one task; configurator.py would reject it
+_task = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--_task=')), None)
+sys.argv = [a for a in sys.argv if not a.startswith('--_task=')]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+
+class BenchError(ValueError):
+    """A mistake in the configuration: reported as one `error: ...` line, exit status 2."""
+
+
+METHOD_RE = re.compile(r'vanilla|ponderlm2-k([1-9][0-9]*)|ponderlm1-n([1-9][0-9]*)')
+
+
+def parse_methods(text):
+    names = [m.strip().lower() for m in text.split(',') if m.strip()]
+    if not names:
+        raise BenchError("methods is empty; e.g. --methods=vanilla,ponderlm2-k1")
+    for name in names:
+        if not METHOD_RE.fullmatch(name):
+            raise BenchError(f"unknown method {name!r}; use vanilla, ponderlm2-kK or ponderlm1-nN "
+                             f"(e.g. ponderlm2-k1, ponderlm1-n3)")
+    return list(dict.fromkeys(names))  # drop repeats, keep the order
+
+
+def method_overrides(name):
+    m = METHOD_RE.fullmatch(name)
+    if m.group(1):
+        return {'n_thoughts': int(m.group(1))}
+    if m.group(2):
+        return {'n_ponder': int(m.group(2))}
+    return {}
+
+
+def method_label(name):
+    m = METHOD_RE.fullmatch(name)
+    if m.group(1):
+        return f"PonderLM-2 K={m.group(1)}"
+    if m.group(2):
+        return f"PonderLM N={m.group(2)}"
+    return 'vanilla'
+
+
+def model_config(name):
+    # jacobi_train_range=(R, R) so that flops_per_token(training=True) and estimate_mfu count the R we run
+    overrides = dict(block_size=block_size, vocab_size=vocab_size, jacobi_train_range=(n_jacobi, n_jacobi),
+                     **method_overrides(name))
+    if preset:
+        return GPTConfig.preset(preset, **overrides)
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+
+
+def resolve_device():
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise BenchError(f"bad device {device!r}: {e}") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise BenchError(f"device {device!r} asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dev):
+    if dtype == 'auto':
+        if not dev.startswith('cuda'):
+            return 'float32'
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise BenchError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return dtype
+
+
+def check_config():
+    """Everything the children would trip over, checked once up front. Returns the method names."""
+    names = parse_methods(methods)
+    for name, value in (('batch_size', batch_size), ('block_size', block_size), ('repeats', repeats),
+                        ('prompt_len', prompt_len), ('new_tokens', new_tokens),
+                        ('new_tokens_uncached', new_tokens_uncached)):
+        if value < 1:
+            raise BenchError(f"{name} must be >= 1, got {value}")
+    if warmup < 0 or n_jacobi < 0 or threads < 0:
+        raise BenchError("warmup, n_jacobi and threads must be >= 0")
+    if prompt_len + max(new_tokens, new_tokens_uncached) > block_size:
+        raise BenchError(f"prompt_len ({prompt_len}) + new_tokens ({max(new_tokens, new_tokens_uncached)}) "
+                         f"exceeds block_size {block_size}")
+    for name in names:
+        try:
+            model_config(name)
+        except ValueError as e:  # unknown preset, n_embd not divisible by n_head, ...
+            raise BenchError(str(e)) from None
+    return names
+
+
+# -----------------------------------------------------------------------------
+# the child: measure one (method, variant) and print its figures as one `result: {...}` line
+
+
+def sync(dev):
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def timed(fn, dev):
+    """Seconds per call of fn over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def rss_mib():
+    """This process's peak resident set size so far (a high-water mark; Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == 'darwin' else peak / 2**10
+
+
+def measure(task):
+    name, variant = task.split(':')
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device()
+    ptdtype = getattr(torch, resolve_dtype(dev))
+    device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if variant == 'sdpa':
+        model_module.flash_attn_func = None  # model.py then uses SDPA everywhere
+    base_mib = rss_mib()  # torch and CUDA runtime, before the model exists
+    model = GPT(model_config(name)).to(dev)
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device_type == 'cuda')
+    train_model = torch.compile(model) if variant == 'compile' else model
+    data = torch.randint(vocab_size, (batch_size, block_size + 1), device=dev)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def train_step():
+        with ctx:
+            _, loss = train_model(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by vanilla and PonderLM
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = {}
+    model.train()
+    if variant == 'compile':  # the first call compiles: time it apart, it is not a training step
+        sync(dev)
+        t0 = time.perf_counter()
+        train_step()
+        sync(dev)
+        result['compile_s'] = time.perf_counter() - t0
+    result['step_s'] = timed(train_step, dev)
+    if device_type == 'cuda':
+        result['peak_mem_mib'] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result['peak_mem_mib'] = rss_mib()
+        result['base_mem_mib'] = base_mib
+    result['flops_per_token'] = model.flops_per_token(training=True)
+    tokens_per_s = batch_size * block_size / statistics.median(result['step_s'])
+    result['mfu'] = model.estimate_mfu(tokens_per_s) if device_type == 'cuda' else None
+    if variant != 'main':
+        return result
+
+    # decoding: batch 1, greedy; the time includes the prompt's prefill
+    del optimizer, train_model
+    model.eval()
+    prompt = torch.randint(vocab_size, (1, prompt_len), device=dev)
+    for use_cache, n_new in (('cached', new_tokens), ('uncached', new_tokens_uncached)):
+        def generate():
+            with ctx:
+                model.generate(prompt, n_new, temperature=0, use_cache=use_cache == 'cached')
+        result[use_cache] = [n_new / t for t in timed(generate, dev)]
+    return result
+
+
+def child_main(task):
+    try:
+        result = measure(task)
+    except torch.cuda.OutOfMemoryError:  # CUDA says so; a CPU child is SIGKILLed instead
+        result = {'error': 'out of memory'}
+    print('result: ' + jsonlib.dumps(result), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the parent: run the children, print the tables, write the JSON
+
+
+def run_child(name, variant):
+    print(f"measuring {name} ({variant}) ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f'--_task={name}:{variant}']
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith('result: '):
+            return jsonlib.loads(line[len('result: '):])
+    # no result: it crashed or was killed (a CPU out of memory is SIGKILL); keep going with the others
+    why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+    if proc.returncode < 0:
+        why = f"killed by signal {-proc.returncode} (out of memory?)"
+    print(f"warning: {name} ({variant}) failed: {why}", file=sys.stderr, flush=True)
+    return {'error': why}
+
+
+def stats(samples):
+    return {'median': statistics.median(samples), 'min': min(samples), 'max': max(samples), 'samples': samples}
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def machine_info(dev, dt):
+    if dev.startswith('cuda'):
+        name = torch.cuda.get_device_name(dev)
+        extra = f"CUDA {torch.version.cuda}"
+    else:
+        name = 'unknown CPU'
+        try:
+            with open('/proc/cpuinfo') as f:
+                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+        except (OSError, StopIteration):
+            pass
+        extra = f"{os.cpu_count()} cores"
+    return {'device': dev, 'name': name, 'detail': extra, 'torch': torch.__version__,
+            'threads': torch.get_num_threads(), 'dtype': dt}
+
+
+def collect(names, dev, dt):
+    """Run every child and arrange the figures per method, with ratios to vanilla."""
+    cuda = dev.startswith('cuda')
+    flash = cuda and model_module.flash_attn_func is not None and dt != 'float32'
+    out = {}
+    for name in names:
+        r = run_child(name, 'main')
+        entry = out[name] = {'label': method_label(name)}
+        if 'error' in r:
+            entry['error'] = r['error']
+            continue
+        train = entry['train'] = {'step_s': stats(r['step_s']),
+                                  'tokens_per_s': stats([batch_size * block_size / t for t in r['step_s']]),
+                                  'peak_mem_mib': r['peak_mem_mib'], 'mfu': r['mfu'],
+                                  'flops_per_token': r['flops_per_token']}
+        if 'base_mem_mib' in r:
+            train['base_mem_mib'] = r['base_mem_mib']
+        entry['decode'] = {'cached': {'new_tokens': new_tokens, 'tokens_per_s': stats(r['cached'])},
+                           'uncached': {'new_tokens': new_tokens_uncached, 'tokens_per_s': stats(r['uncached'])}}
+        if cuda and compare_compile:
+            c = run_child(name, 'compile')
+            entry['compile'] = c if 'error' in c else {
+                'compile_s': c['compile_s'],
+                'tokens_per_s': stats([batch_size * block_size / t for t in c['step_s']])}
+        if flash and compare_attention:
+            s = run_child(name, 'sdpa')
+            entry['sdpa'] = s if 'error' in s else {
+                'tokens_per_s': stats([batch_size * block_size / t for t in s['step_s']])}
+    add_ratios(out)
+    return out, flash
+
+
+def add_ratios(out):
+    base = out.get('vanilla', {})
+    if 'train' not in base:
+        base = None  # no vanilla to compare with: the ratio columns say n/a
+    for entry in out.values():
+        if 'train' not in entry:
+            continue
+        t = entry['train']
+        t['time_vs_vanilla'] = ratio(t['step_s']['median'], base and base['train']['step_s']['median'])
+        t['flops_vs_vanilla'] = ratio(t['flops_per_token'], base and base['train']['flops_per_token'])
+        # 1.0 = the method costs exactly its extra FLOPs; above 1 it runs them less efficiently than vanilla
+        t['overhead'] = ratio(t['time_vs_vanilla'], t['flops_vs_vanilla'])
+        for mode, d in entry['decode'].items():
+            d['vs_vanilla'] = ratio(d['tokens_per_s']['median'],
+                                    base and base['decode'][mode]['tokens_per_s']['median'])
+        main_tps = t['tokens_per_s']['median']
+        if 'tokens_per_s' in entry.get('compile', {}):
+            entry['compile']['speedup'] = ratio(entry['compile']['tokens_per_s']['median'], main_tps)
+        if 'tokens_per_s' in entry.get('sdpa', {}):
+            entry['sdpa']['flash_speedup'] = ratio(main_tps, entry['sdpa']['tokens_per_s']['median'])
+
+
+def num(x):
+    if x is None:
+        return 'n/a'
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def spread(s, scale=1.0):
+    return f"{num(s['median'] * scale)} ({num(s['min'] * scale)}-{num(s['max'] * scale)})"
+
+
+def times(x):
+    return 'n/a' if x is None else f"{x:.2f}x"
+
+
+def table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def report(info, out, flash):
+    cuda = info['device'].startswith('cuda')
+    dims = model_config('vanilla')
+    size = preset or 'custom'
+    print(f"machine: {info['name']} ({info['detail']}) | torch {info['torch']} | threads {info['threads']} | "
+          f"{info['device']} {info['dtype']}")
+    print(f"model: {size} ({dims.n_layer} layers, {dims.n_head} heads, {dims.n_embd} embd, vocab "
+          f"{dims.vocab_size}) | batch {batch_size} x {block_size} tokens | PonderLM-2 R={n_jacobi} | "
+          f"warmup {warmup}, repeats {repeats} | median (min-max)")
+    print()
+    print("## training: forward + backward + AdamW step")
+    print()
+    rows = []
+    for entry in out.values():
+        if 'error' in entry:
+            rows.append([entry['label'], f"failed: {entry['error']}"] + ['-'] * 6)
+            continue
+        t = entry['train']
+        mem = num(t['peak_mem_mib'])
+        if 'base_mem_mib' in t:
+            mem += f" (+{num(t['peak_mem_mib'] - t['base_mem_mib'])})"
+        mfu = 'n/a' if t['mfu'] is None else f"{100 * t['mfu']:.1f}%"
+        rows.append([entry['label'], spread(t['step_s'], 1000), spread(t['tokens_per_s']), mem, mfu,
+                     times(t['time_vs_vanilla']), times(t['flops_vs_vanilla']), times(t['overhead'])])
+    print(table(['method', 'step ms', 'tokens/s', 'peak mem MiB', 'MFU', 'time vs vanilla',
+                 'FLOPs vs vanilla', 'overhead'], rows))
+    print()
+    if cuda:
+        print("peak mem: torch.cuda.max_memory_allocated (weights, grads, AdamW state, activations).")
+    else:
+        print("peak mem: the measuring process's peak RSS; in parentheses its rise over the torch runtime "
+              "(weights, grads, AdamW state, activations).")
+    print("overhead: time vs vanilla / FLOPs vs vanilla (1.00x = the extra FLOPs run as fast as vanilla's).")
+    print()
+    print(f"## decoding: batch 1, {prompt_len}-token prompt, greedy, prefill included")
+    print()
+    rows = []
+    for entry in out.values():
+        if 'error' in entry:
+            rows.append([entry['label']] + ['-'] * 4)
+            continue
+        c, u = entry['decode']['cached'], entry['decode']['uncached']
+        rows.append([entry['label'], spread(c['tokens_per_s']), times(c['vs_vanilla']),
+                     spread(u['tokens_per_s']), times(u['vs_vanilla'])])
+    print(table(['method', f'KV cache tokens/s ({new_tokens} new)', 'vs vanilla',
+                 f'no cache tokens/s ({new_tokens_uncached} new)', 'vs vanilla'], rows))
+    print()
+    print(f"no cache: every step recomputes the whole sequence (PonderLM-2 with exact thoughts), so only "
+          f"{new_tokens_uncached} new tokens. PonderLM-2 K=1's cached floor is 0.5x vanilla.")
+    if cuda and (compare_compile or (flash and compare_attention)):
+        print()
+        print("## training on CUDA: torch.compile and the attention kernel")
+        print()
+        header, rows = ['method', 'eager tokens/s'], []
+        if compare_compile:
+            header += ['compiled tokens/s', 'compile speedup', 'compile s']
+        if flash and compare_attention:
+            header += ['SDPA tokens/s', 'flash-attn vs SDPA']
+        for entry in out.values():
+            if 'error' in entry:
+                continue
+            row = [entry['label'], num(entry['train']['tokens_per_s']['median'])]
+            if compare_compile:
+                c = entry['compile']
+                row += ([f"failed: {c['error']}", '-', '-'] if 'error' in c else
+                        [spread(c['tokens_per_s']), times(c['speedup']), num(c['compile_s'])])
+            if flash and compare_attention:
+                s = entry['sdpa']
+                row += ([f"failed: {s['error']}", '-'] if 'error' in s else
+                        [spread(s['tokens_per_s']), times(s['flash_speedup'])])
+            rows.append(row)
+        print(table(header, rows))
+        print()
+        print("eager uses flash-attn" if flash else "eager uses SDPA (flash_attn not installed or fp32)")
+
+
+def write_json(path, payload):
+    """Write to a temp file then rename, so a reader never sees half a file."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'w') as f:
+        jsonlib.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main():
+    try:
+        names = check_config()
+        dev = resolve_device()
+        dt = resolve_dtype(dev)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if threads:
+        torch.set_num_threads(threads)  # the children do the same; here it is for the machine line
+    info = machine_info(dev, dt)
+    out, flash = collect(names, dev, dt)
+    report(info, out, flash)
+    if json:
+        config = {k: globals()[k] for k in _config_keys}
+        config['method_settings'] = {name: method_overrides(name) for name in names}
+        config['attention'] = 'flash-attn' if flash else 'sdpa'
+        write_json(json, {'machine': info, 'config': config, 'methods': out})
+        print(f"\nwrote {json}")
+    if any('error' in e or 'error' in e.get('compile', {}) or 'error' in e.get('sdpa', {}) for e in out.values()):
+        sys.exit(1)
+
+
+if _task:
+    child_main(_task)
+else:
+    main()

@@ -1,0 +1,107 @@
+"""bench.py end to end on a tiny model: the tables' shape and the JSON's figures, never the timings.
+
+    python -m pytest tests/test_bench.py -q
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--preset=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=128', '--block_size=32',
+        '--batch_size=2', '--warmup=1', '--repeats=2', '--prompt_len=4', '--new_tokens=8',
+        '--new_tokens_uncached=4', '--device=cpu']
+METHODS = {'vanilla': 'vanilla', 'ponderlm2-k1': 'PonderLM-2 K=1', 'ponderlm2-k2': 'PonderLM-2 K=2',
+           'ponderlm1-n3': 'PonderLM N=3'}
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def table_rows(stdout, title):
+    """The markdown table under the `## title` heading, as lists of cells (header first)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('## ' + title))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith('|'):
+            rows.append([cell.strip() for cell in line.strip('|').split('|')])
+        elif rows:
+            break
+    assert rows[1] == ['---'] * len(rows[0])
+    return [rows[0]] + rows[2:]
+
+
+def figures(node, path=''):
+    """Every number in the JSON outside the echo of the config, with where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from figures(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from figures(value, f"{path}/{i}")
+    elif not isinstance(node, str):
+        yield path, node
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench') / 'bench.json'
+    proc = bench(*TINY, f'--json={out}')
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as f:
+        return proc.stdout, json.load(f)
+
+
+def test_tables_have_a_row_per_method_and_the_columns(run):
+    stdout, _ = run
+    body = stdout[stdout.index('machine: '):]  # configurator's `config:` echo comes first
+    assert body.startswith('machine: ') and 'torch ' in body.splitlines()[0]
+    train = table_rows(body, 'training')
+    assert train[0] == ['method', 'step ms', 'tokens/s', 'peak mem MiB', 'MFU', 'time vs vanilla',
+                        'FLOPs vs vanilla', 'overhead']
+    assert [row[0] for row in train[1:]] == list(METHODS.values())
+    assert all(len(row) == len(train[0]) and row[4] == 'n/a' for row in train[1:])  # no MFU on CPU
+    assert train[1][5] == train[1][6] == '1.00x'  # vanilla against itself
+    decode = table_rows(body, 'decoding')
+    assert decode[0] == ['method', 'KV cache tokens/s (8 new)', 'vs vanilla', 'no cache tokens/s (4 new)',
+                         'vs vanilla']
+    assert [row[0] for row in decode[1:]] == list(METHODS.values())
+    assert '## training on CUDA' not in body
+
+
+def test_json_has_every_figure_positive_and_finite(run):
+    _, data = run
+    assert data['machine']['device'] == 'cpu'
+    assert list(data['methods']) == list(METHODS)
+    for name, entry in data['methods'].items():
+        assert entry['label'] == METHODS[name]
+        assert set(entry) == {'label', 'train', 'decode'}
+        assert len(entry['train']['step_s']['samples']) == 2
+        assert entry['decode']['cached']['new_tokens'] == 8 and entry['decode']['uncached']['new_tokens'] == 4
+    numbers = list(figures(data['methods']))
+    assert len(numbers) > 100
+    for path, value in numbers:
+        if path.endswith('/mfu'):
+            assert value is None, path  # CPU: no peak FLOP/s to compare with
+        else:
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), path
+            assert math.isfinite(value) and value > 0, (path, value)
+    assert data['methods']['ponderlm2-k1']['train']['flops_vs_vanilla'] > 1
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--preset=pythia-3m'], "unknown preset 'pythia-3m'"),
+    (['--methods=vanilla,ponderlm3'], "unknown method 'ponderlm3'"),
+    (['--prompt_len=30'], 'exceeds block_size'),
+])
+def test_mistakes_are_one_error_line_and_exit_2(args, message):
+    proc = bench(*TINY, *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
