@@ -1,0 +1,150 @@
+"""
+The small CPU reproduction of the papers' claims: train vanilla, PonderLM-2 K=1 and K=2, PonderLM N=3 and a
+vanilla model with twice the non-embedding parameters on the same tokens with the same init, then report
+each final val loss, with Jacobi thoughts (R=3, as the papers) and with exact sequential thoughts.
+
+    python prepare_data.py --dataset=shakespeare    # once (offline: add --input=PATH --tokenizer=PATH)
+    python repro.py                                 # ~25 min on 2 CPU cores; results in out-repro/
+    python repro.py --seeds=1337,1338 --jobs=1      # more seeds, one run at a time
+    python repro.py --runs=vanilla,ponder_k1 --max_iters=50   # a quicker look
+
+Each run is `python train.py config/repro_shakespeare.py <its overrides> --out_dir=out-repro/<name>` with
+OMP_NUM_THREADS=1 (two single-threaded runs share two cores better than one run with two threads); its
+log is out-repro/<name>/train.log. Writes out-repro/results.md, out-repro/results.json and the val-loss
+plot out-repro/val_loss.png.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+
+# the runs: name -> (label, train.py overrides), most expensive first so two workers finish together
+RUNS = {
+    'ponderlm1_n3': ('PonderLM N=3', ['--n_ponder=3']),
+    'ponder_k2': ('PonderLM-2 K=2', ['--n_thoughts=2']),
+    'ponder_k1': ('PonderLM-2 K=1', ['--n_thoughts=1']),
+    'vanilla_2x': ('vanilla, 2x non-embedding params', ['--n_layer=12']),
+    'vanilla': ('vanilla', []),
+}
+config = 'config/repro_shakespeare.py'
+out_root = 'out-repro'
+runs = ','.join(RUNS)
+seeds = '1337'
+jobs = 2
+max_iters = 0  # 0 -> the config's
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+
+
+def train(name, seed):
+    out_dir = os.path.join(out_root, f'{name}-s{seed}')
+    os.makedirs(out_dir, exist_ok=True)
+    cmd = [sys.executable, 'train.py', config, *RUNS[name][1], f'--out_dir={out_dir}', f'--seed={seed}',
+           f'--wandb_run_name=repro-{name}-s{seed}']
+    if max_iters:
+        cmd.append(f'--max_iters={max_iters}')
+    t0 = time.time()
+    with open(os.path.join(out_dir, 'train.log'), 'w') as log:
+        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if r.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {r.returncode}); see {out_dir}/train.log")
+    print(f"{name} seed {seed}: trained in {time.time() - t0:.0f} s", flush=True)
+    return out_dir, time.time() - t0
+
+
+@torch.no_grad()
+def val_losses(out_dir):
+    """Mean loss over every whole block of val.bin: Jacobi thoughts (n_jacobi from the config, the papers'
+    number) and, for thought models, exact sequential thoughts (teacher-forced through the KV cache)."""
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    T = model.config.block_size
+    val = np.memmap(os.path.join(ckpt['config']['data_dir'], 'val.bin'), dtype=np.uint16, mode='r')
+    n = (len(val) - 1) // T
+    jacobi, exact = [], []
+    for i in range(0, n, 16):  # 16 blocks at a time
+        b = torch.arange(i, min(i + 16, n))
+        idx = torch.from_numpy(np.stack([val[j * T:j * T + T + 1].astype(np.int64) for j in b.tolist()]))
+        x, y = idx[:, :-1], idx[:, 1:]
+        jacobi.append(model(x, y)[1].item() * len(b))
+        if model.config.n_thoughts:
+            logits = model.sequential_logits(x)
+            exact.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item() * len(b))
+    return sum(jacobi) / n, (sum(exact) / n if exact else None)
+
+
+def val_curve(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        entries = [json.loads(line) for line in f]
+    return [(e['iter'], e['val_loss']) for e in entries if 'val_loss' in e]
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in RUNS:
+        for r in (r for r in results if r['name'] == name):
+            it, loss = zip(*r['curve'])
+            ax.plot(it, loss, label=f"{RUNS[name][0]} (seed {r['seed']})")
+    ax.set_xlabel('iteration (1,024 tokens each)')
+    ax.set_ylabel('val loss (Jacobi thoughts, R=3)')
+    ax.set_ylim(top=8)
+    ax.set_title('Tiny Shakespeare, Pythia tokenizer, 6x128 trunk')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(results):
+    lines = ['| run | seed | non-emb params | val loss (Jacobi R=3) | val loss (exact thoughts) | train time |',
+             '|---|---|---|---|---|---|']
+    for r in results:
+        exact = f"{r['exact']:.4f}" if r['exact'] is not None else '-'
+        lines.append(f"| {RUNS[r['name']][0]} | {r['seed']} | {r['params'] / 1e6:.2f}M | {r['jacobi']:.4f} | {exact} "
+                     f"| {r['seconds'] / 60:.1f} min |")
+    return '\n'.join(lines)
+
+
+def main():
+    names = [n for n in RUNS if n in runs.split(',')]
+    unknown = set(runs.split(',')) - set(RUNS)
+    if unknown or not names:
+        raise SystemExit(f"error: unknown run(s) {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    if not os.path.exists(os.path.join('data/shakespeare', 'train.bin')):
+        raise SystemExit("error: data/shakespeare/train.bin not found: run `python prepare_data.py --dataset=shakespeare`")
+    tasks = [(n, int(s)) for s in str(seeds).split(',') for n in names]
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the training subprocesses
+        trained = list(pool.map(lambda task: train(*task), tasks))
+    results = []
+    for (name, seed), (out_dir, seconds) in zip(tasks, trained):
+        jacobi, exact = val_losses(out_dir)
+        ckpt_args = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)['model_args']
+        with torch.device('meta'):
+            params = GPT(GPTConfig(**ckpt_args)).get_num_params()
+        results.append(dict(name=name, seed=seed, jacobi=jacobi, exact=exact, seconds=seconds, params=params,
+                            curve=val_curve(out_dir)))
+    md = table(results)
+    print(md)
+    print(f"total wall time {(time.time() - t0) / 60:.1f} min")
+    with open(os.path.join(out_root, 'results.md'), 'w') as f:
+        f.write(md + '\n')
+    with open(os.path.join(out_root, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    plot(results, os.path.join(out_root, 'val_loss.png'))
+    print(f"wrote {out_root}/results.md, results.json, val_loss.png")
+
+
+if __name__ == '__main__':
+    main()
