@@ -16,7 +16,6 @@ its peak memory is its own and not the high-water mark of the methods before it.
 On CUDA it also compares torch.compile on/off and, when flash_attn imports, flash-attn vs SDPA.
 """
 import json as jsonlib  # `json` is the config key for the output path
-import math
 import os
 import re
 import resource

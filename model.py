@@ -24,7 +24,7 @@ References:
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn

@@ -10,6 +10,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import conftest  # noqa: E402
+from conftest import train_tiny_tokenizer  # noqa: E402
 from prepare_data import DataError, load_data_tokenizer, load_tokenizer, split_at_line, split_documents  # noqa: E402
 
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'token', 'café', 'naïve', '日本語', 'emoji 🙂', 'tab\there',
@@ -17,23 +19,13 @@ WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'token', 'café', 'naïve', '�
 
 
 def make_text(rng, n_lines):
-    return ''.join(' '.join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) + '\n' for _ in range(n_lines))
+    return conftest.make_text(rng, WORDS, n_lines, max_words=12)
 
 
 @pytest.fixture(scope='session')
 def tokenizer_json(tmp_path_factory):
-    """A byte-level BPE tokenizer with <|endoftext|> = 0 and a vocabulary of about 300."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    rng = random.Random(0)
-    tok.train_from_iterator([make_text(rng, 20) for _ in range(50)], trainer)
-    path = tmp_path_factory.mktemp('tok') / 'tokenizer.json'
-    tok.save(str(path))
-    return str(path)
+    """A byte-level BPE tokenizer with <|endoftext|> = 0 and a vocabulary of 300."""
+    return train_tiny_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer.json', WORDS, max_words=12)
 
 
 @pytest.fixture(scope='session')

@@ -3,9 +3,7 @@ directory, with a byte-level BPE tokenizer trained here (CPU, no network, no ../
 
     python -m pytest tests/test_sample.py -q
 """
-import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -16,6 +14,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import conftest  # noqa: E402
+from conftest import train_tiny_tokenizer  # noqa: E402
 from prepare_data import load_tokenizer, prepare  # noqa: E402
 from sample import TextStream, safe_decode  # noqa: E402
 
@@ -26,23 +26,13 @@ RATE_LINE = re.compile(r'^generated (\d+) tokens in [\d.]+ s: [\d.]+ tokens/s$')
 
 
 def make_text(rng, n_lines):
-    return ''.join(' '.join(rng.choice(WORDS) for _ in range(rng.randint(1, 10))) + '\n' for _ in range(n_lines))
+    return conftest.make_text(rng, WORDS, n_lines, max_words=10)
 
 
 @pytest.fixture(scope='module')
 def tokenizer_json(tmp_path_factory):
     """A byte-level BPE tokenizer with <|endoftext|> = 0 and a vocabulary of 300."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    rng = random.Random(0)
-    tok.train_from_iterator([make_text(rng, 20) for _ in range(50)], trainer)
-    path = tmp_path_factory.mktemp('tok') / 'tokenizer.json'
-    tok.save(str(path))
-    return str(path)
+    return train_tiny_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer.json', WORDS, max_words=10)
 
 
 @pytest.fixture(scope='module')

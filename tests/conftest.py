@@ -1,0 +1,21 @@
+"""Shared test helpers: a tiny byte-level BPE tokenizer trained in the test (no network, no ../shared)."""
+import random
+
+
+def make_text(rng, words, n_lines, max_words=12):
+    return ''.join(' '.join(rng.choice(words) for _ in range(rng.randint(1, max_words))) + '\n'
+                   for _ in range(n_lines))
+
+
+def train_tiny_tokenizer(path, words, max_words=12):
+    """Save a byte-level BPE tokenizer (<|endoftext|> = 0, vocabulary 300) trained on text made of words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    rng = random.Random(0)
+    tok.train_from_iterator([make_text(rng, words, 20, max_words) for _ in range(50)], trainer)
+    tok.save(str(path))
+    return str(path)
