@@ -6,7 +6,8 @@ out_dir = 'out-pythia1.4b-ponder'
 wandb_run_name = 'pythia1.4b-ponder'
 model = 'pythia-1.4b'
 learning_rate = 2e-4
-# ~40 GB of activations per sequence with K=1 and R up to 4, plus ~21 GB of fp32 weights, gradients and
+# ~40 GB (estimated, not measured) of activations per sequence with K=1 and R up to 4, plus ~21 GB of fp32 weights, gradients and
 # AdamW state: one sequence per micro-batch on an 80 GB GPU; still 128 sequences per iteration
 batch_size = 1
 gradient_accumulation_steps = 128
+eval_iters = 320  # 320 val sequences per evaluation, as with batch 8 x 40

@@ -6,7 +6,8 @@ out_dir = 'out-pythia160m-ponder'
 wandb_run_name = 'pythia160m-ponder'
 model = 'pythia-160m'
 learning_rate = 6e-4
-# ~8 GB of activations per sequence with K=1 and R up to 4: 4 per micro-batch fits an 80 GB GPU with room;
+# ~8 GB (estimated, not measured) of activations per sequence with K=1 and R up to 4: 4 per micro-batch fits an 80 GB GPU with room;
 # still 128 sequences per iteration
 batch_size = 4
 gradient_accumulation_steps = 32
+eval_iters = 80  # 320 val sequences per evaluation, as with batch 8 x 40

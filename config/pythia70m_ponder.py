@@ -22,7 +22,7 @@ init = 'ponder'
 scale_embeds = True
 
 # 128 sequences per iteration: 8 per micro-batch x 16 micro-batches, split over the GPUs (with 8 GPUs each
-# does 2). A micro-batch of 8 needs ~30 GB with K=1 (R=4 keeps 1 + 5 x 2 = 11 passes' activations per token).
+# does 2). By our estimate (not yet measured on a GPU) a micro-batch of 8 needs ~30 GB with K=1 (R=4 keeps 1 + 5 x 2 = 11 passes' activations per token).
 batch_size = 8
 gradient_accumulation_steps = 16
 num_epochs = 1.0
