@@ -5,12 +5,12 @@ each final val loss, with Jacobi thoughts (R=3, as the papers) and with exact se
 
     python prepare_data.py --dataset=shakespeare    # once (offline: add --input=PATH --tokenizer=PATH)
     python repro.py                                 # ~25 min on 2 CPU cores; results in out-repro/
-    python repro.py --seeds=1337,1338 --jobs=1      # more seeds, one run at a time
+    python repro.py --seeds=1337,1338               # add a seed: runs already trained are reused
     python repro.py --runs=vanilla,ponder_k1 --max_iters=50   # a quicker look
 
 Each run is `python train.py config/repro_shakespeare.py <its overrides> --out_dir=out-repro/<name>` with
 OMP_NUM_THREADS=1 (two single-threaded runs share two cores better than one run with two threads); its
-log is out-repro/<name>/train.log. Writes out-repro/results.md, out-repro/results.json and the val-loss
+log is out-repro/<name>-s<seed>/train.log. Delete a run's folder to train it again. Writes out-repro/results.md, out-repro/results.json and the val-loss
 plot out-repro/val_loss.png.
 """
 import json
@@ -43,7 +43,14 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 
 
 def train(name, seed):
+    """Train one run, unless an earlier repro.py already finished it (its train_time.json is written last)."""
     out_dir = os.path.join(out_root, f'{name}-s{seed}')
+    done = os.path.join(out_dir, 'train_time.json')
+    if os.path.exists(done):
+        with open(done) as f:
+            seconds = json.load(f)['seconds']
+        print(f"{name} seed {seed}: already trained ({done}), reusing it", flush=True)
+        return out_dir, seconds
     os.makedirs(out_dir, exist_ok=True)
     cmd = [sys.executable, 'train.py', config, *RUNS[name][1], f'--out_dir={out_dir}', f'--seed={seed}',
            f'--wandb_run_name=repro-{name}-s{seed}']
@@ -54,8 +61,11 @@ def train(name, seed):
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     if r.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed (exit {r.returncode}); see {out_dir}/train.log")
-    print(f"{name} seed {seed}: trained in {time.time() - t0:.0f} s", flush=True)
-    return out_dir, time.time() - t0
+    seconds = time.time() - t0
+    with open(done, 'w') as f:
+        json.dump({'seconds': seconds}, f)
+    print(f"{name} seed {seed}: trained in {seconds:.0f} s", flush=True)
+    return out_dir, seconds
 
 
 @torch.no_grad()
@@ -87,15 +97,23 @@ def val_curve(out_dir):
     return [(e['iter'], e['val_loss']) for e in entries if 'val_loss' in e]
 
 
+def by_method(results):
+    """name -> that method's results over the seeds, in RUNS order."""
+    return {name: [r for r in results if r['name'] == name] for name in RUNS if any(r['name'] == name for r in results)}
+
+
 def plot(results, path):
+    """Val-loss curves: each method's mean over the seeds, with the min-max band where there are several."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in RUNS:
-        for r in (r for r in results if r['name'] == name):
-            it, loss = zip(*r['curve'])
-            ax.plot(it, loss, label=f"{RUNS[name][0]} (seed {r['seed']})")
+    for name, runs_ in by_method(results).items():
+        iters = [it for it, _ in runs_[0]['curve']]
+        losses = np.array([[loss for _, loss in r['curve']] for r in runs_])  # (seeds, evals)
+        line, = ax.plot(iters, losses.mean(0), label=f"{RUNS[name][0]} ({len(runs_)} seed{'s' * (len(runs_) > 1)})")
+        if len(runs_) > 1:
+            ax.fill_between(iters, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel('iteration (1,024 tokens each)')
     ax.set_ylabel('val loss (Jacobi thoughts, R=3)')
     ax.set_ylim(top=8)
@@ -106,13 +124,21 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def spread(values, fmt):
+    """'mean (min-max)' over seeds, or the value alone for one seed."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(sum(values) / len(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
 def table(results):
-    lines = ['| run | seed | non-emb params | val loss (Jacobi R=3) | val loss (exact thoughts) | train time |',
+    lines = ['| run | seeds | non-emb params | val loss (Jacobi R=3) | val loss (exact thoughts) | train time (min) |',
              '|---|---|---|---|---|---|']
-    for r in results:
-        exact = f"{r['exact']:.4f}" if r['exact'] is not None else '-'
-        lines.append(f"| {RUNS[r['name']][0]} | {r['seed']} | {r['params'] / 1e6:.2f}M | {r['jacobi']:.4f} | {exact} "
-                     f"| {r['seconds'] / 60:.1f} min |")
+    for name, runs_ in by_method(results).items():
+        exact = spread([r['exact'] for r in runs_], '{:.4f}') if runs_[0]['exact'] is not None else '-'
+        lines.append(f"| {RUNS[name][0]} | {','.join(str(r['seed']) for r in runs_)} | {runs_[0]['params'] / 1e6:.2f}M "
+                     f"| {spread([r['jacobi'] for r in runs_], '{:.4f}')} | {exact} "
+                     f"| {spread([r['seconds'] / 60 for r in runs_], '{:.1f}')} |")
     return '\n'.join(lines)
 
 
