@@ -16,7 +16,7 @@ type of the current value (an int may set a float, true/false in any case set a 
 is None takes anything). Mistakes print one `error: ...` line on stderr and exit with status 2.
 
 Known keys are the script's public globals holding plain config values (bool, int, float, str, None,
-tuple, list, dict): modules, functions, classes and `_names` are not config. Tests import this file and
+tuple, list, dict): modules, functions, classes, `_names` and UPPER_CASE constants are not config. Tests import this file and
 call apply_overrides(args, namespace) directly; it raises ConfigError instead of exiting.
 """
 _namespace_before = dict(globals())  # when exec'd: the script's names, to put back once we are done
@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 
 def known_config(namespace):
     """The config keys of a script namespace with their current values."""
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)}
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)}  # UPPER = constants
 
 
 def unknown_key_error(key, known, where):

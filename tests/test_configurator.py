@@ -27,10 +27,11 @@ print(repr((batch_size, learning_rate, compile, device, betas, init_from)))
 def namespace():
     import math
     return {'batch_size': 4, 'learning_rate': 1e-3, 'compile': True, 'device': 'cuda', 'betas': (0.9, 0.95),
-            'layers': [1, 2], 'init_from': None, '_private': 1, 'math': math, 'helper': lambda: 0}
+            'layers': [1, 2], 'init_from': None, '_private': 1, 'math': math, 'helper': lambda: 0,
+            'MAX_VOCAB': 65536}
 
 
-def test_known_config_skips_modules_functions_and_private_names():
+def test_known_config_skips_modules_functions_constants_and_private_names():
     assert set(known_config(namespace())) == {'batch_size', 'learning_rate', 'compile', 'device', 'betas',
                                               'layers', 'init_from'}
 
