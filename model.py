@@ -499,11 +499,24 @@ class GPT(nn.Module):
         if unknown:
             raise ValueError(f"unknown GPTConfig field(s) {unknown}; known: {[f.name for f in fields(GPTConfig)]}")
         config = replace(config, **overrides)
-        with torch.device('meta'):  # no time spent on an init that the checkpoint overwrites
+        model = cls.unloaded(config)
+        load_hf_weights(model, read_state_dict(path))
+        return model
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict):
+        """A model from the weights of a train.py checkpoint (a compiled or DDP model saves them under a prefix)."""
+        model = cls.unloaded(config)
+        model.load_state_dict({k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in state_dict.items()})
+        return model
+
+    @classmethod
+    def unloaded(cls, config):
+        """A model on the CPU with uninitialized weights, for loading: no time spent on a random init."""
+        with torch.device('meta'):
             model = cls(config)
         model.to_empty(device='cpu')
-        model.init_rope()
-        load_hf_weights(model, read_state_dict(path))
+        model.init_rope()  # the rotary tables are non-persistent buffers, in no checkpoint
         return model
 
 

@@ -73,9 +73,7 @@ def val_losses(out_dir):
     """Mean loss over every whole block of val.bin: Jacobi thoughts (n_jacobi from the config, the papers'
     number) and, for thought models, exact sequential thoughts (teacher-forced through the KV cache)."""
     ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
-    model = GPT(GPTConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['model'])
-    model.eval()
+    model = GPT.from_state_dict(GPTConfig(**ckpt['model_args']), ckpt['model']).eval()
     T = model.config.block_size
     val = np.memmap(os.path.join(ckpt['config']['data_dir'], 'val.bin'), dtype=np.uint16, mode='r')
     n = (len(val) - 1) // T

@@ -123,14 +123,7 @@ def load_checkpoint(path):
     except (KeyError, TypeError, pickle.UnpicklingError) as e:  # not a train.py checkpoint, or an incompatible one
         raise SampleError(f"{path} is not a checkpoint this model.py can read ({type(e).__name__}: "
                           f"{one_line(e, 120)})") from None
-    with torch.device('meta'):  # no time spent on a random init that the checkpoint overwrites
-        model = GPT(config)
-    model.to_empty(device='cpu')
-    model.init_rope()  # the rotary tables are buffers outside the state dict
-    # a torch.compile'd or DDP-wrapped model saves its weights under a prefix
-    for prefix in ('_orig_mod.', 'module.'):
-        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
-    model.load_state_dict(state_dict)
+    model = GPT.from_state_dict(config, state_dict)
     return model, ckpt
 
 

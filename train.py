@@ -259,7 +259,7 @@ def open_data(device_str):
     try:
         with open(paths['meta.json']) as f:
             meta = json.load(f)
-        data_vocab = int(meta['vocab_size'])
+        meta['vocab_size'] = int(meta['vocab_size'])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TrainError(f"cannot read vocab_size from {paths['meta.json']}: {type(e).__name__}: {e}")
     if meta.get('dtype', 'uint16') != 'uint16':
@@ -308,16 +308,6 @@ def config_from_globals():
 def method_settings():
     return {'block_size': block_size, 'n_thoughts': n_thoughts, 'n_jacobi': n_jacobi,
             'jacobi_train_range': tuple(jacobi_train_range), 'n_ponder': n_ponder, 'ponder_multiply': ponder_multiply}
-
-
-def model_from_state(config, state):
-    """A GPT with the given config and weights; built on the meta device, since random init would be wasted."""
-    with torch.device('meta'):
-        raw_model = GPT(config)
-    raw_model.to_empty(device='cpu')
-    raw_model.init_rope()  # non-persistent buffers are not in the state dict
-    raw_model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in state.items()})
-    return raw_model
 
 
 def check_resume_matches(ckpt, path):
@@ -541,7 +531,7 @@ def build_model(ckpt_path, data_vocab):
         raise TrainError(f"the data's vocabulary ({data_vocab} ids, {data_dir}/meta.json) is larger than the "
                          f"model's vocab_size {config.vocab_size}: raise vocab_size")
     if init_from == 'resume':
-        raw_model = model_from_state(config, ckpt['model'])
+        raw_model = GPT.from_state_dict(config, ckpt['model'])
     elif init_from == 'scratch':
         raw_model = GPT(config)
     return raw_model, ckpt, pretrained
