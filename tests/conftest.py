@@ -1,13 +1,17 @@
-"""Shared test helpers: a tiny byte-level BPE tokenizer trained in the test (no network, no ../shared)."""
+"""Shared test fixtures: random text and a tiny byte-level BPE tokenizer trained on it, made in the test
+(no network, no ../shared). pytest.ini puts the repository on the import path."""
 import random
 
+import pytest
 
-def make_text(rng, words, n_lines, max_words=12):
+
+def random_text(rng, words, n_lines, max_words=12):
+    """n_lines lines of 1..max_words words drawn from words."""
     return ''.join(' '.join(rng.choice(words) for _ in range(rng.randint(1, max_words))) + '\n'
                    for _ in range(n_lines))
 
 
-def train_tiny_tokenizer(path, words, max_words=12):
+def train_tokenizer(path, words, max_words=12):
     """Save a byte-level BPE tokenizer (<|endoftext|> = 0, vocabulary 300) trained on text made of words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
@@ -16,6 +20,19 @@ def train_tiny_tokenizer(path, words, max_words=12):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     rng = random.Random(0)
-    tok.train_from_iterator([make_text(rng, words, 20, max_words) for _ in range(50)], trainer)
+    tok.train_from_iterator([random_text(rng, words, 20, max_words) for _ in range(50)], trainer)
     tok.save(str(path))
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def make_text():
+    """random_text(rng, words, n_lines, max_words=12) -> text."""
+    return random_text
+
+
+@pytest.fixture(scope='session')
+def tiny_tokenizer(tmp_path_factory):
+    """A factory: tiny_tokenizer(words, max_words) -> path of a tokenizer.json trained on text of those words."""
+    return lambda words, max_words=12: train_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer.json',
+                                                       words, max_words)

@@ -8,24 +8,20 @@ import sys
 import numpy as np
 import pytest
 
+from data import data_dir_tokenizer, load_tokenizer
+from prepare_data import split_at_line, split_documents
+from runtime import UserError
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import conftest  # noqa: E402
-from conftest import train_tiny_tokenizer  # noqa: E402
-from prepare_data import DataError, load_data_tokenizer, load_tokenizer, split_at_line, split_documents  # noqa: E402
 
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'token', 'café', 'naïve', '日本語', 'emoji 🙂', 'tab\there',
          'crlf\r\n', 'line\n', '  spaced  ', '<|endoftext', '0123']
 
 
-def make_text(rng, n_lines):
-    return conftest.make_text(rng, WORDS, n_lines, max_words=12)
-
-
 @pytest.fixture(scope='session')
-def tokenizer_json(tmp_path_factory):
+def tokenizer_json(tiny_tokenizer):
     """A byte-level BPE tokenizer with <|endoftext|> = 0 and a vocabulary of 300."""
-    return train_tiny_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer.json', WORDS, max_words=12)
+    return tiny_tokenizer(WORDS, max_words=12)
 
 
 @pytest.fixture(scope='session')
@@ -61,7 +57,7 @@ def test_load_tokenizer(tokenizer_json):
     text = 'café 日本語 🙂\r\n  x'
     assert tok.decode(tok.encode(text)) == text and tok.eos_id not in tok.encode(text)
     assert load_tokenizer(os.path.dirname(tokenizer_json)).path == tokenizer_json  # a directory holding one
-    with pytest.raises(DataError, match='unknown tokenizer'):
+    with pytest.raises(UserError, match='unknown tokenizer'):
         load_tokenizer('nonsense')
 
 
@@ -70,16 +66,16 @@ def test_splits():
     train, val = split_at_line(text, 0.3)
     assert train + val == text and train.endswith('\n') and val
     assert split_at_line('one\ntwo', 0.01) == ('one\n', 'two')
-    with pytest.raises(DataError):
+    with pytest.raises(UserError):
         split_at_line('no line break\n', 0.1)
     splits = split_documents([str(i) for i in range(10)], 0.25, seed=0)
     assert len(splits['val']) == 2 and sorted(splits['train'] + splits['val'], key=int) == [str(i) for i in range(10)]
     assert len(split_documents(['a', 'b'], 0.01, seed=0)['val']) == 1  # at least one val document
 
 
-def test_directory_of_documents(tmp_path, tokenizer_json):
+def test_directory_of_documents(tmp_path, tokenizer_json, make_text):
     rng = random.Random(1)
-    docs = [make_text(rng, rng.randint(1, 30)) for _ in range(12)]
+    docs = [make_text(rng, WORDS, rng.randint(1, 30)) for _ in range(12)]
     for i, doc in enumerate(docs):
         path = tmp_path / 'corpus' / f'part{i % 3}' / f'doc{i:02d}.txt'
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +88,7 @@ def test_directory_of_documents(tmp_path, tokenizer_json):
     assert r.returncode == 0, r.stderr
 
     meta = json.loads((out / 'meta.json').read_text())
-    tok = load_data_tokenizer(str(out))
+    tok = data_dir_tokenizer(str(out))
     train, val = read_documents(out, 'train', tok), read_documents(out, 'val', tok)
     assert len(val) == 3 and sorted(train + val) == sorted(docs)  # lossless, each document exactly once
     assert meta == {
@@ -105,8 +101,8 @@ def test_directory_of_documents(tmp_path, tokenizer_json):
     assert_no_temp_files(out)
 
 
-def test_single_file_and_glob(tmp_path, tokenizer_json):
-    text = make_text(random.Random(2), 200)
+def test_single_file_and_glob(tmp_path, tokenizer_json, make_text):
+    text = make_text(random.Random(2), WORDS, 200)
     (tmp_path / 'book.txt').write_bytes(text.encode('utf-8'))
     out = tmp_path / 'out'
     r = prepare('--dataset=text', f'--input={tmp_path / "book.txt"}', f'--tokenizer={tokenizer_json}',
