@@ -13,7 +13,8 @@ An argument without `--` is a config file, exec'd into a scratch namespace; ever
 known key (it may import modules and use `_private` helper names freely). `--key=value` sets one key; the
 value is parsed with ast.literal_eval, falling back to the raw string for str keys, and must match the
 type of the current value (an int may set a float, true/false in any case set a bool, a key whose default
-is None takes anything). Mistakes print one `error: ...` line on stderr and exit with status 2.
+is None takes anything). Mistakes print one `error: ...` line on stderr and exit with status 2 (under
+torchrun only rank 0 prints). The keys that were set are echoed on stderr as `config: key = value`.
 
 Known keys are the script's public globals holding plain config values (bool, int, float, str, None,
 tuple, list, dict): modules, functions, classes, `_names` and UPPER_CASE constants are not config. Tests import this file and
@@ -165,16 +166,20 @@ def format_help(namespace, script):
 def configure(argv, namespace):
     """What exec'ing this file does: apply argv to namespace, or print help / one error line and exit."""
     help_wanted = any(a in ('-h', '--help') for a in argv)
+    talk = os.environ.get('RANK', '0') == '0'  # under torchrun only rank 0 speaks; every rank exits alike
     try:
         changed = apply_overrides([a for a in argv if a not in ('-h', '--help')], namespace)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if talk:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if help_wanted:
-        print(format_help(namespace, sys.argv[0] if sys.argv else 'script.py'))
+        if talk:
+            print(format_help(namespace, sys.argv[0] if sys.argv else 'script.py'))
         sys.exit(0)
-    for key, value in changed.items():
-        print(f"config: {key} = {value!r}")
+    if talk:  # on stderr: stdout is the script's product (samples, tables, the training log)
+        for key, value in changed.items():
+            print(f"config: {key} = {value!r}", file=sys.stderr)
     return changed
 
 

@@ -24,6 +24,7 @@ References:
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -73,7 +74,8 @@ class GPTConfig:
     ponder_multiply: bool = False   # multiply the first input embeddings by N
     # both
     scale_embeds: bool = True       # embeddings * sqrt(2.5 H) (PonderLM-2) or * sqrt(H) (others)
-    init: str = 'ponder'            # 'ponder' (truncated normal, sqrt(2/5H)) or 'pythia' (normal 0.02)
+    weight_init: str = 'small'      # 'small' (the papers': truncated normal sqrt(2/5H), output projections
+                                    # shrunk by depth and passes) or 'normal' (normal(0, 0.02), stock Pythia/HF)
 
     def __post_init__(self):
         self.jacobi_train_range = tuple(self.jacobi_train_range)
@@ -86,8 +88,27 @@ class GPTConfig:
             raise ValueError(f"jacobi_train_range must be (lo, hi) with 0 <= lo <= hi, got {self.jacobi_train_range}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.init not in ('ponder', 'pythia'):
-            raise ValueError(f"init must be 'ponder' or 'pythia', got {self.init!r}")
+        if self.weight_init not in ('small', 'normal'):
+            raise ValueError(f"weight_init must be 'small' or 'normal', got {self.weight_init!r}")
+
+    @property
+    def method(self):
+        """The method's short name, the one vocabulary of configs, bench, experiments and logs:
+        'vanilla', 'ponderlm2-kK' (PonderLM-2, K thoughts per token) or 'ponderlm1-nN' (PonderLM, N steps)."""
+        if self.n_thoughts:
+            return f'ponderlm2-k{self.n_thoughts}'
+        if self.n_ponder:
+            return f'ponderlm1-n{self.n_ponder}'
+        return 'vanilla'
+
+    @property
+    def method_label(self):
+        """The method for people: 'vanilla', 'PonderLM-2 K=1', 'PonderLM N=3'."""
+        if self.n_thoughts:
+            return f'PonderLM-2 K={self.n_thoughts}'
+        if self.n_ponder:
+            return f'PonderLM N={self.n_ponder}'
+        return 'vanilla'
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -101,6 +122,18 @@ class GPTConfig:
         if not self.scale_embeds:
             return 1.0
         return math.sqrt((2.5 if self.n_thoughts else 1.0) * self.n_embd)
+
+
+METHOD_RE = re.compile(r'vanilla|ponderlm2-k([1-9][0-9]*)|ponderlm1-n([1-9][0-9]*)')
+
+
+def method_settings(name):
+    """GPTConfig fields of a method name (see GPTConfig.method): 'ponderlm2-k2' -> {'n_thoughts': 2}."""
+    m = METHOD_RE.fullmatch(name.strip().lower())
+    if not m:
+        raise ValueError(f"unknown method {name!r}; use vanilla, ponderlm2-kK or ponderlm1-nN "
+                         f"(e.g. ponderlm2-k1, ponderlm1-n3)")
+    return {'n_thoughts': int(m.group(1) or 0), 'n_ponder': int(m.group(2) or 0)}
 
 
 # -----------------------------------------------------------------------------
@@ -240,16 +273,16 @@ class GPT(nn.Module):
 
     def _init_weights(self):
         cfg = self.config
-        if cfg.init == 'pythia':  # stock Hugging Face init: the papers' baseline
+        if cfg.weight_init == 'normal':  # stock Hugging Face init: the papers' baseline
             std = proj_std = 0.02
-        else:  # 'ponder': sqrt(2/(5H)), output projections also shrunk by depth times passes per token
+        else:  # 'small': sqrt(2/(5H)), output projections also shrunk by depth times passes per token
             std = math.sqrt(2 / (5 * cfg.n_embd))
             passes = cfg.n_thoughts + 1 if cfg.n_thoughts else cfg.n_ponder + 1
             proj_std = std / math.sqrt(2 * cfg.n_layer * passes)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 s = proj_std if name.endswith(('attention.dense', 'dense_4h_to_h')) else std
-                if cfg.init == 'pythia':
+                if cfg.weight_init == 'normal':
                     nn.init.normal_(module.weight, 0.0, s)
                 else:
                     nn.init.trunc_normal_(module.weight, 0.0, s, a=-3 * s, b=3 * s)
@@ -285,14 +318,13 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, n_jacobi=None):
         """idx (B, T) -> logits (B, T, V) at every position; loss if targets (B, T) is given (-1 = ignore).
-        n_jacobi: PonderLM-2's Jacobi passes; default config.n_jacobi in eval, a random draw in training."""
+        n_jacobi: PonderLM-2's Jacobi passes R, default config.n_jacobi (train.py draws R per iteration from
+        jacobi_train_range and passes it here)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         if self.config.n_thoughts:
-            if n_jacobi is None:
-                n_jacobi = self.draw_n_jacobi() if self.training else self.config.n_jacobi
-            h = self.think(idx, n_jacobi)
+            h = self.think(idx, self.config.n_jacobi if n_jacobi is None else n_jacobi)
         elif self.config.n_ponder:
             h = self.ponder(idx)
         else:
@@ -354,16 +386,6 @@ class GPT(nn.Module):
                 return h
             probs = F.softmax(self.embed_out(h), dim=-1)  # (B, T, V)
             c = c + (probs @ self.embed_in.weight) * s  # (B, T, C): the expected embedding
-
-    def draw_n_jacobi(self, seed=None, iteration=None):
-        """R for one training step, uniform on jacobi_train_range. Given (seed, iteration) the draw is a
-        pure function of them: every DDP rank and a resumed run get the same R. train.py passes the result
-        as forward(..., n_jacobi=R)."""
-        lo, hi = self.config.jacobi_train_range
-        if seed is None:
-            return int(torch.randint(lo, hi + 1, ()).item())
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(iteration))
-        return int(torch.randint(lo, hi + 1, (), generator=g).item())
 
     # --- generation ---
 

@@ -175,7 +175,15 @@ def pid_alive(pid):
 # -----------------------------------------------------------------------------
 # the training checkpoint
 
-CHECKPOINT_FORMAT = 2  # 1: train.py before the format field (same keys, still read); 2: with 'format'
+CHECKPOINT_FORMAT = 2  # 1: train.py before the format field (still read); 2: 'format' added, init -> weight_init
+INIT_RENAMED = {'ponder': 'small', 'pythia': 'normal'}  # format 1's init values -> weight_init
+
+
+def upgrade_format_1(raw):
+    """Format 1 called the weight init `init` with values 'ponder' / 'pythia'; format 2 says weight_init."""
+    for d in (raw.get('model_args'), raw.get('config')):
+        if isinstance(d, dict) and 'init' in d:
+            d['weight_init'] = INIT_RENAMED.get(d.pop('init'), 'small')
 
 
 @dataclass
@@ -212,6 +220,8 @@ class Checkpoint:
         if version > CHECKPOINT_FORMAT:
             raise UserError(f"{path} has checkpoint format {version}, newer than this code reads "
                             f"({CHECKPOINT_FORMAT}): update nanoPonder (git pull)")
+        if version == 1:
+            upgrade_format_1(raw)
         required = {f.name for f in fields(cls) if f.name != 'pretrained'}
         missing = required - set(raw)
         if missing:

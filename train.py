@@ -11,30 +11,35 @@ thought per token (K=1) on pythia-70m, one epoch of MiniPile.
     python train.py config/pythia70m_ponder.py --init_from=EleutherAI/pythia-70m --out_dir=out-cont  # continue
         # training a Hugging Face checkpoint: the architecture comes from its config.json, the method
         # (n_thoughts, n_ponder, ...) and block_size from this config
+    nohup python train.py config/pythia70m_ponder.py > train.log 2>&1 &   # a plain line per log_interval
     python train.py --help                                            # every config key and its value
 
 gradient_accumulation_steps counts micro-batches over all processes: with N GPUs each does 1/N of them.
-Ctrl-C or SIGTERM saves out_dir/ckpt.pt at the end of the current iteration and exits (torchrun kills its
-workers 30 s after a Ctrl-C; checkpoints are written atomically, so the previous one survives that).
+An out_dir belongs to one run: a new run into an out_dir that holds a checkpoint stops with an error
+(resume it, or --overwrite=True), and a lock file (out_dir/train.lock) refuses a second concurrent run.
+Ctrl-C or SIGTERM saves out_dir/ckpt.pt at the end of the current iteration, then exits with 130 or 143
+(torchrun kills its workers 30 s after a Ctrl-C; checkpoints are written atomically, so the previous one
+survives that). Exit codes: runtime.py.
 """
 
+import gc
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from data import TrainBatches, ValBatches, open_blocks
 from model import GPT, GPTConfig
+from runtime import (Checkpoint, UserError, atomic_write, autocast, failure, one_line, pid_alive,
+                     remove_stale_temp_files, resolve_device, resolve_dtype, run_cli)
 
 # -----------------------------------------------------------------------------
 # config: plain globals, overridden by config files and --key=value (configurator.py)
@@ -45,6 +50,7 @@ eval_iters = 40                 # val batches per evaluation and process
 log_interval = 10
 always_save_checkpoint = True   # save ckpt.pt at every evaluation, not only on a new best val loss
 init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt) or a Hugging Face model name/directory
+overwrite = False               # let a new run replace the run already in out_dir
 wandb_log = False
 wandb_project = 'nanoPonder'
 wandb_run_name = 'pythia70m-ponder'
@@ -67,12 +73,13 @@ jacobi_train_range = (2, 4)     # PonderLM-2: R drawn uniformly from lo..hi per 
 n_ponder = 0                    # PonderLM: pondering steps (0 = off)
 ponder_multiply = False         # PonderLM: multiply the first input embeddings by n_ponder
 scale_embeds = True             # scale input embeddings (sqrt(2.5 H) with thoughts, sqrt(H) otherwise)
-init = 'ponder'                 # 'ponder' (the papers' init) or 'pythia' (stock normal(0.02))
+weight_init = 'small'           # 'small' (the papers') or 'normal' (normal(0, 0.02), stock Pythia): model.py
 # AdamW
 learning_rate = 1e-3            # peak
 weight_decay = 0.01
 beta1 = 0.9
 beta2 = 0.95
+eps = 1e-8
 grad_clip = 1.0                 # max gradient norm; 0 disables clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr_ratio * learning_rate
 warmup_ratio = 0.01             # warmup as a share of max_iters ...
@@ -81,211 +88,186 @@ lr_decay_iters = 0              # end of the cosine; 0 -> max_iters
 min_lr_ratio = 0.1
 # system
 device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'                  # 'auto' (runtime.resolve_dtype), 'float32', 'bfloat16', 'float16'
 compile = True                  # torch.compile the model (minutes of compiling, then faster steps)
 seed = 1337
 _config_keys = [k for k, v in globals().items()
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, type(None)))]
 # -----------------------------------------------------------------------------
 
-# GPTConfig fields that a run from a pretrained Hugging Face checkpoint takes from this config; the rest
-# (the architecture) comes from the checkpoint's config.json
-_SET_ON_PRETRAINED = ('block_size', 'n_thoughts', 'n_jacobi', 'jacobi_train_range', 'n_ponder', 'ponder_multiply')
-
-_stop_signal = None  # name of the signal that asked us to stop; the loop saves and exits at the next step boundary
-
-
-class TrainError(Exception):
-    """A reason to stop that the user can act on; printed as one `error: ...` line, without a traceback."""
+_stop_signal = None  # the signal that asked us to stop (SIGINT / SIGTERM); the loop saves and exits at a step boundary
 
 
 def request_stop(signum, frame):
+    """The signal handler: it only takes note. Printing here could fail (a closed pipe) or interleave with
+    the loop's own output; the loop reports the stop and saves."""
     global _stop_signal
     if _stop_signal is None:  # repeats are ignored: torchrun forwards a Ctrl-C as SIGTERM on top of the SIGINT
-        _stop_signal = signal.Signals(signum).name
-        if os.environ.get('RANK', '0') == '0':
-            tqdm.write(f"{_stop_signal}: saving a checkpoint at the end of this iteration, then exiting")
+        _stop_signal = signal.Signals(signum)
+
+
+def config_dict():
+    return {k: globals()[k] for k in _config_keys}
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# the schedule: pure functions of the iteration
 
-def save_checkpoint(obj, path):
-    """torch.save obj to path atomically: into a temp file in the same directory, flushed to disk, then renamed
-    over path. A crash or kill midway leaves the previous file intact (and the temp file is removed)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def lr_at(it, peak, min_lr, warmup, decay_end):
+    """Learning rate of iteration it (0-based): linear warmup, cosine down to min_lr, then flat."""
+    if it < warmup:
+        return peak * (it + 1) / (warmup + 1)
+    if it >= decay_end:
+        return min_lr
+    progress = (it - warmup) / (decay_end - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - min_lr)
 
 
-def link_best(ckpt_path, best_path):
-    """best.pt = the checkpoint just saved. A hard link costs no time or disk, and keeps this version when
-    ckpt.pt is later replaced by a new file; a copy where the file system has no links."""
-    tmp = f"{best_path}.tmp{os.getpid()}"
-    try:
-        os.link(ckpt_path, tmp)
-    except OSError:
-        shutil.copyfile(ckpt_path, tmp)
-    os.replace(tmp, best_path)
-
-
-def checkpoint_dict(raw_model, optimizer, scaler, iter_num, data_state, best_val_loss, pretrained):
-    """Everything a resume needs, as tensors and plain Python values only (torch.load(weights_only=True))."""
-    state = {k.removeprefix('_orig_mod.'): v for k, v in raw_model.state_dict().items()}
-    rng = {'cpu': torch.get_rng_state()}
-    if torch.cuda.is_available() and raw_model.embed_in.weight.is_cuda:
-        rng['cuda'] = torch.cuda.get_rng_state(raw_model.embed_in.weight.device)
-    return {
-        'model_args': asdict(raw_model.config),
-        'model': state,
-        'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict(),
-        'iter_num': iter_num,
-        'data_state': data_state,  # {'epoch', 'position'}: where the next iteration reads
-        'rng': rng,
-        'best_val_loss': best_val_loss,
-        'config': {k: globals()[k] for k in _config_keys},
-        'pretrained': pretrained,  # the Hugging Face model this run started from, or None
-    }
-
-
-def params_finite(raw_model):
-    return all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())
-
-
-def load_resume_checkpoint(path):
-    if not os.path.exists(path):
-        raise TrainError(f"init_from=resume but there is no checkpoint {path}: train once with "
-                         f"--init_from=scratch --out_dir={out_dir} (it saves {os.path.basename(path)} at each evaluation)")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise TrainError(f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
-    missing = {'model_args', 'model', 'optimizer', 'scaler', 'iter_num', 'data_state', 'rng', 'best_val_loss'} - set(ckpt)
-    if missing:
-        raise TrainError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
-    return ckpt
+def jacobi_passes(seed, iteration, lo, hi):
+    """PonderLM-2's Jacobi passes R for one training iteration, uniform on lo..hi: a pure function of
+    (seed, iteration), so every rank and a resumed run draw the same R."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(iteration))
+    return int(torch.randint(lo, hi + 1, (), generator=g).item())
 
 
 # -----------------------------------------------------------------------------
-# data
+# checks before anything is loaded
 
-class PackedBlocks:
-    """A token file (uint16) cut into packed blocks of block_size + 1 tokens: block i is tokens
-    [i*T, i*T + T], the inputs its first T, the targets its last T. Documents are concatenated with an EOS
-    after each, so a block spans document boundaries, as in the papers' (GPT-NeoX) packing."""
-
-    def __init__(self, path, block_size, device):
-        self.path, self.block_size, self.device = path, block_size, device
-        self.n_blocks = (os.path.getsize(path) // 2 - 1) // block_size
-        self.pin = device.startswith('cuda')
-
-    def read(self, block_ids):
-        """block_ids: list of B ints -> x, y (B, T) int64 on the device."""
-        # a fresh memmap per batch: a long-lived one keeps every page it ever touched mapped (nanoGPT's fix)
-        data = np.memmap(self.path, dtype=np.uint16, mode='r')
-        T = self.block_size
-        batch = torch.from_numpy(np.stack([data[i * T:i * T + T + 1] for i in block_ids]).astype(np.int64))
-        if self.pin:  # pinned host memory lets the copy run asynchronously with the GPU's work
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        else:
-            batch = batch.to(self.device)
-        return batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-
-
-class TrainBatches:
-    """Which blocks a micro-batch reads: a pure function of (epoch, position, micro_step), so a resumed run
-    reads exactly what an uninterrupted one would have. Each epoch visits the blocks in a permutation seeded by
-    (seed, epoch); an iteration takes the next blocks_per_iter entries of it, of which micro-step m of rank r
-    gets the batch_size at offset (m * world_size + r) * batch_size: ranks read disjoint blocks, and one process
-    with accumulation reads the same blocks per iteration as several processes sharing it. position counts the
-    blocks of the epoch used so far; an epoch ends when a whole iteration no longer fits (the rest is skipped)."""
-
-    def __init__(self, blocks, batch_size, accum_steps, rank, world_size, seed):
-        self.blocks, self.batch_size, self.rank, self.world_size, self.seed = blocks, batch_size, rank, world_size, seed
-        self.blocks_per_iter = batch_size * accum_steps * world_size
-        self.iters_per_epoch = blocks.n_blocks // self.blocks_per_iter
-        self._epoch, self._perm = None, None
-
-    def permutation(self, epoch):
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.blocks.n_blocks, generator=g)
-        return self._perm
-
-    def get(self, epoch, position, micro_step):
-        start = position + (micro_step * self.world_size + self.rank) * self.batch_size
-        return self.blocks.read(self.permutation(epoch)[start:start + self.batch_size].tolist())
-
-    def normalize(self, epoch, position):
-        """The (epoch, position) where an iteration starting at (epoch, position) really starts."""
-        if position + self.blocks_per_iter > self.blocks.n_blocks:
-            return epoch + 1, 0
-        return epoch, position
-
-    def next_iteration(self, epoch, position):
-        return self.normalize(epoch, position + self.blocks_per_iter)
+def check_config():
+    """Every config value that can be wrong, checked up front: one UserError naming the key and its range."""
+    for name in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_interval', 'eval_iters', 'log_interval'):
+        if globals()[name] < 1:
+            raise UserError(f"{name} must be >= 1, got {globals()[name]}")
+    for name in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_layer', 'n_head', 'n_embd', 'num_epochs',
+                 'warmup_ratio', 'min_lr_ratio', 'grad_clip', 'weight_decay'):
+        if not globals()[name] >= 0:  # `not >=` also catches nan
+            raise UserError(f"{name} must be >= 0, got {globals()[name]}")
+    if max_iters == 0 and num_epochs == 0:
+        raise UserError("max_iters and num_epochs are both 0: set one of them")
+    if not 0 < learning_rate < math.inf:
+        raise UserError(f"learning_rate must be > 0, got {learning_rate}")
+    for name in ('beta1', 'beta2'):
+        if not 0 <= globals()[name] < 1:
+            raise UserError(f"{name} must be in [0, 1), got {globals()[name]}")
+    if not 0 < eps < 1:
+        raise UserError(f"eps must be in (0, 1), got {eps}")
+    if len(tuple(jacobi_train_range)) != 2 or not 0 <= jacobi_train_range[0] <= jacobi_train_range[1]:
+        raise UserError(f"jacobi_train_range must be (lo, hi) with 0 <= lo <= hi, got {jacobi_train_range!r}")
+    if not out_dir.strip():
+        raise UserError("out_dir is empty: name a directory for the checkpoints, e.g. --out_dir=out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir!r} is a file, not a directory: choose another --out_dir")
+    device_type = resolve_device(device).split(':')[0]
+    resolve_dtype(dtype, device_type)
 
 
-class ValBatches:
-    """The first blocks of val.bin in order (wrapping around if val is small): every evaluation reads the same
-    tokens, so val losses are comparable across evaluations and runs. Ranks read disjoint batches."""
-
-    def __init__(self, blocks, batch_size, rank, world_size):
-        self.blocks, self.batch_size, self.rank, self.world_size = blocks, batch_size, rank, world_size
-
-    def get(self, k):
-        start = (k * self.world_size + self.rank) * self.batch_size
-        return self.blocks.read([(start + j) % self.blocks.n_blocks for j in range(self.batch_size)])
+def check_out_dir_is_free():
+    """A new run (scratch or from a Hugging Face model) must not silently replace a run already in out_dir."""
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
+        raise UserError(f"{out_dir} already holds a run ({ckpt_path}): continue it with --init_from=resume, "
+                        f"choose another --out_dir, or pass --overwrite=True to start over in it")
 
 
-def open_data(device_str):
-    """Check data_dir and return (train blocks, val blocks, meta dict)."""
-    if not os.path.isdir(data_dir):
-        raise TrainError(f"data_dir {data_dir!r} does not exist: make it with prepare_data.py "
-                         f"(e.g. python prepare_data.py --dataset=shakespeare) or pass --data_dir=...")
-    paths = {name: os.path.join(data_dir, name) for name in ('train.bin', 'val.bin', 'meta.json')}
-    for path in paths.values():
-        if not os.path.isfile(path):
-            raise TrainError(f"{path} is missing: data_dir must hold train.bin, val.bin and meta.json from prepare_data.py")
-    try:
-        with open(paths['meta.json']) as f:
-            meta = json.load(f)
-        meta['vocab_size'] = int(meta['vocab_size'])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"cannot read vocab_size from {paths['meta.json']}: {type(e).__name__}: {e}")
-    if meta.get('dtype', 'uint16') != 'uint16':
-        raise TrainError(f"{paths['meta.json']} says dtype {meta['dtype']!r}; train.py reads uint16 token files")
-    blocks = {}
-    for split in ('train', 'val'):
-        path = paths[f'{split}.bin']
-        size = os.path.getsize(path)
-        if size % 2:
-            raise TrainError(f"{path} has an odd size ({size} bytes): not a uint16 token file, or cut short")
-        blocks[split] = PackedBlocks(path, block_size, device_str)
-        if blocks[split].n_blocks == 0:
-            raise TrainError(f"{path} has {size // 2} tokens, fewer than one block of block_size + 1 = "
-                             f"{block_size + 1}: lower block_size or use more data")
-    return blocks['train'], blocks['val'], meta
+class RunLock:
+    """out_dir/train.lock holds the PID of the run training there; a second run into the same out_dir is
+    refused while that process lives. A lock whose process is gone (a kill -9) is stale and taken over."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, 'train.lock')
+        self.held = False
+
+    def acquire(self):
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self.owner()
+                if pid is not None and pid_alive(pid):
+                    raise UserError(f"another training (PID {pid}) is running in {out_dir} ({self.path}): wait "
+                                    f"for it, stop it, or choose another --out_dir") from None
+                print(f"note: removing the stale lock of a run that is gone ({self.path}, PID {pid})")
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise UserError(f"could not take the lock {self.path}")
+
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def release(self):
+        if self.held and self.owner() == os.getpid():
+            os.remove(self.path)
+        self.held = False
 
 
 # -----------------------------------------------------------------------------
-# model
+# processes
 
-def make_config(**kwargs):
+def setup_distributed():
+    """-> (ddp, rank, local_rank, world_size, device string). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
+    ddp = 'RANK' in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    dev = resolve_device(device)
+    if dev.startswith('cuda'):
+        if ddp:
+            dev = f'cuda:{local_rank}'  # one GPU per process
+        torch.cuda.set_device(dev)
+    if gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by "
+                        f"the number of processes ({world_size})")
+    if ddp:
+        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+    return ddp, rank, local_rank, world_size, dev
+
+
+def all_ranks_agree(ok, ddp):
+    """True when ok is True on every rank (one all-reduce): a check that only rank 0 makes (the lock) must
+    stop every rank, or the others would wait for rank 0 forever."""
+    if not ddp:
+        return ok
+    flag = torch.tensor(float(ok))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def teardown_distributed(finished):
+    """Leave the process group so that no rank aborts on the way out. The ranks first wait for each other
+    (rank 0 may still be saving the last checkpoint while the others are done): a rank that tears down early
+    closes connections its peers still use. Then every object holding the process group is collected and the
+    group destroyed while the interpreter is fully alive: gloo's worker threads may still hold the last
+    collectives' tensors, and if they are left for the interpreter's exit to destroy, a thread that needs the
+    GIL during finalization ends the process with 'terminate called without an active exception' (SIGABRT)."""
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def main():
+    check_config()
+    ddp, rank, local_rank, world_size, device_str = setup_distributed()
+    finished = False
     try:
-        return GPTConfig(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise TrainError(f"bad model config: {e}")
+        code = train(ddp, rank, local_rank, world_size, device_str)
+        finished = True
+        return code
+    finally:
+        if ddp:
+            teardown_distributed(finished)
 
+
+# -----------------------------------------------------------------------------
+# the model
 
 def config_from_globals():
     """The GPTConfig that this run's config asks for (from scratch)."""
@@ -294,35 +276,68 @@ def config_from_globals():
         try:
             base = GPTConfig.preset(model)
         except ValueError as e:
-            raise TrainError(f"{e}, or model='' with n_layer, n_head and n_embd")
+            raise UserError(f"{e}, or model='' with n_layer, n_head and n_embd") from None
         shape = {'n_layer': base.n_layer, 'n_head': base.n_head, 'n_embd': base.n_embd}
     for key, value in (('n_layer', n_layer), ('n_head', n_head), ('n_embd', n_embd)):
         if value:
             shape[key] = value
         elif key not in shape:
-            raise TrainError(f"model='' needs --{key}=... (> 0), or name a preset such as --model=pythia-70m")
-    return make_config(**shape, vocab_size=vocab_size, scale_embeds=scale_embeds, init=init,
+            raise UserError(f"model='' needs --{key}=... (> 0), or name a preset such as --model=pythia-70m")
+    return make_config(**shape, vocab_size=vocab_size, scale_embeds=scale_embeds, weight_init=weight_init,
                        **method_settings())
 
 
+def make_config(**kwargs):
+    try:
+        return GPTConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"bad model config: {e}") from None
+
+
 def method_settings():
+    """The GPTConfig fields this config sets on any model, also one loaded from Hugging Face."""
     return {'block_size': block_size, 'n_thoughts': n_thoughts, 'n_jacobi': n_jacobi,
             'jacobi_train_range': tuple(jacobi_train_range), 'n_ponder': n_ponder, 'ponder_multiply': ponder_multiply}
 
 
 def check_resume_matches(ckpt, path):
     """The model this command asks for must be the checkpoint's (else resuming would silently train another)."""
-    saved = make_config(**ckpt['model_args'])
-    if ckpt.get('pretrained'):  # the architecture came from the pretrained model, the method from the config
+    saved = ckpt.gpt_config()
+    if ckpt.pretrained:  # the architecture came from the pretrained model, the method from the config
         wanted = make_config(**{**asdict(saved), **method_settings()})
     else:
         wanted = config_from_globals()
     diff = [f"{f.name} {getattr(saved, f.name)!r} (asked {getattr(wanted, f.name)!r})"
             for f in fields(GPTConfig) if getattr(saved, f.name) != getattr(wanted, f.name)]
     if diff:
-        raise TrainError(f"checkpoint {path} is a different model: {', '.join(diff)}; resume with the config "
-                         f"that made it, or start a new run in another out_dir")
+        raise UserError(f"checkpoint {path} is a different model: {', '.join(diff)}; resume with the config "
+                        f"that made it, or start a new run in another out_dir")
     return saved
+
+
+def build_model(ckpt_path, data_vocab):
+    """-> (raw_model on the CPU, Checkpoint or None, pretrained name or None), per init_from."""
+    torch.manual_seed(seed)  # every rank builds the same initial weights
+    ckpt = None
+    if init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"init_from=resume but there is no checkpoint {ckpt_path}: train once with "
+                            f"--init_from=scratch --out_dir={out_dir} (it saves ckpt.pt at each evaluation)")
+        ckpt = Checkpoint.load(ckpt_path)
+        raw_model = GPT.from_state_dict(check_resume_matches(ckpt, ckpt_path), ckpt.model)
+        pretrained = ckpt.pretrained
+    elif init_from == 'scratch':
+        raw_model, pretrained = GPT(config_from_globals()), None
+    else:
+        try:
+            raw_model, pretrained = GPT.from_pretrained(init_from, **method_settings()), init_from
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise UserError(f"cannot load init_from={init_from!r} (not 'scratch', 'resume' or a loadable Hugging "
+                            f"Face model): {type(e).__name__}: {one_line(e)}") from None
+    if raw_model.config.vocab_size < data_vocab:
+        raise UserError(f"the data's vocabulary ({data_vocab} ids, {data_dir}/meta.json) is larger than the "
+                        f"model's vocab_size {raw_model.config.vocab_size}: raise vocab_size")
+    return raw_model, ckpt, pretrained
 
 
 def make_optimizer(raw_model, fused):
@@ -330,28 +345,17 @@ def make_optimizer(raw_model, fused):
     params = [p for p in raw_model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
-
-
-def lr_at(it, warmup, decay_end):
-    """Learning rate of iteration it (0-based): linear warmup, cosine down to min_lr_ratio * peak, then flat."""
-    min_lr = learning_rate * min_lr_ratio
-    if it < warmup:
-        return learning_rate * (it + 1) / (warmup + 1)
-    if it >= decay_end:
-        return min_lr
-    progress = (it - warmup) / (decay_end - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=eps, fused=fused)
 
 
 @torch.no_grad()
-def evaluate(net, val_batches, autocast, ddp, world_size):
+def evaluate(net, val_batches, ctx, ddp, world_size):
     """Mean val loss over eval_iters batches of every rank, in eval mode (PonderLM-2: config n_jacobi passes)."""
     net.eval()
     total = torch.zeros((), device=val_batches.blocks.device)
     for k in range(eval_iters):
         x, y = val_batches.get(k)
-        with autocast:
+        with ctx:
             _, loss = net(x, y)
         total += loss.float()
     net.train()
@@ -361,73 +365,198 @@ def evaluate(net, val_batches, autocast, ddp, world_size):
 
 
 # -----------------------------------------------------------------------------
-# logging
+# the run
 
-class RunLog:
-    """Rank 0's record: out_dir/metrics.jsonl (one JSON object per line), the loss curve out_dir/loss.png
-    and, if asked, Weights & Biases."""
+class Run:
+    """One training run's state and its steps: an iteration, an evaluation with its checkpoint, a log line.
+    The loop in train() reads as the sequence of these steps."""
 
-    def __init__(self, resumed_at=None):
-        self.path = os.path.join(out_dir, 'metrics.jsonl')
-        self.entries = []
-        if resumed_at is not None and os.path.exists(self.path):
-            # keep what happened up to the checkpoint; the lines after it belong to the part about to be redone
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:  # a line cut short by a crash
-                        continue
-                    if entry.get('iter', math.inf) <= resumed_at:
-                        self.entries.append(entry)
-        tmp = self.path + '.tmp'
-        with open(tmp, 'w') as f:
-            f.writelines(json.dumps(e) + '\n' for e in self.entries)
-        os.replace(tmp, self.path)
-        self.no_matplotlib = False
-        self.wandb = None
-        if wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise TrainError("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
-            wandb.init(project=wandb_project, name=wandb_run_name, config={k: globals()[k] for k in _config_keys})
-            self.wandb = wandb
+    def __init__(self, ddp, rank, local_rank, world_size, device_str):
+        self.ddp, self.rank, self.world_size, self.device = ddp, rank, world_size, device_str
+        self.master = rank == 0  # rank 0 logs and saves
+        device_type = device_str.split(':')[0]
+        self.ptdtype = resolve_dtype(dtype, device_type)
+        self.ctx = autocast(device_type, self.ptdtype)
+        self.accum = gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
+        self.open_data(device_str)
+        self.ckpt_path, self.best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+        self.raw_model, ckpt, self.pretrained = build_model(self.ckpt_path, self.meta['vocab_size'])
+        self.raw_model.to(device_str)
+        self.optimizer = make_optimizer(self.raw_model, fused=device_type == 'cuda')
+        self.scaler = torch.amp.GradScaler(device_type, enabled=self.ptdtype == torch.float16)  # fp16: loss scaling
+        self.plan_schedule()
+        self.iter_num, self.epoch, self.position, self.best_val_loss = 0, 0, 0, math.inf
+        if ckpt is not None:
+            self.restore(ckpt, device_type)
+        self.start_iter = self.iter_num
+        self.epoch, self.position = self.train_batches.normalize(self.epoch, self.position)
+        # a resumed run does not redo the evaluation at its checkpoint's iteration: that one is already in its log
+        self.evaluated_at = self.saved_at = self.start_iter if init_from == 'resume' else None
+        self.net = self.wrap(self.raw_model, device_type, local_rank)
+        self.eval_net = self.net.module if ddp else self.net  # evaluation needs no gradient sync
 
-    def log(self, entry):
-        self.entries.append(entry)
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(entry) + '\n')
-        if self.wandb:
-            self.wandb.log({k: v for k, v in entry.items() if k != 'iter' and v is not None}, step=entry['iter'])
+    def open_data(self, device_str):
+        train_blocks, val_blocks, self.meta = open_blocks(data_dir, block_size, device_str)
+        self.train_batches = TrainBatches(train_blocks, batch_size, self.accum, self.rank, self.world_size, seed)
+        self.val_batches = ValBatches(val_blocks, batch_size, self.rank, self.world_size)
+        if self.train_batches.iters_per_epoch == 0:
+            raise UserError(f"the batch is larger than the data: one iteration reads "
+                            f"{self.train_batches.blocks_per_iter} blocks of {block_size + 1} tokens (batch_size x "
+                            f"gradient_accumulation_steps) but {train_blocks.path} holds {train_blocks.n_blocks}: "
+                            f"lower batch_size, gradient_accumulation_steps or block_size")
 
-    def plot(self):
-        """Redraw out_dir/loss.png: train loss per log step and val loss per evaluation."""
-        try:
-            import matplotlib
-            matplotlib.use('Agg')  # files only, no display needed
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if not self.no_matplotlib:
-                tqdm.write("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
-                self.no_matplotlib = True
+    def plan_schedule(self):
+        self.tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+        self.total_iters = max_iters or max(1, round(num_epochs * self.train_batches.iters_per_epoch))
+        self.warmup = warmup_iters or round(warmup_ratio * self.total_iters)
+        self.decay_end = lr_decay_iters or self.total_iters
+
+    def restore(self, ckpt, device_type):
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.scaler.load_state_dict(ckpt.scaler)
+        self.iter_num, self.best_val_loss = ckpt.iter_num, ckpt.best_val_loss
+        self.epoch, self.position = ckpt.data_state['epoch'], ckpt.data_state['position']
+        torch.set_rng_state(ckpt.rng['cpu'])
+        if 'cuda' in ckpt.rng and device_type == 'cuda':
+            torch.cuda.set_rng_state(ckpt.rng['cuda'], self.device)
+
+    def wrap(self, net, device_type, local_rank):
+        """What the loop calls: maybe compiled, maybe wrapped in DDP."""
+        if compile:
+            net = torch.compile(net)
+        if self.ddp:
+            # the rope tables are the only buffers and every rank computes the same ones: no need to broadcast
+            net = DDP(net, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+        return net
+
+    # --- the steps ---
+
+    def due_for_eval(self):
+        return (self.iter_num % eval_interval == 0 or self.iter_num >= self.total_iters) \
+            and self.iter_num != self.evaluated_at
+
+    def one_iteration(self, X, Y):
+        """Accumulate gradients over the micro-batches, then one optimizer step. X, Y: this iteration's first
+        micro-batch; returns the next iteration's first, read ahead while the accelerator works."""
+        lr = lr_at(self.iter_num, learning_rate, learning_rate * min_lr_ratio, self.warmup, self.decay_end)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        R = None
+        if self.raw_model.config.n_thoughts:
+            R = jacobi_passes(seed, self.iter_num, *self.raw_model.config.jacobi_train_range)
+        next_epoch, next_position = self.train_batches.next_iteration(self.epoch, self.position)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(self.accum):
+            if self.ddp:  # all-reduce the gradients only once, in the last micro-step's backward
+                self.net.require_backward_grad_sync = micro_step == self.accum - 1
+            with self.ctx:
+                _, loss = self.net(X, Y, n_jacobi=R)
+            loss = loss / self.accum  # the gradient of the iteration's mean loss
+            if micro_step + 1 < self.accum:
+                X, Y = self.train_batches.get(self.epoch, self.position, micro_step + 1)
+            else:
+                X, Y = self.train_batches.get(next_epoch, next_position, 0)
+            loss_sum += loss.detach()
+            self.scaler.scale(loss).backward()
+        grad_norm = None
+        if grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter_num += 1
+        self.epoch, self.position = next_epoch, next_position
+        return X, Y, {'loss': loss_sum, 'lr': lr, 'R': R, 'grad_norm': grad_norm}
+
+    def sync_loss_and_stop(self, loss_sum):
+        """The one sync per iteration: the loss over all ranks (logging, NaN check) and whether any rank got a
+        stop signal (all must stop at the same step, or the others would wait for it forever)."""
+        stats = torch.stack([loss_sum.float(), torch.tensor(float(_stop_signal is not None), device=self.device)])
+        if self.ddp:
+            dist.all_reduce(stats)
+        loss, stop_votes = stats.tolist()
+        loss /= self.world_size
+        if not math.isfinite(loss):
+            raise self.divergence("loss", loss)
+        return loss, stop_votes > 0
+
+    def evaluate(self, log):
+        """Evaluate; on rank 0 log it and save a checkpoint (also best.pt on a new best)."""
+        val_loss = evaluate(self.eval_net, self.val_batches, self.ctx, self.ddp, self.world_size)
+        self.evaluated_at = self.iter_num
+        if not math.isfinite(val_loss):
+            raise self.divergence("val loss", val_loss)
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        if not self.master:
             return
-        train = [(e['iter'], e['loss']) for e in self.entries if 'loss' in e]
-        val = [(e['iter'], e['val_loss']) for e in self.entries if 'val_loss' in e]
-        fig, ax = plt.subplots(figsize=(8, 5))
-        if train:
-            ax.plot(*zip(*train), label='train', alpha=0.7)
-        if val:
-            ax.plot(*zip(*val), 'o-', label='val')
-        ax.set_xlabel('iteration')
-        ax.set_ylabel('loss (nats/token)')
-        ax.set_title(os.path.basename(os.path.abspath(out_dir)))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = os.path.join(out_dir, 'loss.png')
-        fig.savefig(path + '.tmp', format='png', dpi=100)
-        plt.close(fig)
-        os.replace(path + '.tmp', path)
+        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+        log.say(f"iter {self.iter_num}: val loss {val_loss:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
+        log.record({'iter': self.iter_num, 'val_loss': val_loss, 'val_ppl': ppl, 'best_val_loss': self.best_val_loss,
+                    'tokens': self.iter_num * self.tokens_per_iter})
+        # a checkpoint at iteration start_iter would only repeat the starting point
+        if self.iter_num > self.start_iter and (improved or always_save_checkpoint or self.iter_num >= self.total_iters):
+            self.save(also_best=improved)
+
+    def save(self, also_best=False):
+        """Rank 0: out_dir/ckpt.pt (and best.pt), atomically; never a model that is no longer finite."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters()):
+            raise self.divergence("a parameter", 'not finite')
+        rng = {'cpu': torch.get_rng_state()}
+        if self.device.startswith('cuda'):
+            rng['cuda'] = torch.cuda.get_rng_state(self.device)
+        Checkpoint(model_args=asdict(self.raw_model.config),
+                   model={k.removeprefix('_orig_mod.'): v for k, v in self.raw_model.state_dict().items()},
+                   optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), iter_num=self.iter_num,
+                   data_state={'epoch': self.epoch, 'position': self.position}, rng=rng,
+                   best_val_loss=self.best_val_loss, config=config_dict(), pretrained=self.pretrained,
+                   ).save(self.ckpt_path)
+        if also_best:
+            link_best(self.ckpt_path, self.best_path)
+        self.saved_at = self.iter_num
+
+    def divergence(self, what, value):
+        kept = f"the last good checkpoint {self.ckpt_path} is kept" if self.saved_at is not None else "no checkpoint was saved yet"
+        return failure(f"{what} is {value} at iteration {self.iter_num}: training diverged; {kept}. "
+                       f"Lower learning_rate (now {learning_rate:g}) or check the data")
+
+
+def link_best(ckpt_path, best_path):
+    """best.pt = the checkpoint just saved. A hard link costs no time or disk, and keeps this version when
+    ckpt.pt is later replaced by a new file; a copy where the file system has no links."""
+    tmp = f"{best_path}.tmp{os.getpid()}"
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        with open(ckpt_path, 'rb') as src, atomic_write(best_path) as dst:
+            dst.write(src.read())
+        return
+    os.replace(tmp, best_path)
+
+
+def print_summary(run):
+    config, blocks = run.raw_model.config, run.train_batches.blocks
+    source = f"{run.pretrained} (its architecture)" if run.pretrained else model or 'custom'
+    print(f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {describe_method(config)}; "
+          f"{human(run.raw_model.get_num_params())} non-embedding params ({human(run.raw_model.get_num_params(False))} total)")
+    print(f"data: {data_dir}, {human(blocks.n_blocks * block_size)} train tokens in {blocks.n_blocks:,} blocks "
+          f"of {block_size}, {run.train_batches.iters_per_epoch:,} iterations per epoch")
+    print(f"batch: {batch_size} x {run.accum} accumulation x {run.world_size} process(es) = "
+          f"{batch_size * gradient_accumulation_steps} sequences = {run.tokens_per_iter:,} tokens per iteration")
+    print(f"schedule: {run.total_iters:,} iterations ({run.total_iters / run.train_batches.iters_per_epoch:.2f} epochs, "
+          f"{human(run.total_iters * run.tokens_per_iter)} tokens), lr {learning_rate:g}, warmup {run.warmup}, cosine to "
+          f"{learning_rate * min_lr_ratio:g} at {run.decay_end}" + (f"; resuming at {run.start_iter}" if run.start_iter else ''))
+    print(f"FLOPs/token: {run.raw_model.flops_per_token(training=True):.3g} training, "
+          f"{run.raw_model.flops_per_token(training=False):.3g} eval; device {run.device}, "
+          f"{str(run.ptdtype).removeprefix('torch.')}, compile={compile}", flush=True)
+
+
+def describe_method(config):
+    if config.n_thoughts:
+        lo, hi = config.jacobi_train_range
+        return f"{config.method_label}, R in {lo}..{hi} in training, {config.n_jacobi} in eval"
+    return config.method_label
 
 
 def human(n):
@@ -437,302 +566,236 @@ def human(n):
     return str(n)
 
 
-def describe_method(config):
-    if config.n_thoughts:
-        lo, hi = config.jacobi_train_range
-        return f"PonderLM-2, {config.n_thoughts} thought(s)/token, R in {lo}..{hi} in training, {config.n_jacobi} in eval"
-    if config.n_ponder:
-        return f"PonderLM, {config.n_ponder} pondering steps"
-    return "vanilla"
+# -----------------------------------------------------------------------------
+
+def claim_out_dir(master, ddp):
+    """Rank 0 makes out_dir its own: no run to overwrite, no other run in it (the lock), no stale temp files.
+    Returns the lock (None on other ranks). Every rank stops if rank 0 cannot."""
+    lock, problem = None, None
+    if master:
+        try:
+            check_out_dir_is_free()
+            os.makedirs(out_dir, exist_ok=True)
+            lock = RunLock(out_dir)
+            lock.acquire()
+            for name in remove_stale_temp_files(out_dir):
+                print(f"note: removed {os.path.join(out_dir, name)}, left by a save that was killed")
+        except (UserError, OSError) as e:
+            problem = e
+    if not all_ranks_agree(problem is None, ddp):
+        if isinstance(problem, OSError):
+            raise UserError(f"cannot use out_dir {out_dir!r}: {one_line(problem)}")
+        raise problem or UserError("rank 0 could not claim out_dir")  # other ranks: rank 0 says why
+    return lock
+
+
+def train(ddp, rank, local_rank, world_size, device_str):
+    """Train until total_iters or a stop signal; returns the exit code (0, or 130 / 143 after a signal)."""
+    lock = claim_out_dir(rank == 0, ddp)
+    try:
+        run = Run(ddp, rank, local_rank, world_size, device_str)
+        log = None
+        if run.master:
+            print_summary(run)
+            log = RunLog(run, resumed_at=run.start_iter if init_from == 'resume' else None)
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        try:
+            return train_loop(run, log or SilentLog())
+        finally:
+            if log:
+                log.close()
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_loop(run, log):
+    X, Y = run.train_batches.get(run.epoch, run.position, 0)  # the first micro-batch; later ones are read ahead
+    stop = False
+    while True:
+        if run.due_for_eval():  # the first time at iteration 0, the last at the end
+            run.evaluate(log)
+        if run.iter_num >= run.total_iters or stop:
+            break
+        t0 = time.time()
+        X, Y, stats = run.one_iteration(X, Y)
+        stats['loss'], stop = run.sync_loss_and_stop(stats['loss'])
+        log.iteration_done(run, stats, time.time() - t0)
+    if run.master and run.saved_at != run.iter_num:
+        run.save()
+    if stop:
+        log.say(f"stopped by {_stop_signal.name if _stop_signal else 'a signal to another rank'} at iteration "
+                f"{run.iter_num}; saved {run.ckpt_path}: go on with --init_from=resume")
+        return 128 + (_stop_signal or signal.SIGTERM)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    log.say(f"done: {run.iter_num} iterations, best val loss {run.best_val_loss:.4f}; saved {run.ckpt_path}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# logging (rank 0)
+
+class RunLog:
+    """Rank 0's record and display: out_dir/metrics.jsonl (one JSON object per line), the loss curve
+    out_dir/loss.png, Weights & Biases if asked, and the console: a tqdm bar when stdout is a terminal, a
+    plain line per log_interval otherwise (`nohup ... > log`, `| tee`)."""
+
+    def __init__(self, run, resumed_at=None):
+        self.path = os.path.join(out_dir, 'metrics.jsonl')
+        self.entries = read_metrics(self.path, resumed_at) if resumed_at is not None else []
+        with atomic_write(self.path, 'w') as f:
+            f.writelines(json_line(e) for e in self.entries)
+        self.total, self.warmup = run.total_iters, run.warmup
+        self.window_time, self.window_iters = 0.0, 0  # training time and iterations since the last log line
+        self.no_matplotlib = False
+        self.bar = None
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=run.total_iters, initial=run.iter_num, dynamic_ncols=True, unit='it', file=sys.stdout)
+        self.wandb = None
+        if wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False") from None
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config_dict())
+            self.wandb = wandb
+
+    def say(self, text):
+        """Print a line (above the bar in a terminal). A closed stdout (the reader of a pipe died, e.g. `tee`
+        with the same Ctrl-C) must not stop the run or its last save: output then goes nowhere."""
+        try:
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
+        except (BrokenPipeError, OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.bar = None
+
+    def record(self, entry):
+        self.entries.append(entry)
+        with open(self.path, 'a') as f:
+            f.write(json_line(entry))
+        if self.wandb:
+            self.wandb.log({k: v for k, v in entry.items() if k != 'iter' and v is not None}, step=entry['iter'])
+        if 'val_loss' in entry:
+            self.plot()
+
+    def iteration_done(self, run, stats, seconds):
+        self.window_time += seconds
+        self.window_iters += 1
+        if self.bar is not None:
+            try:
+                self.bar.update(1)
+            except (BrokenPipeError, OSError):
+                self.say('')  # redirects stdout to devnull and drops the bar
+        if run.iter_num % log_interval:
+            return
+        tokens_per_sec = self.window_iters * run.tokens_per_iter / self.window_time
+        mfu = run.raw_model.estimate_mfu(tokens_per_sec / run.world_size)  # per GPU; None on a CPU
+        grad_norm = stats['grad_norm']
+        self.record({'iter': run.iter_num, 'loss': stats['loss'], 'lr': stats['lr'], 'tokens_per_sec': tokens_per_sec,
+                     'mfu': mfu, 'R': stats['R'], 'grad_norm': None if grad_norm is None else grad_norm.item(),
+                     'epoch': run.iter_num / run.train_batches.iters_per_epoch})
+        mfu_text = 'n/a' if mfu is None else f"{100 * mfu:.1f}%"
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
+                                 mfu=mfu_text, refresh=False)
+        else:
+            eta = (run.total_iters - run.iter_num) * self.window_time / self.window_iters
+            self.say(f"iter {run.iter_num}/{run.total_iters}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
+                     f"{tokens_per_sec:,.0f} tokens/s, mfu {mfu_text}, eta {format_seconds(eta)}")
+        self.window_time, self.window_iters = 0.0, 0
+
+    def plot(self):
+        """Redraw out_dir/loss.png: train loss per log step and val loss per evaluation. The y-range comes from
+        the losses after warmup, so the first steps' loss (ln V, ~11 for Pythia's vocabulary) does not flatten
+        everything after it."""
+        try:
+            import matplotlib
+            matplotlib.use('Agg')  # files only, no display needed
+            import matplotlib.pyplot as plt
+        except ImportError:
+            if not self.no_matplotlib:
+                self.say("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
+                self.no_matplotlib = True
+            return
+        train = [(e['iter'], e['loss']) for e in self.entries if 'loss' in e]
+        val = [(e['iter'], e['val_loss']) for e in self.entries if 'val_loss' in e]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        if train:
+            ax.plot(*zip(*train), label='train', alpha=0.7)
+        if val:
+            ax.plot(*zip(*val), 'o-', label='val')
+        settled = [loss for it, loss in train + val if it > max(self.warmup, 0.05 * self.total)]
+        if len(settled) >= 2 and max(settled) > min(settled):
+            lo, hi = min(settled), max(settled)
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.25 * (hi - lo))
+        ax.set_xlabel('iteration')
+        ax.set_ylabel('loss (nats/token)')
+        ax.set_title(os.path.basename(os.path.abspath(out_dir)))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        with atomic_write(os.path.join(out_dir, 'loss.png')) as f:
+            fig.savefig(f, format='png', dpi=100)
+        plt.close(fig)
+
+    def close(self):
+        if self.bar is not None:
+            try:
+                self.bar.close()
+            except (BrokenPipeError, OSError):
+                pass
+
+
+class SilentLog:
+    """What ranks other than 0 log: nothing."""
+
+    def say(self, text):
+        pass
+
+    def record(self, entry):
+        pass
+
+    def iteration_done(self, run, stats, seconds):
+        pass
+
+
+def read_metrics(path, up_to):
+    """The entries of metrics.jsonl up to iteration up_to: a resume keeps what happened up to its checkpoint;
+    the lines after it belong to the part about to be redone."""
+    entries = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut short by a crash
+                    continue
+                if entry.get('iter', math.inf) <= up_to:
+                    entries.append(entry)
+    return entries
+
+
+def json_line(entry):
+    return json.dumps(entry) + '\n'
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 # -----------------------------------------------------------------------------
 
-def check_config():
-    """Cheap checks of the config values, before anything is loaded."""
-    for name in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_interval', 'eval_iters', 'log_interval'):
-        if globals()[name] < 1:
-            raise TrainError(f"{name} must be >= 1, got {globals()[name]}")
-    for name in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_layer', 'n_head', 'n_embd', 'num_epochs',
-                 'warmup_ratio', 'min_lr_ratio', 'grad_clip', 'weight_decay'):
-        if globals()[name] < 0:
-            raise TrainError(f"{name} must be >= 0, got {globals()[name]}")
-    if max_iters == 0 and num_epochs == 0:
-        raise TrainError("max_iters and num_epochs are both 0: set one of them")
-    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-        raise TrainError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    if len(tuple(jacobi_train_range)) != 2:
-        raise TrainError(f"jacobi_train_range must be (lo, hi), got {jacobi_train_range!r}")
-
-
-def setup_device():
-    """-> (ddp, rank, local_rank, world_size, device string). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = 'RANK' in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    if dev.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise TrainError(f"device={device!r} but CUDA is not available here: use --device=cpu")
-        if ddp:
-            dev = f'cuda:{local_rank}'  # one GPU per process
-        torch.cuda.set_device(dev)
-    if gradient_accumulation_steps % world_size:
-        raise TrainError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by "
-                         f"the number of processes ({world_size})")
-    if ddp:
-        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-    return ddp, rank, local_rank, world_size, dev
-
-
-def main():
-    check_config()
-    ddp, rank, local_rank, world_size, device_str = setup_device()
+def cli():
     try:
-        train(ddp, rank, local_rank, world_size, device_str)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def autocast_context(device_type):
-    """Mixed precision: weights and optimizer state stay fp32, autocast runs the matmuls in bf16/fp16."""
-    ptdtype = {'auto': torch.bfloat16 if device_type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32,
-               'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    if ptdtype == torch.float16 and device_type != 'cuda':
-        raise TrainError("dtype='float16' needs CUDA (its loss scaling); use bfloat16 or float32")
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # for whatever autocast leaves in fp32
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    return ptdtype, autocast
-
-
-def build_model(ckpt_path, data_vocab):
-    """-> (raw_model on the CPU, checkpoint dict or None, pretrained name or None), per init_from."""
-    torch.manual_seed(seed)  # every rank builds the same initial weights
-    ckpt, pretrained = None, None
-    if init_from == 'resume':
-        ckpt = load_resume_checkpoint(ckpt_path)
-        config = check_resume_matches(ckpt, ckpt_path)
-        pretrained = ckpt.get('pretrained')
-    elif init_from == 'scratch':
-        config = config_from_globals()
-    else:
-        pretrained = init_from
-        try:
-            raw_model = GPT.from_pretrained(init_from, **method_settings())
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise TrainError(f"cannot load init_from={init_from!r} (not 'scratch', 'resume' or a loadable Hugging "
-                             f"Face model): {type(e).__name__}: {' '.join(str(e).split())[:300]}")
-        config = raw_model.config
-    if config.vocab_size < data_vocab:
-        raise TrainError(f"the data's vocabulary ({data_vocab} ids, {data_dir}/meta.json) is larger than the "
-                         f"model's vocab_size {config.vocab_size}: raise vocab_size")
-    if init_from == 'resume':
-        raw_model = GPT.from_state_dict(config, ckpt['model'])
-    elif init_from == 'scratch':
-        raw_model = GPT(config)
-    return raw_model, ckpt, pretrained
-
-
-def print_summary(raw_model, pretrained, train_batches, accum, world_size, schedule, start_iter, device_str, ptdtype):
-    config, blocks = raw_model.config, train_batches.blocks
-    total_iters, warmup, decay_end = schedule
-    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-    source = f"{pretrained} (its architecture)" if pretrained else model or 'custom'
-    print(f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {describe_method(config)}; "
-          f"{human(raw_model.get_num_params())} non-embedding params ({human(raw_model.get_num_params(False))} total)")
-    print(f"data: {data_dir}, {human(blocks.n_blocks * block_size)} train tokens in {blocks.n_blocks:,} blocks "
-          f"of {block_size}, {train_batches.iters_per_epoch:,} iterations per epoch")
-    print(f"batch: {batch_size} x {accum} accumulation x {world_size} process(es) = "
-          f"{batch_size * gradient_accumulation_steps} sequences = {tokens_per_iter:,} tokens per iteration")
-    print(f"schedule: {total_iters:,} iterations ({total_iters / train_batches.iters_per_epoch:.2f} epochs, "
-          f"{human(total_iters * tokens_per_iter)} tokens), lr {learning_rate:g}, warmup {warmup}, cosine to "
-          f"{learning_rate * min_lr_ratio:g} at {decay_end}" + (f"; resuming at {start_iter}" if start_iter else ''))
-    print(f"FLOPs/token: {raw_model.flops_per_token(training=True):.3g} training, "
-          f"{raw_model.flops_per_token(training=False):.3g} eval; device {device_str}, "
-          f"{str(ptdtype).removeprefix('torch.')}, compile={compile}")
-
-
-def divergence_error(what, value, iter_num, ckpt_path, saved):
-    kept = f"the last good checkpoint {ckpt_path} is kept" if saved else "no checkpoint was saved yet"
-    return TrainError(f"{what} is {value} at iteration {iter_num}: training diverged; {kept}. "
-                      f"Lower learning_rate (now {learning_rate:g}) or check the data")
-
-
-def train(ddp, rank, local_rank, world_size, device_str):
-    master = rank == 0  # rank 0 logs and saves
-    device_type = device_str.split(':')[0]
-    accum = gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
-    ptdtype, autocast = autocast_context(device_type)
-
-    train_blocks, val_blocks, meta = open_data(device_str)
-    train_batches = TrainBatches(train_blocks, batch_size, accum, rank, world_size, seed)
-    val_batches = ValBatches(val_blocks, batch_size, rank, world_size)
-    if train_batches.iters_per_epoch == 0:
-        raise TrainError(f"the batch is larger than the data: one iteration reads {train_batches.blocks_per_iter} "
-                         f"blocks of {block_size + 1} tokens (batch_size x gradient_accumulation_steps) but "
-                         f"{train_blocks.path} holds {train_blocks.n_blocks}: lower batch_size, "
-                         f"gradient_accumulation_steps or block_size")
-
-    ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
-    raw_model, ckpt, pretrained = build_model(ckpt_path, meta['vocab_size'])
-    config = raw_model.config
-    raw_model.to(device_str)
-    optimizer = make_optimizer(raw_model, fused=device_type == 'cuda')
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)  # fp16 only: loss scaling
-
-    # iterations and learning rate schedule
-    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-    total_iters = max_iters or max(1, round(num_epochs * train_batches.iters_per_epoch))
-    warmup = warmup_iters or round(warmup_ratio * total_iters)
-    decay_end = lr_decay_iters or total_iters
-
-    iter_num, epoch, position, best_val_loss = 0, 0, 0, math.inf
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        epoch, position = ckpt['data_state']['epoch'], ckpt['data_state']['position']
-        torch.set_rng_state(ckpt['rng']['cpu'])
-        if 'cuda' in ckpt['rng'] and device_type == 'cuda':
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'], device_str)
-        ckpt = None  # free the host copy of the weights and optimizer state
-    start_iter = iter_num
-    epoch, position = train_batches.normalize(epoch, position)
-
-    if master:
-        print_summary(raw_model, pretrained, train_batches, accum, world_size, (total_iters, warmup, decay_end),
-                      start_iter, device_str, ptdtype)
-        os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails its checks leaves out_dir as it was
-        run_log = RunLog(resumed_at=start_iter if init_from == 'resume' else None)
-
-    net = raw_model  # what the loop calls: maybe compiled, maybe wrapped in DDP
-    if compile:
-        net = torch.compile(net)
-    if ddp:
-        # the rope tables are the only buffers and every rank computes the same ones: no need to broadcast
-        net = DDP(net, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-    eval_net = net.module if ddp else net  # evaluation needs no gradient sync
-
-    def save(also_best=False):
-        if not params_finite(raw_model):  # never replace a good checkpoint with a broken model
-            raise divergence_error("a parameter", 'not finite', iter_num, ckpt_path, saved_at is not None)
-        data_state = {'epoch': epoch, 'position': position}
-        save_checkpoint(checkpoint_dict(raw_model, optimizer, scaler, iter_num, data_state, best_val_loss,
-                                        pretrained), ckpt_path)
-        if also_best:
-            link_best(ckpt_path, best_path)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    X, Y = train_batches.get(epoch, position, 0)  # the first micro-batch; later ones are read ahead
-    # a resumed run does not redo the evaluation at its checkpoint's iteration: that one is already in its log
-    evaluated_at = saved_at = start_iter if init_from == 'resume' else None
-    stop_now = False
-    window_time, window_iters = 0.0, 0  # training time and iterations since the last log line
-    with tqdm(total=total_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit='it') as bar:
-        while True:
-            # evaluate: the first time at iteration 0, the last at the end
-            if (iter_num % eval_interval == 0 or iter_num >= total_iters) and iter_num != evaluated_at:
-                val_loss = evaluate(eval_net, val_batches, autocast, ddp, world_size)
-                if not math.isfinite(val_loss):
-                    raise divergence_error("val loss", val_loss, iter_num, ckpt_path, saved_at is not None)
-                improved = val_loss < best_val_loss
-                best_val_loss = min(best_val_loss, val_loss)
-                if master:
-                    ppl = math.exp(val_loss) if val_loss < 700 else math.inf
-                    tqdm.write(f"iter {iter_num}: val loss {val_loss:.4f}, perplexity {ppl:.2f}"
-                               + (" (best)" if improved else ""))
-                    run_log.log({'iter': iter_num, 'val_loss': val_loss, 'val_ppl': ppl, 'best_val_loss': best_val_loss,
-                                 'tokens': iter_num * tokens_per_iter})
-                    run_log.plot()
-                    # a checkpoint at iteration start_iter would only repeat the starting point
-                    if iter_num > start_iter and (improved or always_save_checkpoint or iter_num >= total_iters):
-                        save(also_best=improved)
-                        saved_at = iter_num
-            if iter_num >= total_iters:
-                if master and saved_at != iter_num:
-                    save()
-                if master:
-                    tqdm.write(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}; saved {ckpt_path}")
-                return
-            if stop_now:
-                if master and saved_at != iter_num:
-                    save()
-                if master:
-                    tqdm.write(f"stopped by {_stop_signal or 'a signal to another rank'} at iteration {iter_num}; "
-                               f"saved {ckpt_path}: go on with --init_from=resume")
-                return
-
-            # one iteration: accumulate gradients over the micro-batches, then one optimizer step
-            t0 = time.time()
-            lr = lr_at(iter_num, warmup, decay_end)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            # PonderLM-2's Jacobi passes R: a pure function of (seed, iteration), the same on every rank and resume
-            R = raw_model.draw_n_jacobi(seed, iter_num) if config.n_thoughts else None
-            next_epoch, next_position = train_batches.next_iteration(epoch, position)
-            loss_sum = torch.zeros((), device=device_str)
-            for micro_step in range(accum):
-                if ddp:  # all-reduce the gradients only once, in the last micro-step's backward
-                    net.require_backward_grad_sync = micro_step == accum - 1
-                with autocast:
-                    _, loss = net(X, Y, n_jacobi=R)
-                loss = loss / accum  # the gradient of the iteration's mean loss
-                # read the next micro-batch on the CPU while the accelerator works through this one
-                if micro_step + 1 < accum:
-                    X, Y = train_batches.get(epoch, position, micro_step + 1)
-                else:
-                    X, Y = train_batches.get(next_epoch, next_position, 0)
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-            grad_norm = None
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            epoch, position = next_epoch, next_position
-
-            # the one sync per iteration: the loss over all ranks (logging, NaN check) and whether any rank got a
-            # stop signal (all must stop at the same step, or the others would wait for it forever)
-            stats = torch.stack([loss_sum.float(), torch.tensor(float(_stop_signal is not None), device=device_str)])
-            if ddp:
-                dist.all_reduce(stats)
-            loss_val, stop_votes = stats.tolist()
-            loss_val /= world_size
-            stop_now = stop_votes > 0
-            if not math.isfinite(loss_val):
-                raise divergence_error("loss", loss_val, iter_num, ckpt_path, saved_at is not None)
-            window_time += time.time() - t0
-            window_iters += 1
-            bar.update(1)
-
-            if iter_num % log_interval == 0 and master:
-                tokens_per_sec = window_iters * tokens_per_iter / window_time
-                mfu = raw_model.estimate_mfu(tokens_per_sec / world_size)  # per GPU; None on a CPU
-                run_log.log({'iter': iter_num, 'loss': loss_val, 'lr': lr, 'tokens_per_sec': tokens_per_sec,
-                             'mfu': mfu, 'R': R, 'grad_norm': None if grad_norm is None else grad_norm.item(),
-                             'epoch': iter_num / train_batches.iters_per_epoch})
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
-                                mfu='n/a' if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
-                window_time, window_iters = 0.0, 0
+        return main()
+    except torch.OutOfMemoryError:
+        raise failure(f"out of GPU memory with batch_size={batch_size}: lower it and raise "
+                      f"gradient_accumulation_steps by the same factor (same global batch)") from None
 
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        main()
-    except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except torch.OutOfMemoryError:
-        print(f"error: out of GPU memory with batch_size={batch_size}: lower it and raise gradient_accumulation_steps "
-              f"by the same factor (same global batch)", file=sys.stderr)
-        sys.exit(1)
+    run_cli(cli)

@@ -18,7 +18,7 @@ n_thoughts = 1
 n_jacobi = 3
 jacobi_train_range = (2, 4)
 n_ponder = 0
-init = 'ponder'
+weight_init = 'small'
 scale_embeds = True
 
 # 128 sequences per iteration: 8 per micro-batch x 16 micro-batches, split over the GPUs (with 8 GPUs each

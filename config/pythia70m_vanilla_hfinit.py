@@ -6,5 +6,5 @@ exec(open('config/pythia70m_ponder.py').read())
 out_dir = 'out-pythia70m-vanilla-hfinit'
 wandb_run_name = 'pythia70m-vanilla-hfinit'
 n_thoughts = 0
-init = 'pythia'
+weight_init = 'normal'
 scale_embeds = False

@@ -24,7 +24,7 @@ n_jacobi = 3
 jacobi_train_range = (2, 4)
 n_ponder = 0
 scale_embeds = True
-init = 'ponder'
+weight_init = 'small'
 
 learning_rate = 2e-3
 warmup_iters = 10

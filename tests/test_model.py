@@ -220,14 +220,6 @@ def test_gradients_flow_through_stage_building(monkeypatch):
     assert (full - detached).abs().max() > 1e-6
 
 
-def test_n_jacobi_draw_is_a_function_of_seed_and_iteration():
-    model = tiny(n_thoughts=1, jacobi_train_range=(2, 4))
-    draws = [model.draw_n_jacobi(1337, it) for it in range(200)]
-    assert draws == [model.draw_n_jacobi(1337, it) for it in range(200)]
-    assert set(draws) == {2, 3, 4}
-    assert draws != [model.draw_n_jacobi(1338, it) for it in range(200)]
-
-
 @pytest.mark.parametrize('kw,passes', [(dict(n_thoughts=1), 2), (dict(n_thoughts=2), 3), (dict(n_ponder=3), 4),
                                        (dict(), 1)])
 def test_ponder_init_statistics(kw, passes):

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from runtime import Checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
 # one thread: ops this small gain nothing from two, and when other jobs share the cores every op of a two-thread
@@ -152,14 +154,14 @@ def test_ddp_matches_one_process(tmp_path):
         assert abs(x - y) < 1e-5  # the logged loss is the mean over all ranks
 
 
+def checkpoint(iter_num, w):
+    return Checkpoint(model_args={}, model={'w': w}, optimizer={}, scaler={}, iter_num=iter_num, data_state={},
+                      rng={}, best_val_loss=1.0, config={})
+
+
 def test_interrupted_checkpoint_save_keeps_the_old_one(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(ROOT))
     path = str(tmp_path / 'ckpt.pt')
-    train.save_checkpoint({'iter_num': 1, 'w': torch.ones(3)}, path)
+    checkpoint(1, torch.ones(3)).save(path)
 
     def crashing_save(obj, f):
         f.write(b'half a checkpoint')
@@ -167,10 +169,10 @@ def test_interrupted_checkpoint_save_keeps_the_old_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', crashing_save)
     with pytest.raises(RuntimeError, match='disk full'):
-        train.save_checkpoint({'iter_num': 2, 'w': torch.zeros(3)}, path)
+        checkpoint(2, torch.zeros(3)).save(path)
     monkeypatch.undo()
     old = load_ckpt(path)
-    assert old['iter_num'] == 1 and torch.equal(old['w'], torch.ones(3))
+    assert old['iter_num'] == 1 and torch.equal(old['model']['w'], torch.ones(3))
     assert os.listdir(tmp_path) == ['ckpt.pt']  # no temp file left behind
 
 
@@ -230,7 +232,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)
     stdout.seek(0), stderr.seek(0)
-    assert p.returncode == 0, stderr.read()[-2000:]
+    assert p.returncode == 143, stderr.read()[-2000:]  # 128 + SIGTERM, once the checkpoint is saved
     assert 'stopped by SIGTERM' in stdout.read()
     ckpt = load_ckpt(tmp_path / 'out' / 'ckpt.pt')
     train, _ = metrics(tmp_path / 'out')
@@ -262,3 +264,46 @@ def test_continue_from_a_hugging_face_checkpoint(tmp_path):
     assert abs(val[0][1] - hf_loss) < 1e-4, (val, hf_loss)
     run_train(tmp_path, '--init_from=resume', '--max_iters=4', *args)
     assert load_ckpt(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 4
+
+
+# -----------------------------------------------------------------------------
+# the schedule and the batching, in-process: pure functions of their arguments
+
+def test_jacobi_passes_are_a_function_of_seed_and_iteration():
+    from train import jacobi_passes
+    draws = [jacobi_passes(1337, it, 2, 4) for it in range(200)]
+    assert draws == [jacobi_passes(1337, it, 2, 4) for it in range(200)]
+    assert set(draws) == {2, 3, 4}
+    assert draws != [jacobi_passes(1338, it, 2, 4) for it in range(200)]
+    assert {jacobi_passes(1, it, 3, 3) for it in range(20)} == {3}
+
+
+def test_lr_schedule():
+    from train import lr_at
+    peak, floor = 1e-3, 1e-4
+    lrs = [lr_at(it, peak, floor, 10, 100) for it in range(120)]
+    assert lrs[0] == peak / 11 and lrs[9] == peak * 10 / 11  # linear warmup, never 0
+    assert lrs[10] == peak and abs(lrs[55] - (peak + floor) / 2) < 1e-12  # cosine: halfway at the middle
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then only down
+    assert lrs[100:] == [floor] * 20  # flat after the decay
+
+
+def test_train_batches_split_an_epoch_between_ranks_and_micro_steps(tmp_path):
+    from data import PackedBlocks, TrainBatches
+    path = tmp_path / 'train.bin'
+    np.arange(50 * 4 + 1, dtype=np.uint16).tofile(path)  # 50 blocks of 4 tokens
+    blocks = PackedBlocks(str(path), 4, 'cpu')
+    one = TrainBatches(blocks, batch_size=2, accum_steps=4, rank=0, world_size=1, seed=0)
+    ranks = [TrainBatches(blocks, batch_size=2, accum_steps=2, rank=r, world_size=2, seed=0) for r in range(2)]
+    assert one.iters_per_epoch == 6  # 8 blocks per iteration: 48 used, the last 2 skipped
+    epoch, position, seen = 0, 0, []
+    for _ in range(6):
+        ids = [one.block_ids(epoch, position, m) for m in range(4)]
+        # two ranks with two micro-steps each read the same blocks as one process with four
+        assert sorted(sum(ids, [])) == sorted(sum((r.block_ids(epoch, position, m) for r in ranks for m in range(2)), []))
+        seen += sum(ids, [])
+        epoch, position = one.next_iteration(epoch, position)
+    assert len(set(seen)) == 48 and (epoch, position) == (1, 0)  # each block at most once per epoch
+    x, y = one.get(0, 0, 0)
+    assert x.shape == y.shape == (2, 4) and torch.equal(x[:, 1:], y[:, :-1])  # targets: the inputs shifted by one
+    assert one.block_ids(1, 0, 0) != one.block_ids(0, 0, 0)  # a new permutation per epoch
