@@ -5,6 +5,7 @@ What every script of nanoPonder shares at run time, in one place:
   one `error: ...` line on stderr and the exit code below (under torchrun only rank 0 prints);
 - the device and the precision: resolve_device, resolve_dtype (ONE rule for 'auto') and autocast;
 - files that are never half-written: atomic_write, and remove_stale_temp_files for the leftovers of a kill;
+  DirectoryLock, so that one run owns its out_dir;
 - the training checkpoint (train.py writes it; sample.py, eval.py and the experiments read it): Checkpoint,
   the only code that knows its keys and its format version.
 
@@ -170,6 +171,45 @@ def pid_alive(pid):
     except PermissionError:  # exists, but belongs to someone else
         return True
     return True
+
+
+class DirectoryLock:
+    """directory/name holds the PID of the process that owns the directory (a training run in its out_dir); a
+    second process is refused while the owner lives. A lock whose process is gone (kill -9) is stale: taken over."""
+
+    def __init__(self, directory, name='train.lock'):
+        self.directory, self.path = directory, os.path.join(directory, name)
+        self.held = False
+
+    def acquire(self):
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self.owner()
+                if pid is not None and pid_alive(pid):
+                    raise UserError(f"another run (PID {pid}) is using {self.directory} ({self.path}): wait "
+                                    f"for it, stop it, or choose another directory") from None
+                print(f"note: removing the stale lock of a run that is gone ({self.path}, PID {pid})")
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise UserError(f"could not take the lock {self.path}")
+
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def release(self):
+        if self.held and self.owner() == os.getpid():
+            os.remove(self.path)
+        self.held = False
 
 
 # -----------------------------------------------------------------------------

@@ -23,22 +23,20 @@ survives that). Exit codes: runtime.py.
 """
 
 import gc
-import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from data import TrainBatches, ValBatches, open_blocks
 from model import GPT, GPTConfig
-from runtime import (Checkpoint, UserError, atomic_write, autocast, failure, one_line, pid_alive,
+from runlog import RunLog, SilentLog
+from runtime import (Checkpoint, DirectoryLock, UserError, atomic_write, autocast, failure, one_line,
                      remove_stale_temp_files, resolve_device, resolve_dtype, run_cli)
 
 # -----------------------------------------------------------------------------
@@ -167,45 +165,6 @@ def check_out_dir_is_free():
     if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
         raise UserError(f"{out_dir} already holds a run ({ckpt_path}): continue it with --init_from=resume, "
                         f"choose another --out_dir, or pass --overwrite=True to start over in it")
-
-
-class RunLock:
-    """out_dir/train.lock holds the PID of the run training there; a second run into the same out_dir is
-    refused while that process lives. A lock whose process is gone (a kill -9) is stale and taken over."""
-
-    def __init__(self, directory):
-        self.path = os.path.join(directory, 'train.lock')
-        self.held = False
-
-    def acquire(self):
-        for _ in range(2):  # a second try after removing a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = self.owner()
-                if pid is not None and pid_alive(pid):
-                    raise UserError(f"another training (PID {pid}) is running in {out_dir} ({self.path}): wait "
-                                    f"for it, stop it, or choose another --out_dir") from None
-                print(f"note: removing the stale lock of a run that is gone ({self.path}, PID {pid})")
-                os.remove(self.path)
-                continue
-            with os.fdopen(fd, 'w') as f:
-                f.write(f"{os.getpid()}\n")
-            self.held = True
-            return
-        raise UserError(f"could not take the lock {self.path}")
-
-    def owner(self):
-        try:
-            with open(self.path) as f:
-                return int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def release(self):
-        if self.held and self.owner() == os.getpid():
-            os.remove(self.path)
-        self.held = False
 
 
 # -----------------------------------------------------------------------------
@@ -576,7 +535,7 @@ def claim_out_dir(master, ddp):
         try:
             check_out_dir_is_free()
             os.makedirs(out_dir, exist_ok=True)
-            lock = RunLock(out_dir)
+            lock = DirectoryLock(out_dir)
             lock.acquire()
             for name in remove_stale_temp_files(out_dir):
                 print(f"note: removed {os.path.join(out_dir, name)}, left by a save that was killed")
@@ -597,7 +556,7 @@ def train(ddp, rank, local_rank, world_size, device_str):
         log = None
         if run.master:
             print_summary(run)
-            log = RunLog(run, resumed_at=run.start_iter if init_from == 'resume' else None)
+            log = RunLog(out_dir, run, log_interval, run.start_iter if init_from == 'resume' else None, start_wandb())
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         try:
@@ -608,6 +567,17 @@ def train(ddp, rank, local_rank, world_size, device_str):
     finally:
         if lock:
             lock.release()
+
+
+def start_wandb():
+    if not wandb_log:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False") from None
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config_dict())
+    return wandb
 
 
 def train_loop(run, log):
@@ -630,160 +600,6 @@ def train_loop(run, log):
         return 128 + (_stop_signal or signal.SIGTERM)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     log.say(f"done: {run.iter_num} iterations, best val loss {run.best_val_loss:.4f}; saved {run.ckpt_path}")
     return 0
-
-
-# -----------------------------------------------------------------------------
-# logging (rank 0)
-
-class RunLog:
-    """Rank 0's record and display: out_dir/metrics.jsonl (one JSON object per line), the loss curve
-    out_dir/loss.png, Weights & Biases if asked, and the console: a tqdm bar when stdout is a terminal, a
-    plain line per log_interval otherwise (`nohup ... > log`, `| tee`)."""
-
-    def __init__(self, run, resumed_at=None):
-        self.path = os.path.join(out_dir, 'metrics.jsonl')
-        self.entries = read_metrics(self.path, resumed_at) if resumed_at is not None else []
-        with atomic_write(self.path, 'w') as f:
-            f.writelines(json_line(e) for e in self.entries)
-        self.total, self.warmup = run.total_iters, run.warmup
-        self.window_time, self.window_iters = 0.0, 0  # training time and iterations since the last log line
-        self.no_matplotlib = False
-        self.bar = None
-        if sys.stdout.isatty():
-            self.bar = tqdm(total=run.total_iters, initial=run.iter_num, dynamic_ncols=True, unit='it', file=sys.stdout)
-        self.wandb = None
-        if wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False") from None
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config_dict())
-            self.wandb = wandb
-
-    def say(self, text):
-        """Print a line (above the bar in a terminal). A closed stdout (the reader of a pipe died, e.g. `tee`
-        with the same Ctrl-C) must not stop the run or its last save: output then goes nowhere."""
-        try:
-            if self.bar is not None:
-                self.bar.write(text)
-            else:
-                print(text, flush=True)
-        except (BrokenPipeError, OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            self.bar = None
-
-    def record(self, entry):
-        self.entries.append(entry)
-        with open(self.path, 'a') as f:
-            f.write(json_line(entry))
-        if self.wandb:
-            self.wandb.log({k: v for k, v in entry.items() if k != 'iter' and v is not None}, step=entry['iter'])
-        if 'val_loss' in entry:
-            self.plot()
-
-    def iteration_done(self, run, stats, seconds):
-        self.window_time += seconds
-        self.window_iters += 1
-        if self.bar is not None:
-            try:
-                self.bar.update(1)
-            except (BrokenPipeError, OSError):
-                self.say('')  # redirects stdout to devnull and drops the bar
-        if run.iter_num % log_interval:
-            return
-        tokens_per_sec = self.window_iters * run.tokens_per_iter / self.window_time
-        mfu = run.raw_model.estimate_mfu(tokens_per_sec / run.world_size)  # per GPU; None on a CPU
-        grad_norm = stats['grad_norm']
-        self.record({'iter': run.iter_num, 'loss': stats['loss'], 'lr': stats['lr'], 'tokens_per_sec': tokens_per_sec,
-                     'mfu': mfu, 'R': stats['R'], 'grad_norm': None if grad_norm is None else grad_norm.item(),
-                     'epoch': run.iter_num / run.train_batches.iters_per_epoch})
-        mfu_text = 'n/a' if mfu is None else f"{100 * mfu:.1f}%"
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
-                                 mfu=mfu_text, refresh=False)
-        else:
-            eta = (run.total_iters - run.iter_num) * self.window_time / self.window_iters
-            self.say(f"iter {run.iter_num}/{run.total_iters}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
-                     f"{tokens_per_sec:,.0f} tokens/s, mfu {mfu_text}, eta {format_seconds(eta)}")
-        self.window_time, self.window_iters = 0.0, 0
-
-    def plot(self):
-        """Redraw out_dir/loss.png: train loss per log step and val loss per evaluation. The y-range comes from
-        the losses after warmup, so the first steps' loss (ln V, ~11 for Pythia's vocabulary) does not flatten
-        everything after it."""
-        try:
-            import matplotlib
-            matplotlib.use('Agg')  # files only, no display needed
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if not self.no_matplotlib:
-                self.say("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
-                self.no_matplotlib = True
-            return
-        train = [(e['iter'], e['loss']) for e in self.entries if 'loss' in e]
-        val = [(e['iter'], e['val_loss']) for e in self.entries if 'val_loss' in e]
-        fig, ax = plt.subplots(figsize=(8, 5))
-        if train:
-            ax.plot(*zip(*train), label='train', alpha=0.7)
-        if val:
-            ax.plot(*zip(*val), 'o-', label='val')
-        settled = [loss for it, loss in train + val if it > max(self.warmup, 0.05 * self.total)]
-        if len(settled) >= 2 and max(settled) > min(settled):
-            lo, hi = min(settled), max(settled)
-            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.25 * (hi - lo))
-        ax.set_xlabel('iteration')
-        ax.set_ylabel('loss (nats/token)')
-        ax.set_title(os.path.basename(os.path.abspath(out_dir)))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        with atomic_write(os.path.join(out_dir, 'loss.png')) as f:
-            fig.savefig(f, format='png', dpi=100)
-        plt.close(fig)
-
-    def close(self):
-        if self.bar is not None:
-            try:
-                self.bar.close()
-            except (BrokenPipeError, OSError):
-                pass
-
-
-class SilentLog:
-    """What ranks other than 0 log: nothing."""
-
-    def say(self, text):
-        pass
-
-    def record(self, entry):
-        pass
-
-    def iteration_done(self, run, stats, seconds):
-        pass
-
-
-def read_metrics(path, up_to):
-    """The entries of metrics.jsonl up to iteration up_to: a resume keeps what happened up to its checkpoint;
-    the lines after it belong to the part about to be redone."""
-    entries = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # a line cut short by a crash
-                    continue
-                if entry.get('iter', math.inf) <= up_to:
-                    entries.append(entry)
-    return entries
-
-
-def json_line(entry):
-    return json.dumps(entry) + '\n'
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 # -----------------------------------------------------------------------------
