@@ -1,0 +1,181 @@
+"""
+train.py never loses what the user has, and every mistake is one line: each case runs the exact command, expects one
+`error:` line and its exit code, and checks (checksums before and after) that the files already there are unchanged.
+Also: Ctrl-C with stdout piped into a process that has exited still saves, the lock refuses a second run, stale temp
+files and locks of killed runs are cleaned up, and a log written to a file has a plain line per log_interval.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train import ENV, ROOT, TINY, digest, last_line, load_ckpt, make_data, metrics, run_train
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    """A finished 6-iteration run: the out_dir whose files the mistakes below must leave alone."""
+    tmp = tmp_path_factory.mktemp('finished')
+    make_data(tmp / 'data')
+    run_train(tmp, '--max_iters=6', '--eval_interval=3')
+    return tmp
+
+
+def checksums(out_dir):
+    return {name: digest(out_dir / name) for name in sorted(os.listdir(out_dir))}
+
+
+def assert_one_error(r, code, *needles):
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and last_line(r.stderr) == errors[0], r.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize('args, needles', [
+    (['--learning_rate=-1'], ['learning_rate', '> 0']),
+    (['--beta1=1.5'], ['beta1', '[0, 1)']),
+    (['--beta2=-0.1'], ['beta2']),
+    (['--eps=0'], ['eps']),
+    (['--weight_decay=-0.1'], ['weight_decay', '>= 0']),
+    (['--grad_clip=-1'], ['grad_clip', '>= 0']),
+    (['--device=tpu'], ['tpu']),
+    (['--device=cuda'], ['cuda', 'not available']),
+    (['--dtype=float8'], ['dtype']),
+    (['--out_dir='], ['out_dir is empty']),
+    (['--jacobi_train_range=(3,1)'], ['jacobi_train_range']),
+])
+def test_bad_values_are_one_line_exit_2_and_touch_nothing(finished, args, needles):
+    before = checksums(finished / 'out')
+    r = run_train(finished, '--max_iters=8', '--init_from=resume', *args, check=False)
+    assert_one_error(r, 2, *needles)
+    assert checksums(finished / 'out') == before
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    make_data(tmp_path / 'data')
+    (tmp_path / 'out').write_text('my notes')
+    r = run_train(tmp_path, '--max_iters=2', check=False)
+    assert_one_error(r, 2, 'is a file')
+    assert (tmp_path / 'out').read_text() == 'my notes'
+
+
+def test_a_new_run_does_not_replace_a_finished_one(finished, tmp_path):
+    before = checksums(finished / 'out')
+    r = run_train(finished, '--max_iters=2', check=False)  # forgot --init_from=resume
+    assert_one_error(r, 2, 'already holds a run', '--init_from=resume', '--overwrite=True')
+    assert checksums(finished / 'out') == before
+    # --overwrite=True does start over (on a copy, so the shared run stays as it was)
+    (tmp_path / 'out').mkdir()
+    for name in before:
+        (tmp_path / 'out' / name).write_bytes((finished / 'out' / name).read_bytes())
+    run_train(tmp_path, '--max_iters=2', '--eval_interval=1', '--overwrite=True', data_dir=finished / 'data')
+    assert load_ckpt(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 2
+    train, val = metrics(tmp_path / 'out')
+    assert [i for i, _ in train] == [1, 2] and [i for i, _ in val] == [0, 1, 2]  # the old lines are gone
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused(finished):
+    before = checksums(finished / 'out')
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (finished / 'out' / 'train.lock').write_text(f'{sleeper.pid}\n')  # as a live run holds it
+        r = run_train(finished, '--max_iters=8', '--init_from=resume', check=False)
+        assert_one_error(r, 2, f'PID {sleeper.pid}', 'train.lock')
+        assert (finished / 'out' / 'train.lock').read_text() == f'{sleeper.pid}\n'
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        (finished / 'out' / 'train.lock').unlink()
+    assert checksums(finished / 'out') == before
+
+
+def test_a_killed_run_leaves_nothing_that_blocks_the_next(tmp_path):
+    make_data(tmp_path / 'data')
+    run_train(tmp_path, '--max_iters=2', '--eval_interval=2')
+    out = tmp_path / 'out'
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited: its lock and temp files are stale
+    (out / 'train.lock').write_text(f'{dead_pid}\n')
+    (out / f'ckpt.pt.tmp{dead_pid}').write_bytes(b'half a checkpoint')
+    r = run_train(tmp_path, '--max_iters=3', '--eval_interval=3', '--init_from=resume')
+    assert 'stale lock' in r.stdout and f'ckpt.pt.tmp{dead_pid}' in r.stdout
+    assert {'ckpt.pt', 'loss.png', 'metrics.jsonl'} <= set(os.listdir(out)) <= {'best.pt', 'ckpt.pt', 'loss.png',
+                                                                              'metrics.jsonl'}  # lock released
+    assert load_ckpt(out / 'ckpt.pt')['iter_num'] == 3
+
+
+def test_ctrl_c_saves_even_when_the_pipe_reader_is_gone(tmp_path):
+    """`python train.py ... | head -3`: the reader exits, every later print would fail; Ctrl-C must still save."""
+    make_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'train.py', *TINY, f'--data_dir={tmp_path / "data"}', f'--out_dir={out}',
+           '--max_iters=100000', '--eval_interval=100000', '--always_save_checkpoint=False']
+    reader = subprocess.Popen([sys.executable, '-c', 'import sys; [sys.stdin.readline() for _ in range(3)]'],
+                              stdin=subprocess.PIPE)
+    stderr = open(tmp_path / 'stderr', 'w+')
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=reader.stdin, stderr=stderr)
+    reader.stdin.close()  # only the trainer writes into the pipe now
+    reader.wait(timeout=60)  # it read three lines and exited: the pipe is broken from here on
+    log = out / 'metrics.jsonl'
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.2)  # training goes on past the broken pipe
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=60)
+    stderr.seek(0)
+    err = stderr.read()
+    assert p.returncode == 130, err[-2000:]
+    assert 'Traceback' not in err, err[-2000:]
+    ckpt = load_ckpt(out / 'ckpt.pt')
+    train, _ = metrics(out)
+    assert ckpt['iter_num'] == train[-1][0] >= 4  # saved at the step boundary after the last logged iteration
+    assert not (out / 'train.lock').exists()
+
+
+def test_only_rank_0_reports_a_mistake_under_torchrun(tmp_path):
+    r = run_train(tmp_path, '--max_iters=2', '--beta1=1.5', nproc=2, check=False)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert errors == ['error: beta1 must be in [0, 1), got 1.5'], r.stderr[-3000:]
+    assert r.stderr.count('config: beta1 = 1.5') == 1  # the config echo too, once
+
+
+def test_a_log_in_a_file_has_a_plain_line_per_log_interval(tmp_path):
+    r = run_train(tmp_path, '--max_iters=6', '--eval_interval=3', '--log_interval=2')  # stdout is a pipe here
+    assert '\r' not in r.stdout
+    lines = [line for line in r.stdout.splitlines() if line.startswith('iter ') and 'loss' in line and 'val' not in line]
+    assert [line.split(':')[0] for line in lines] == ['iter 2/6', 'iter 4/6', 'iter 6/6'], r.stdout
+    for line in lines:
+        for field in ('loss ', 'lr ', 'tokens/s', 'mfu', 'eta'):
+            assert field in line, line
+
+
+def test_loss_plot_range_ignores_the_first_steps(tmp_path):
+    """loss.png's y-range comes from the losses after warmup: the first steps' ~ln(V) must not flatten the rest."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from runlog import RunLog
+
+    class FakeRun:
+        total_iters, warmup, iter_num = 100, 5, 0
+
+    log = RunLog(str(tmp_path), FakeRun(), log_interval=1)
+    seen = {}
+    original_close = plt.close
+    plt.close = lambda fig: seen.setdefault('ylim', fig.axes[0].get_ylim())
+    try:
+        for it in range(1, 101):
+            log.record({'iter': it, 'loss': 11.0 if it < 3 else 3.0 - it / 100})
+        log.record({'iter': 100, 'val_loss': 2.5})
+    finally:
+        plt.close = original_close
+    lo, hi = seen['ylim']
+    assert lo < 2.5 and 2.9 < hi < 4  # not stretched up to 11
+    assert (tmp_path / 'loss.png').stat().st_size > 0
