@@ -179,3 +179,29 @@ def test_loss_plot_range_ignores_the_first_steps(tmp_path):
     lo, hi = seen['ylim']
     assert lo < 2.5 and 2.9 < hi < 4  # not stretched up to 11
     assert (tmp_path / 'loss.png').stat().st_size > 0
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes(finished, tmp_path):
+    """Format 1 (train.py before the format field) called weight_init `init`, with 'ponder' for 'small'."""
+    import torch
+    from runtime import Checkpoint
+    ckpt = load_ckpt(finished / 'out' / 'ckpt.pt')
+    del ckpt['format']
+    ckpt['model_args']['init'] = {'small': 'ponder', 'normal': 'pythia'}[ckpt['model_args'].pop('weight_init')]
+    ckpt['config']['init'] = {'small': 'ponder', 'normal': 'pythia'}[ckpt['config'].pop('weight_init')]
+    (tmp_path / 'out').mkdir()
+    torch.save(ckpt, tmp_path / 'out' / 'ckpt.pt')
+    loaded = Checkpoint.load(str(tmp_path / 'out' / 'ckpt.pt'))
+    assert loaded.model_args['weight_init'] == 'small' and loaded.config['weight_init'] == 'small'
+    run_train(tmp_path, '--max_iters=8', '--eval_interval=4', '--init_from=resume', data_dir=finished / 'data')
+    assert load_ckpt(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 8
+
+
+def test_a_checkpoint_from_a_newer_format_is_one_line(finished, tmp_path):
+    import torch
+    ckpt = load_ckpt(finished / 'out' / 'ckpt.pt')
+    ckpt['format'] = 99
+    (tmp_path / 'out').mkdir()
+    torch.save(ckpt, tmp_path / 'out' / 'ckpt.pt')
+    r = run_train(tmp_path, '--max_iters=8', '--init_from=resume', data_dir=finished / 'data', check=False)
+    assert_one_error(r, 2, 'format 99', 'update nanoPonder')
