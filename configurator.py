@@ -14,7 +14,8 @@ known key (it may import modules and use `_private` helper names freely). `--key
 value is parsed with ast.literal_eval, falling back to the raw string for str keys, and must match the
 type of the current value (an int may set a float, true/false in any case set a bool, a key whose default
 is None takes anything). Mistakes print one `error: ...` line on stderr and exit with status 2 (under
-torchrun only rank 0 prints). The keys that were set are echoed on stderr as `config: key = value`.
+torchrun only rank 0 prints). The keys that were set are echoed as `config: key = value` on stdout, or on
+stderr where the script sets `_config_echo = 'stderr'` (sample.py: its stdout is the samples).
 
 Known keys are the script's public globals holding plain config values (bool, int, float, str, None,
 tuple, list, dict): modules, functions, classes, `_names` and UPPER_CASE constants are not config. Tests import this file and
@@ -177,9 +178,10 @@ def configure(argv, namespace):
         if talk:
             print(format_help(namespace, sys.argv[0] if sys.argv else 'script.py'))
         sys.exit(0)
-    if talk:  # on stderr: stdout is the script's product (samples, tables, the training log)
+    if talk:  # a script whose stdout is its product (sample.py's text) sets _config_echo = 'stderr'
+        echo = sys.stderr if namespace.get('_config_echo') == 'stderr' else sys.stdout
         for key, value in changed.items():
-            print(f"config: {key} = {value!r}", file=sys.stderr)
+            print(f"config: {key} = {value!r}", file=echo)
     return changed
 
 

@@ -8,7 +8,7 @@ concatenated, as uint16; and meta.json:
     ('tokenizer.json', a copy inside the directory, or null for gpt2), vocab_size, eos_id, eos_token,
     dtype ('uint16'), tokens {split: count}, documents {split: count}.
 
-    from data import load_tokenizer, data_dir_tokenizer, open_token_file, TrainBatches
+    from data import load_tokenizer, data_dir_tokenizer, read_tokens, TrainBatches
     tok = data_dir_tokenizer('data/shakespeare')       # the tokenizer that data was made with
     ids = np.memmap('data/shakespeare/val.bin', dtype=np.uint16, mode='r')
 """
@@ -124,11 +124,51 @@ def load_tokenizer(name_or_path, eos_token='<|endoftext|>'):
         tok = load_tokenizer_json(path, path, eos_token)
     elif name_or_path.endswith('.json') or os.sep in name_or_path:
         raise UserError(f"tokenizer file not found: {name_or_path}")
+    elif bpe_size(name_or_path):
+        raise UserError(f"tokenizer {name_or_path} is trained by prepare_data.py and saved with its data: load that "
+                        f"data directory's tokenizer.json")
     else:
         raise UserError(f"unknown tokenizer '{name_or_path}' (expected pythia, gpt2 or a path to a tokenizer.json)")
     if tok.vocab_size >= MAX_VOCAB:  # 65535 stays free, so no id can alias a uint16 overflow
         raise UserError(f"tokenizer {name_or_path} has {tok.vocab_size} ids; uint16 token files need fewer "
                         f"than {MAX_VOCAB}")
+    return tok
+
+
+def bpe_size(spec):
+    """'bpe:N' -> N, checked; None for any other tokenizer spec."""
+    if not spec.startswith('bpe:'):
+        return None
+    try:
+        n = int(spec[len('bpe:'):])
+    except ValueError:
+        raise UserError(f"tokenizer={spec!r}: write bpe:N with a whole number of ids, e.g. bpe:512") from None
+    if not 257 <= n < MAX_VOCAB:
+        raise UserError(f"tokenizer={spec!r}: a byte-level BPE needs 257 <= N < {MAX_VOCAB} ids (256 bytes + the "
+                        f"end-of-document token + merges)")
+    return n
+
+
+def train_bpe(texts, vocab_size, eos_token='<|endoftext|>'):
+    """A byte-level BPE with exactly vocab_size ids (eos_token = 0, the 256 bytes, then the merges) trained on texts
+    (an iterable of strings); saved as a tokenizer.json in a temp file, which the caller copies where it belongs.
+    Byte-level: every text round-trips exactly, whatever its characters."""
+    import tempfile
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    fd, path = tempfile.mkstemp(suffix='-tokenizer.json')
+    os.close(fd)
+    bpe.save(path)
+    tok = load_tokenizer_json(path, f'bpe:{vocab_size}', eos_token)
+    if tok.vocab_size != vocab_size:  # too little text to learn that many merges
+        raise UserError(f"the training text has only enough distinct pairs for {tok.vocab_size} BPE ids, not "
+                        f"{vocab_size}: ask for fewer (bpe:{tok.vocab_size}) or give more text")
     return tok
 
 

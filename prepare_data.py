@@ -7,6 +7,7 @@ Tokenize a corpus into flat uint16 token files for training (each document's ids
         --tokenizer=../shared/data/pythia_tokenizer.json    # offline
     python prepare_data.py --dataset=text --input=my_corpus/ --out_dir=data/mine --val_fraction=0.05
     python prepare_data.py --dataset=text --input='books/**/*.txt' --tokenizer=gpt2 --num_proc=4
+    python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512   # a 512-id BPE trained on the train split
 
 Writes out_dir/{train,val}.bin (MiniPile also test.bin) and meta.json, the data directory that data.py
 describes and reads (data.data_dir_tokenizer(out_dir) gives back the tokenizer).
@@ -23,13 +24,13 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from data import load_tokenizer, pythia_tokenizer_cached, write_meta, write_token_file
+from data import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe, write_meta, write_token_file
 from runtime import UserError, atomic_write, failure, one_line, run_cli
 
 # -----------------------------------------------------------------------------
 dataset = 'minipile'    # minipile | shakespeare | text
 input = ''              # text: file, directory or glob of .txt files; shakespeare: a local copy (no download)
-tokenizer = 'pythia'    # pythia | gpt2 | path/to/tokenizer.json
+tokenizer = 'pythia'    # pythia | gpt2 | path/to/tokenizer.json | bpe:N (train a byte-level BPE of N ids on train)
 out_dir = ''            # default: data/<dataset>
 val_fraction = 0.1      # text/shakespeare: share of the documents (or of a single text) held out for val
 seed = 1337             # which documents go to val
@@ -202,6 +203,14 @@ def read_splits(dataset, input, tokenizer, val_fraction, seed):
     return MINIPILE, None
 
 
+def train_texts(splits):
+    """The texts of the train split only (a BPE learns from train, never from val or test)."""
+    train = splits['train']
+    if isinstance(train, list):
+        return train
+    return (text for batch in train.iter(batch_size=1024) for text in batch['text'])  # a Hugging Face dataset
+
+
 def write_splits(splits, tok, out_dir, num_proc, eos_token):
     """Tokenize every split into out_dir/{split}.bin; -> {split: (tokens, documents)}. Each split goes to a temp
     file first, and no real file is replaced until all of them are complete."""
@@ -232,10 +241,13 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
         raise UserError(f"unknown dataset '{dataset}' (expected minipile, shakespeare or text)")
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    n_bpe = bpe_size(tokenizer)
     source, splits = read_splits(dataset, input, tokenizer, val_fraction, seed)
-    tok = load_tokenizer(tokenizer, eos_token)
-    print(f"tokenizer: {tok.name} (vocab_size {tok.vocab_size}, eos_id {tok.eos_id})")
     if dataset == 'minipile':
+        splits = minipile_splits() if n_bpe else None  # a BPE must see the train text first
+    tok = train_bpe(train_texts(splits), n_bpe, eos_token) if n_bpe else load_tokenizer(tokenizer, eos_token)
+    print(f"tokenizer: {tok.name} (vocab_size {tok.vocab_size}, eos_id {tok.eos_id})")
+    if splits is None:
         splits = minipile_splits()
     out_dir = out_dir or os.path.join('data', dataset)
     os.makedirs(out_dir, exist_ok=True)
@@ -253,6 +265,8 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
         'documents': {name: d for name, (_, d) in counts.items()},
     }
     write_meta(out_dir, meta)
+    if n_bpe:
+        os.remove(tok.path)  # the trained BPE's temp file: its copy now lives in out_dir
     return meta
 
 

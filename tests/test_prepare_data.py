@@ -161,3 +161,34 @@ def test_bad_input_is_one_error_line(case, bad_inputs, tmp_path, tokenizer_json)
     assert message in lines[0]
     assert (out / 'train.bin').read_bytes() == b'previous'
     assert sorted(os.listdir(out)) == ['train.bin']
+
+
+def test_bpe_is_trained_on_train_only_and_travels_with_the_data(tmp_path, make_text):
+    rng = random.Random(3)
+    train_text = make_text(rng, WORDS, 200)
+    val_text = ''.join(make_text(rng, WORDS, 1) + 'zqxzqx ' * 5 + '\n' for _ in range(20))  # pairs only val has
+    (tmp_path / 'book.txt').write_bytes((train_text + val_text).encode('utf-8'))
+    out = tmp_path / 'out'
+    r = prepare('--dataset=text', f'--input={tmp_path / "book.txt"}', '--tokenizer=bpe:300', f'--out_dir={out}',
+                '--val_fraction=0.3')  # a single text: val is its tail, all of val_text and a bit of train_text
+    assert r.returncode == 0, r.stderr
+    tok = data_dir_tokenizer(str(out))
+    assert tok.vocab_size == 300 and tok.eos_id == 0 and tok.name == 'bpe:300'
+    [train], [val] = read_documents(out, 'train', tok), read_documents(out, 'val', tok)
+    assert train + val == train_text + val_text and 'zqx' in val and 'zqx' not in train  # lossless, both splits
+    from tokenizers import Tokenizer as HFTokenizer
+    vocab = HFTokenizer.from_file(str(out / 'tokenizer.json')).get_vocab()
+    assert len(vocab) == 300 and not any('zq' in t or 'qx' in t for t in vocab)  # no merge learned from val
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['tokenizer'] == 'bpe:300' and meta['tokenizer_file'] == 'tokenizer.json'
+    assert_no_temp_files(out)
+
+
+@pytest.mark.parametrize('spec, message', [('bpe:100', '257 <= N'), ('bpe:lots', 'whole number'),
+                                           ('bpe:5000', 'only enough distinct pairs')])
+def test_bad_bpe_sizes_are_one_line(tmp_path, spec, message):
+    (tmp_path / 'ok.txt').write_text('a small text\nof two lines\n' * 20)
+    r = prepare('--dataset=text', f'--input={tmp_path / "ok.txt"}', f'--tokenizer={spec}', f'--out_dir={tmp_path / "out"}')
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and lines[-1].startswith('error: ') and message in lines[-1], r.stderr
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
