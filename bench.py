@@ -3,36 +3,36 @@ Speed and memory of vanilla GPT-NeoX, PonderLM-2 and PonderLM on this machine: t
 backward + AdamW) and batch-1 greedy decoding with and without the KV cache, as a markdown table.
 
     python bench.py                                          # pythia-70m, every method, best device
-    python bench.py --preset=pythia-160m --batch_size=8 --block_size=1024 --json=out/bench.json
-    python bench.py --preset=pythia-14m --block_size=256 --batch_size=4 --new_tokens=64 \
+    python bench.py --model=pythia-160m --batch_size=8 --block_size=1024 --json=out/bench.json
+    python bench.py --model=pythia-14m --block_size=256 --batch_size=4 --new_tokens=64 \
         --new_tokens_uncached=8 --warmup=1 --repeats=3        # a few minutes on a small CPU
     python bench.py --methods=vanilla,ponderlm2-k1 --warmup=3 --repeats=10
-    python bench.py --preset= --n_layer=2 --n_head=2 --n_embd=32 --vocab_size=128  # explicit dims
+    python bench.py --model= --n_layer=2 --n_head=2 --n_embd=32 --vocab_size=128  # explicit dims
+    python bench.py --model=pythia-14m --task=ponderlm2-k1:main   # one measurement: its `result: {...}` line
 
-Methods: vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained with R = n_jacobi
-Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N pondering steps.
-Every method is measured in its own child process (bench.py run again with a hidden --_task option), so
-its peak memory is its own and not the high-water mark of the methods before it.
+Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained
+with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N
+pondering steps. Every (method, variant) is measured in its own child process, bench.py run again with the
+whole config on its command line plus --task=method:variant, so its peak memory is its own and not the
+high-water mark of the methods before it. Variants: main (training and decoding), compile and sdpa.
 On CUDA it also compares torch.compile on/off and, when flash_attn imports, flash-attn vs SDPA.
 """
 import json as jsonlib  # `json` is the config key for the output path
 import os
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-import model as model_module
-from model import GPT, GPTConfig
+from model import GPT, Attention, GPTConfig, method_settings
+from runtime import UserError, atomic_write, autocast, failure, resolve_device, resolve_dtype, run_cli
 
 # -----------------------------------------------------------------------------
 # model
-preset = 'pythia-70m'  # a Pythia size, or '' for the explicit n_layer / n_head / n_embd below
+model = 'pythia-70m'  # a Pythia size (as train.py's model=), or '' for the explicit n_layer / n_head / n_embd
 n_layer = 6
 n_head = 8
 n_embd = 512
@@ -49,127 +49,97 @@ new_tokens_uncached = 32  # without it every step recomputes the sequence (Ponde
 warmup = 2
 repeats = 5
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' autocast; auto: bf16 on CUDA, fp32 on CPU
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (CUDA) autocast; auto: bf16 where CUDA has it, else fp32
 threads = 0  # CPU threads for torch, 0 = its default; 1 avoids thrashing when other jobs share the cores
 compare_compile = True  # CUDA only: also time the training step under torch.compile
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
 seed = 1337
 json = ''  # path for every figure as JSON
-_config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-# the hidden option that makes this process a child measuring one task; configurator.py would reject it
-_task = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--_task=')), None)
-sys.argv = [a for a in sys.argv if not a.startswith('--_task=')]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+task = ''  # internal: 'method:variant' makes this process the child that measures that one thing
+CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 
-
-class BenchError(ValueError):
-    """A mistake in the configuration: reported as one `error: ...` line, exit status 2."""
-
-
-METHOD_RE = re.compile(r'vanilla|ponderlm2-k([1-9][0-9]*)|ponderlm1-n([1-9][0-9]*)')
+VARIANTS = ('main', 'compile', 'sdpa')
 
 
 def parse_methods(text):
     names = [m.strip().lower() for m in text.split(',') if m.strip()]
     if not names:
-        raise BenchError("methods is empty; e.g. --methods=vanilla,ponderlm2-k1")
+        raise UserError("methods is empty; e.g. --methods=vanilla,ponderlm2-k1")
     for name in names:
-        if not METHOD_RE.fullmatch(name):
-            raise BenchError(f"unknown method {name!r}; use vanilla, ponderlm2-kK or ponderlm1-nN "
-                             f"(e.g. ponderlm2-k1, ponderlm1-n3)")
+        check_method(name)
     return list(dict.fromkeys(names))  # drop repeats, keep the order
 
 
-def method_overrides(name):
-    m = METHOD_RE.fullmatch(name)
-    if m.group(1):
-        return {'n_thoughts': int(m.group(1))}
-    if m.group(2):
-        return {'n_ponder': int(m.group(2))}
-    return {}
-
-
-def method_label(name):
-    m = METHOD_RE.fullmatch(name)
-    if m.group(1):
-        return f"PonderLM-2 K={m.group(1)}"
-    if m.group(2):
-        return f"PonderLM N={m.group(2)}"
-    return 'vanilla'
+def check_method(name):
+    try:
+        method_settings(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def model_config(name):
     # jacobi_train_range=(R, R) so that flops_per_token(training=True) and estimate_mfu count the R we run
-    overrides = dict(block_size=block_size, vocab_size=vocab_size, jacobi_train_range=(n_jacobi, n_jacobi),
-                     **method_overrides(name))
-    if preset:
-        return GPTConfig.preset(preset, **overrides)
-    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
-
-
-def resolve_device():
-    if device == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    overrides = dict(block_size=block_size, vocab_size=vocab_size, n_jacobi=n_jacobi,
+                     jacobi_train_range=(n_jacobi, n_jacobi), **method_settings(name))
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise BenchError(f"bad device {device!r}: {e}") from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise BenchError(f"device {device!r} asked for but CUDA is not available")
-    return device
-
-
-def resolve_dtype(dev):
-    if dtype == 'auto':
-        if not dev.startswith('cuda'):
-            return 'float32'
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise BenchError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return dtype
+        if model:
+            return GPTConfig.preset(model, **overrides)
+        return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+    except ValueError as e:  # unknown preset, n_embd not divisible by n_head, ...
+        raise UserError(str(e)) from None
 
 
 def check_config():
     """Everything the children would trip over, checked once up front. Returns the method names."""
     names = parse_methods(methods)
-    for name, value in (('batch_size', batch_size), ('block_size', block_size), ('repeats', repeats),
-                        ('prompt_len', prompt_len), ('new_tokens', new_tokens),
-                        ('new_tokens_uncached', new_tokens_uncached)):
+    for key, value in (('batch_size', batch_size), ('block_size', block_size), ('repeats', repeats),
+                       ('prompt_len', prompt_len), ('new_tokens', new_tokens),
+                       ('new_tokens_uncached', new_tokens_uncached)):
         if value < 1:
-            raise BenchError(f"{name} must be >= 1, got {value}")
+            raise UserError(f"{key} must be >= 1, got {value}")
     if warmup < 0 or n_jacobi < 0 or threads < 0:
-        raise BenchError("warmup, n_jacobi and threads must be >= 0")
+        raise UserError("warmup, n_jacobi and threads must be >= 0")
     if prompt_len + max(new_tokens, new_tokens_uncached) > block_size:
-        raise BenchError(f"prompt_len ({prompt_len}) + new_tokens ({max(new_tokens, new_tokens_uncached)}) "
-                         f"exceeds block_size {block_size}")
+        raise UserError(f"prompt_len ({prompt_len}) + new_tokens ({max(new_tokens, new_tokens_uncached)}) "
+                        f"exceeds block_size {block_size}")
     for name in names:
-        try:
-            model_config(name)
-        except ValueError as e:  # unknown preset, n_embd not divisible by n_head, ...
-            raise BenchError(str(e)) from None
+        model_config(name)
     return names
+
+
+def device_and_dtype():
+    """(device, device_type, torch dtype), by runtime.py's rules, the same as train.py and sample.py."""
+    dev = resolve_device(device)
+    device_type = torch.device(dev).type
+    return dev, device_type, resolve_dtype(dtype, device_type)
+
+
+def dtype_name(ptdtype):
+    return str(ptdtype).removeprefix('torch.')
 
 
 # -----------------------------------------------------------------------------
 # the child: measure one (method, variant) and print its figures as one `result: {...}` line
 
 
-def sync(dev):
-    if dev.startswith('cuda'):
+def sync(device_type):
+    if device_type == 'cuda':
         torch.cuda.synchronize()
+    elif device_type == 'mps':
+        torch.mps.synchronize()
 
 
-def timed(fn, dev):
+def timed(fn, device_type):
     """Seconds per call of fn over `repeats` calls, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        sync(dev)
+        sync(device_type)
         t0 = time.perf_counter()
         fn()
-        sync(dev)
+        sync(device_type)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -180,25 +150,40 @@ def rss_mib():
     return peak / 2**20 if sys.platform == 'darwin' else peak / 2**10
 
 
-def measure(task):
-    name, variant = task.split(':')
+def parse_task(text):
+    """'method:variant' -> (method, variant), checked."""
+    name, _, variant = text.partition(':')
+    if variant not in VARIANTS:
+        raise UserError(f"task must be method:variant with variant one of {', '.join(VARIANTS)}, got {text!r}")
+    check_method(name)
+    return name, variant
+
+
+def measure(name, variant):
+    """The figures of one method: training (every variant) and decoding (main only)."""
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device()
-    ptdtype = getattr(torch, resolve_dtype(dev))
-    device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    dev, device_type, ptdtype = device_and_dtype()
+    ctx = autocast(device_type, ptdtype)
     torch.manual_seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if variant == 'sdpa':
-        model_module.flash_attn_func = None  # model.py then uses SDPA everywhere
     base_mib = rss_mib()  # torch and CUDA runtime, before the model exists
-    model = GPT(model_config(name)).to(dev)
+    gpt = GPT(model_config(name)).to(dev)
+    if variant == 'sdpa':
+        Attention.set_backend(gpt, 'sdpa')  # 'auto' (main) runs flash-attn where it can
+    result = measure_training(gpt, variant, ctx, dev)
+    if device_type != 'cuda':
+        result['base_mem_mib'] = base_mib
+    if variant == 'main':
+        result.update(measure_decoding(gpt, ctx, dev))
+    return result
+
+
+def measure_training(gpt, variant, ctx, dev):
+    device_type = torch.device(dev).type
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device_type == 'cuda')
-    train_model = torch.compile(model) if variant == 'compile' else model
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=device_type == 'cuda')
+    train_model = torch.compile(gpt) if variant == 'compile' else gpt
     data = torch.randint(vocab_size, (batch_size, block_size + 1), device=dev)
     x, y = data[:, :-1], data[:, 1:]
 
@@ -210,40 +195,43 @@ def measure(task):
         optimizer.zero_grad(set_to_none=True)
 
     result = {}
-    model.train()
+    gpt.train()
     if variant == 'compile':  # the first call compiles: time it apart, it is not a training step
-        sync(dev)
+        sync(device_type)
         t0 = time.perf_counter()
         train_step()
-        sync(dev)
+        sync(device_type)
         result['compile_s'] = time.perf_counter() - t0
-    result['step_s'] = timed(train_step, dev)
+    result['step_s'] = timed(train_step, device_type)
     if device_type == 'cuda':
         result['peak_mem_mib'] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result['peak_mem_mib'] = rss_mib()
-        result['base_mem_mib'] = base_mib
-    result['flops_per_token'] = model.flops_per_token(training=True)
+    result['flops_per_token'] = gpt.flops_per_token(training=True)
     tokens_per_s = batch_size * block_size / statistics.median(result['step_s'])
-    result['mfu'] = model.estimate_mfu(tokens_per_s) if device_type == 'cuda' else None
-    if variant != 'main':
-        return result
+    result['mfu'] = gpt.estimate_mfu(tokens_per_s) if device_type == 'cuda' else None
+    return result  # the optimizer's state goes with it: decoding runs without
 
-    # decoding: batch 1, greedy; the time includes the prompt's prefill
-    del optimizer, train_model
-    model.eval()
+
+def measure_decoding(gpt, ctx, dev):
+    """Tokens per second, batch 1, greedy, with and without the KV cache; the time includes the prefill."""
+    device_type = torch.device(dev).type
+    gpt.eval()
     prompt = torch.randint(vocab_size, (1, prompt_len), device=dev)
+    result = {}
     for use_cache, n_new in (('cached', new_tokens), ('uncached', new_tokens_uncached)):
         def generate():
             with ctx:
-                model.generate(prompt, n_new, temperature=0, use_cache=use_cache == 'cached')
-        result[use_cache] = [n_new / t for t in timed(generate, dev)]
+                gpt.generate(prompt, n_new, temperature=0, use_cache=use_cache == 'cached')
+        result[use_cache] = [n_new / t for t in timed(generate, device_type)]
     return result
 
 
-def child_main(task):
+def child_main():
+    name, variant = parse_task(task)
+    check_config()
     try:
-        result = measure(task)
+        result = measure(name, variant)
     except torch.cuda.OutOfMemoryError:  # CUDA says so; a CPU child is SIGKILLed instead
         result = {'error': 'out of memory'}
     print('result: ' + jsonlib.dumps(result), flush=True)
@@ -253,10 +241,16 @@ def child_main(task):
 # the parent: run the children, print the tables, write the JSON
 
 
+def child_command(name, variant):
+    """This script with the whole current config spelled out (so config files and defaults reach the child
+    as they are here) and the one task to measure."""
+    config = [f'--{k}={globals()[k]!r}' for k in CONFIG_KEYS if k not in ('task', 'json')]
+    return [sys.executable, os.path.abspath(__file__), *config, f'--task={name}:{variant}']
+
+
 def run_child(name, variant):
     print(f"measuring {name} ({variant}) ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f'--_task={name}:{variant}']
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(child_command(name, variant), capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith('result: '):
             return jsonlib.loads(line[len('result: '):])
@@ -276,8 +270,8 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def machine_info(dev, dt):
-    if dev.startswith('cuda'):
+def machine_info(dev, device_type, ptdtype):
+    if device_type == 'cuda':
         name = torch.cuda.get_device_name(dev)
         extra = f"CUDA {torch.version.cuda}"
     else:
@@ -289,17 +283,18 @@ def machine_info(dev, dt):
             pass
         extra = f"{os.cpu_count()} cores"
     return {'device': dev, 'name': name, 'detail': extra, 'torch': torch.__version__,
-            'threads': torch.get_num_threads(), 'dtype': dt}
+            'threads': torch.get_num_threads(), 'dtype': dtype_name(ptdtype)}
 
 
-def collect(names, dev, dt):
-    """Run every child and arrange the figures per method, with ratios to vanilla."""
-    cuda = dev.startswith('cuda')
-    flash = cuda and model_module.flash_attn_func is not None and dt != 'float32'
+def collect(names, device_type, ptdtype):
+    """Run every child and arrange the figures per method, with ratios to vanilla. Also returns whether the
+    main runs used flash-attn (then SDPA is the comparison)."""
+    cuda = device_type == 'cuda'
+    flash = Attention.flash_suits(device_type, ptdtype)
     out = {}
     for name in names:
         r = run_child(name, 'main')
-        entry = out[name] = {'label': method_label(name)}
+        entry = out[name] = {'label': model_config(name).method_label}
         if 'error' in r:
             entry['error'] = r['error']
             continue
@@ -371,7 +366,7 @@ def table(header, rows):
 def report(info, out, flash):
     cuda = info['device'].startswith('cuda')
     dims = model_config('vanilla')
-    size = preset or 'custom'
+    size = model or 'custom'
     print(f"machine: {info['name']} ({info['detail']}) | torch {info['torch']} | threads {info['threads']} | "
           f"{info['device']} {info['dtype']}")
     print(f"model: {size} ({dims.n_layer} layers, {dims.n_head} heads, {dims.n_embd} embd, vocab "
@@ -445,39 +440,43 @@ def report(info, out, flash):
 
 
 def write_json(path, payload):
-    """Write to a temp file then rename, so a reader never sees half a file."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w') as f:
+    with atomic_write(path, 'w') as f:  # a reader never sees half a file
         jsonlib.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
-def main():
-    try:
-        names = check_config()
-        dev = resolve_device()
-        dt = resolve_dtype(dev)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def failed(out):
+    return [f"{name} ({variant})" for name, e in out.items()
+            for variant, part in (('main', e), ('compile', e.get('compile', {})), ('sdpa', e.get('sdpa', {})))
+            if 'error' in part]
+
+
+def bench_all():
+    names = check_config()
+    dev, device_type, ptdtype = device_and_dtype()
     if threads:
         torch.set_num_threads(threads)  # the children do the same; here it is for the machine line
-    info = machine_info(dev, dt)
-    out, flash = collect(names, dev, dt)
+    info = machine_info(dev, device_type, ptdtype)
+    out, flash = collect(names, device_type, ptdtype)
     report(info, out, flash)
     if json:
-        config = {k: globals()[k] for k in _config_keys}
-        config['method_settings'] = {name: method_overrides(name) for name in names}
+        config = {k: globals()[k] for k in CONFIG_KEYS if k != 'task'}
+        config['method_settings'] = {name: method_settings(name) for name in names}
         config['attention'] = 'flash-attn' if flash else 'sdpa'
         write_json(json, {'machine': info, 'config': config, 'methods': out})
         print(f"\nwrote {json}")
-    if any('error' in e or 'error' in e.get('compile', {}) or 'error' in e.get('sdpa', {}) for e in out.values()):
-        sys.exit(1)
+    if failed(out):
+        raise failure(f"{len(failed(out))} measurement(s) failed: {', '.join(failed(out))} (see the warnings above)")
 
 
-if _task:
-    child_main(_task)
-else:
-    main()
+def main():
+    if task:
+        child_main()
+    else:
+        bench_all()
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    run_cli(main)

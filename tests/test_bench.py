@@ -2,6 +2,7 @@
 
     python -m pytest tests/test_bench.py -q
 """
+import importlib
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--preset=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=128', '--block_size=32',
+TINY = ['--model=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=128', '--block_size=32',
         '--batch_size=2', '--warmup=1', '--repeats=2', '--prompt_len=4', '--new_tokens=8',
         '--new_tokens_uncached=4', '--device=cpu']
 METHODS = {'vanilla': 'vanilla', 'ponderlm2-k1': 'PonderLM-2 K=1', 'ponderlm2-k2': 'PonderLM-2 K=2',
@@ -21,6 +22,11 @@ METHODS = {'vanilla': 'vanilla', 'ponderlm2-k1': 'PonderLM-2 K=1', 'ponderlm2-k2
 def bench(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
+
+
+def without_echo(text):
+    """The lines of text without configurator.py's echo of the keys that were set (`config: key = value`)."""
+    return [line for line in text.strip().splitlines() if not line.startswith('config: ')]
 
 
 def table_rows(stdout, title):
@@ -60,7 +66,7 @@ def run(tmp_path_factory):
 
 def test_tables_have_a_row_per_method_and_the_columns(run):
     stdout, _ = run
-    body = stdout[stdout.index('machine: '):]  # configurator's `config:` echo comes first
+    body = stdout[stdout.index('machine: '):]  # configurator's `config:` echo may come first
     assert body.startswith('machine: ') and 'torch ' in body.splitlines()[0]
     train = table_rows(body, 'training')
     assert train[0] == ['method', 'step ms', 'tokens/s', 'peak mem MiB', 'MFU', 'time vs vanilla',
@@ -95,13 +101,52 @@ def test_json_has_every_figure_positive_and_finite(run):
     assert data['methods']['ponderlm2-k1']['train']['flops_vs_vanilla'] > 1
 
 
+def test_json_echoes_the_config_under_its_keys(run):
+    _, data = run
+    config = data['config']
+    assert config['model'] == '' and 'preset' not in config and 'task' not in config
+    assert config['method_settings']['ponderlm2-k2'] == {'n_thoughts': 2, 'n_ponder': 0}
+    assert config['attention'] == 'sdpa'  # CPU
+
+
 @pytest.mark.parametrize('args,message', [
-    (['--preset=pythia-3m'], "unknown preset 'pythia-3m'"),
+    (['--model=pythia-3m'], "unknown preset 'pythia-3m'"),
     (['--methods=vanilla,ponderlm3'], "unknown method 'ponderlm3'"),
     (['--prompt_len=30'], 'exceeds block_size'),
+    (['--preset=pythia-14m'], "unknown config key 'preset'"),  # renamed model=, as train.py says
+    (['--dtype=float16'], 'needs CUDA'),
+    (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa'),
 ])
 def test_mistakes_are_one_error_line_and_exit_2(args, message):
     proc = bench(*TINY, *args)
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    lines = without_echo(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
+
+
+def test_a_child_measures_one_task_from_its_config_key():
+    proc = bench(*TINY, '--task=ponderlm1-n3:main')
+    assert proc.returncode == 0, proc.stderr
+    lines = without_echo(proc.stdout)
+    assert len(lines) == 1 and lines[0].startswith('result: '), proc.stdout
+    result = json.loads(lines[0][len('result: '):])
+    assert len(result['step_s']) == 2 and len(result['cached']) == 2 and result['mfu'] is None
+
+
+def test_import_has_no_side_effects(monkeypatch, capsys):
+    """`import bench` only defines things: no configurator (it would parse pytest's argv), no child
+    processes, no measurement, sys.argv untouched; the config keys keep their defaults."""
+    argv = ['bench.py', '--model=pythia-3m', '--task=vanilla:main', '--_task=vanilla:main']
+    monkeypatch.setattr(sys, 'argv', list(argv))
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError('import bench started a process')
+
+    monkeypatch.setattr(subprocess, 'run', no_subprocess)
+    monkeypatch.delitem(sys.modules, 'bench', raising=False)
+    bench_module = importlib.import_module('bench')
+    assert sys.argv == argv
+    assert capsys.readouterr() == ('', '')
+    assert bench_module.model == 'pythia-70m' and bench_module.task == ''
+    assert 'preset' not in bench_module.CONFIG_KEYS and 'task' in bench_module.CONFIG_KEYS
+    assert bench_module.child_command('vanilla', 'sdpa')[-1] == '--task=vanilla:sdpa'

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
+from configurator import ConfigError, apply_overrides, known_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configurator import ConfigError, apply_overrides, known_config  # noqa: E402
 
 SCRIPT = f'''"""A tiny script: python script.py --batch_size=8"""
 import os

@@ -5,13 +5,12 @@
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, config_from_hf, sample  # noqa: E402
+import model as model_module
+from model import GPT, Attention, GPTConfig, config_from_hf, sample
 
 TINY = dict(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
 
@@ -85,6 +84,35 @@ def test_chunked_cache_equals_one_pass():
     parts = [model.trunk(x[:, :5], pos[:5], cache), model.trunk(x[:, 5:6], pos[5:6], cache),
              model.trunk(x[:, 6:], pos[6:], cache)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_backend_choice(monkeypatch):
+    """'sdpa' is what 'auto' runs on the CPU; 'flash' needs flash_attn, and then CUDA in bf16/fp16."""
+    model = tiny(n_thoughts=1)
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    auto = model(idx)[0]
+    auto_tokens = model.generate(idx[:1, :4], 6, temperature=0)
+    Attention.set_backend(model, 'sdpa')
+    assert {m.attn_backend for m in model.modules() if isinstance(m, Attention)} == {'sdpa'}
+    assert torch.equal(model(idx)[0], auto)
+    assert torch.equal(model.generate(idx[:1, :4], 6, temperature=0), auto_tokens)
+    with pytest.raises(ValueError, match="one of auto, sdpa, flash"):
+        Attention.set_backend(model, 'xformers')
+
+    monkeypatch.setattr(model_module, 'flash_attn_func', None)  # as without the package
+    with pytest.raises(ValueError, match="'flash' needs the flash_attn package"):
+        Attention.set_backend(model, 'flash')
+    assert {m.attn_backend for m in model.modules() if isinstance(m, Attention)} == {'sdpa'}  # unchanged
+
+    def fake_flash(*args, **kwargs):
+        raise AssertionError('flash-attn called where it cannot run')
+
+    monkeypatch.setattr(model_module, 'flash_attn_func', fake_flash)  # installed, but this is a CPU
+    Attention.set_backend(model, 'auto')
+    assert torch.equal(model(idx)[0], auto)  # auto falls back to SDPA
+    Attention.set_backend(model, 'flash')
+    with pytest.raises(ValueError, match="runs on CUDA in bfloat16 or float16"):
+        model(idx)
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +270,7 @@ def test_ponder_init_statistics(kw, passes):
 
 def test_pythia_init_statistics():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=256, init='pythia'))
+    model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=256, weight_init='normal'))
     for name, p in model.named_parameters():
         if name.endswith('weight') and p.dim() == 2:
             assert p.std().item() == pytest.approx(0.02, rel=0.05), name

@@ -1,12 +1,12 @@
 # The small CPU reproduction (README "Results"): one trunk size, the same tokens, the same fair init
-# ('ponder' init, scaled embeddings) for every method. This file is the vanilla run; repro.py adds
-#   --n_thoughts=1 | --n_thoughts=2 | --n_ponder=3 | --n_layer=12 (vanilla with 2x the non-embedding params)
-# and one out_dir per run. By hand, e.g.:
-#   python train.py config/repro_shakespeare.py --n_thoughts=1 --out_dir=out-repro/ponder_k1
+# (weight_init 'small', scaled embeddings) for every method. This file is the vanilla run; experiments/repro.py
+# adds --n_thoughts=1 | --n_thoughts=2 | --n_ponder=3 | --n_layer=12 (vanilla with 2x the non-embedding
+# params), an absolute --data_dir and one out_dir per run. By hand, from the repository root, e.g.:
+#   python train.py experiments/repro_shakespeare.py --n_thoughts=1 --out_dir=out-repro/ponderlm2-k1
 # 200 iterations of 4 x 256 tokens = 205K tokens, about 2/3 of an epoch of Tiny Shakespeare (Pythia tokens).
 
 out_dir = 'out-repro/vanilla'
-data_dir = 'data/shakespeare'
+data_dir = 'data/shakespeare'  # from the working directory: repro.py passes its own, absolute
 wandb_run_name = 'repro-vanilla'
 eval_interval = 25
 eval_iters = 8           # 8 x 4 blocks = 8K val tokens, the same blocks at every evaluation
