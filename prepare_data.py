@@ -7,7 +7,7 @@ Tokenize a corpus into flat uint16 token files for training (each document's ids
         --tokenizer=../shared/data/pythia_tokenizer.json    # offline
     python prepare_data.py --dataset=text --input=my_corpus/ --out_dir=data/mine --val_fraction=0.05
     python prepare_data.py --dataset=text --input='books/**/*.txt' --tokenizer=gpt2 --num_proc=4
-    python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512   # a 512-id BPE trained on the train split
+    python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512   # 512-id BPE of the train split -> data/shakespeare-bpe512
 
 Writes out_dir/{train,val}.bin (MiniPile also test.bin) and meta.json, the data directory that data.py
 describes and reads (data.data_dir_tokenizer(out_dir) gives back the tokenizer).
@@ -31,7 +31,7 @@ from runtime import UserError, atomic_write, failure, one_line, run_cli
 dataset = 'minipile'    # minipile | shakespeare | text
 input = ''              # text: file, directory or glob of .txt files; shakespeare: a local copy (no download)
 tokenizer = 'pythia'    # pythia | gpt2 | path/to/tokenizer.json | bpe:N (train a byte-level BPE of N ids on train)
-out_dir = ''            # default: data/<dataset>
+out_dir = ''            # default: data/<dataset> (data/<dataset>-bpe<N> with --tokenizer=bpe:N)
 val_fraction = 0.1      # text/shakespeare: share of the documents (or of a single text) held out for val
 seed = 1337             # which documents go to val
 num_proc = min(8, os.cpu_count() or 1)
@@ -233,6 +233,12 @@ def write_splits(splits, tok, out_dir, num_proc, eos_token):
     return {name: (n_tokens, n_docs) for name, (_, n_tokens, n_docs) in written.items()}
 
 
+def default_out_dir(dataset, tokenizer):
+    """data/<dataset>, or data/<dataset>-bpe<N> for a BPE trained here (so it never replaces the Pythia-token data)."""
+    n_bpe = bpe_size(tokenizer)
+    return os.path.join('data', f"{dataset}-bpe{n_bpe}" if n_bpe else dataset)
+
+
 def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1, seed=1337, num_proc=1,
             eos_token='<|endoftext|>'):
     """Read, tokenize and write one dataset (arguments as the config globals above);
@@ -249,7 +255,7 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
     print(f"tokenizer: {tok.name} (vocab_size {tok.vocab_size}, eos_id {tok.eos_id})")
     if splits is None:
         splits = minipile_splits()
-    out_dir = out_dir or os.path.join('data', dataset)
+    out_dir = out_dir or default_out_dir(dataset, tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     counts = write_splits(splits, tok, out_dir, num_proc, eos_token)
     meta = {
@@ -277,7 +283,7 @@ def main():
         raise UserError(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
     for name, n in meta['tokens'].items():
         print(f"{name}: {n:,} tokens in {meta['documents'][name]:,} documents")
-    print(f"wrote {out_dir or os.path.join('data', dataset)}")
+    print(f"wrote {out_dir or default_out_dir(dataset, tokenizer)}")
 
 
 if __name__ == '__main__':

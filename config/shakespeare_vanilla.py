@@ -1,5 +1,5 @@
 # The vanilla baseline of shakespeare_ponder.py: the same model, data and recipe without latent thoughts
-# (same init and embedding scale, so the only difference is the thinking).
+# (same init, data and schedule: the difference is the thinking, and the embedding scale that goes with it).
 #   python train.py config/shakespeare_vanilla.py
 exec(open('config/shakespeare_ponder.py').read())
 
