@@ -1,9 +1,11 @@
 """sample.py end to end, as a subprocess, on a tiny PonderLM-2 checkpoint and a tiny Hugging Face GPT-NeoX
-directory, with a byte-level BPE tokenizer trained here (CPU, no network, no ../shared).
+directory, with a byte-level BPE tokenizer trained here (CPU, no network, no ../shared); and generation past
+the context (the sliding window of GPT.generate_stream) on tiny random models of every method.
 
     python -m pytest tests/test_sample.py -q
 """
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -12,27 +14,23 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import conftest  # noqa: E402
-from conftest import train_tiny_tokenizer  # noqa: E402
-from prepare_data import load_tokenizer, prepare  # noqa: E402
-from sample import TextStream, safe_decode  # noqa: E402
+from data import load_tokenizer, safe_decode
+from model import GPT, GPTConfig
+from prepare_data import prepare
+from runtime import Checkpoint
+from sample import TextStream
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'thought', 'token', 'café', 'naïve', '日本語', '🙂', 'line\n']
 PROMPT = 'the king of café 🙂 thought'
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only cost, and other jobs may share the CPU
 RATE_LINE = re.compile(r'^generated (\d+) tokens in [\d.]+ s: [\d.]+ tokens/s$')
 
 
-def make_text(rng, n_lines):
-    return conftest.make_text(rng, WORDS, n_lines, max_words=10)
-
-
 @pytest.fixture(scope='module')
-def tokenizer_json(tmp_path_factory):
+def tokenizer_json(tiny_tokenizer):
     """A byte-level BPE tokenizer with <|endoftext|> = 0 and a vocabulary of 300."""
-    return train_tiny_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer.json', WORDS, max_words=10)
+    return tiny_tokenizer(WORDS, max_words=10)
 
 
 @pytest.fixture(scope='module')
@@ -79,14 +77,13 @@ def run_samples(*arg_lists):
 
 
 def ok(*arg_lists):
-    """Run sample.py successfully; for each run return (the samples printed on stdout, stderr's lines)."""
+    """Run sample.py successfully; for each run return (stdout, which holds the samples only, stderr's lines)."""
     results = []
     for rc, out, err in run_samples(*arg_lists):
         assert rc == 0, err
         lines = err.strip().splitlines()
         assert RATE_LINE.match(lines[-1]), err
-        results.append((''.join(line for line in out.splitlines(keepends=True) if not line.startswith('config: ')),
-                        lines))
+        results.append((out, lines))  # stdout is the samples only: the config echo goes to stderr
     return results
 
 
@@ -96,7 +93,7 @@ def fails(*arg_lists):
     for rc, _, err in run_samples(*arg_lists):
         assert rc in (1, 2), (rc, err)
         assert 'Traceback' not in err
-        err_lines = err.strip().splitlines()
+        err_lines = [line for line in err.strip().splitlines() if not line.startswith('config: ')]  # the echo
         assert len(err_lines) == 1 and err_lines[0].startswith('error: '), err
         lines.append(err_lines[0])
     return lines
@@ -150,6 +147,34 @@ def test_errors_are_one_line(out_dir, tmp_path):
     assert 'prompt file not found' in no_file and 'no_prompt.txt' in no_file
 
 
+def test_stdout_holds_the_samples_only(out_dir, tmp_path, tok, make_text):
+    """`sample.py ... > out` writes exactly the sample (prompt and continuation, computed here in process) and
+    nothing else: the config echo, notes and throughput go to stderr. The prompt is multi-line text from a file,
+    and the default max_new_tokens (200) runs far past the model's context of 48 tokens."""
+    prompt = make_text(random.Random(3), WORDS, 3, max_words=4)
+    prompt_file, out_file = tmp_path / 'prompt.txt', tmp_path / 'out.txt'
+    prompt_file.write_text(prompt, encoding='utf-8')
+    with open(out_file, 'w', encoding='utf-8') as f:
+        r = subprocess.run([sys.executable, 'sample.py', '--device=cpu', f'--out_dir={out_dir}',
+                            f'--start=FILE:{prompt_file}', '--temperature=0'],
+                           cwd=REPO, env=ENV, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert 'config: temperature = 0.0' in err and int(RATE_LINE.match(err[-1]).group(1)) == 200
+    model = Checkpoint.load(os.path.join(out_dir, 'ckpt.pt')).build_model().eval()
+    ids = model.generate(torch.tensor([tok.encode(prompt)]), 200, temperature=0)[0].tolist()
+    assert out_file.read_text(encoding='utf-8') == safe_decode(tok, ids) + '\n'
+
+
+def test_default_length_runs_past_the_context_with_and_without_cache(out_dir):
+    """200 new tokens on a model with a context of 48: both paths slide through the same windows, with exact
+    thoughts, so greedy sampling gives the same text."""
+    common = [f'--out_dir={out_dir}', f'--start={PROMPT}', '--temperature=0', '--n_jacobi=64']
+    (cached, err), (uncached, _) = ok(common + ['--use_cache=True'], common + ['--use_cache=False'])
+    assert cached == uncached and cached.startswith(PROMPT)
+    assert int(RATE_LINE.match(err[-1]).group(1)) == 200
+
+
 # ----------------------------------------------------------------------------- a Hugging Face directory
 
 def test_hf_directory_matches_transformers_greedy(tmp_path, tokenizer_json, tok):
@@ -189,3 +214,73 @@ def test_text_stream_prints_whole_characters(tok, capsys):
     assert decode(prompt) + ''.join(pieces) == decode(ids) + '\n'
     assert len(ids) - len(prompt) > len([p for p in pieces if p])  # some tokens had to wait for the next
     assert not any('\ufffd' in p for p in pieces)  # a split character is held back, never printed broken
+
+
+# ----------------------------------------------------------------------------- generating past the context
+
+METHODS = {'vanilla': {}, 'ponderlm2-k1': {'n_thoughts': 1}, 'ponderlm1-n2': {'n_ponder': 2}}
+BLOCK = 16
+
+
+def tiny_model(method):
+    """A tiny random model: its logits are near uniform, so the tokens it picks vary, as a test of the window
+    needs (a model repeating one token would look the same through any window)."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=BLOCK, vocab_size=97, n_layer=2, n_head=4, n_embd=32, **METHODS[method])).eval()
+
+
+def random_prompt(T, seed=1):
+    return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+def windows(n_prompt, n_new, block_size):
+    """(start, end) of the tokens each new token is predicted from, by generate_stream's rule written out:
+    all of them while they fit, and whenever one more would not, the last block_size // 2."""
+    start, out = 0, []
+    for end in range(n_prompt, n_prompt + n_new):
+        if end - start > block_size:
+            start = end - block_size // 2
+        out.append((start, end))
+    return out
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_greedy_generation_continues_past_the_context(method):
+    """The tokens generated while prompt + new tokens fit are those of a run that never slides; generation goes
+    on past block_size; and the cached path equals the uncached one past the slides (the same windows)."""
+    model = tiny_model(method)
+    prompt = random_prompt(5)
+    exact = model.config.n_thoughts * prompt.size(1)  # Jacobi passes for exact prompt thoughts, as uncached has
+    long = model.generate(prompt, 3 * BLOCK, temperature=0, n_jacobi=exact)
+    fits = model.generate(prompt, BLOCK - prompt.size(1), temperature=0, n_jacobi=exact)
+    assert long.shape == (2, prompt.size(1) + 3 * BLOCK)
+    assert torch.equal(long[:, :BLOCK], fits)
+    assert torch.equal(long, model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_each_token_is_predicted_from_its_window(method):
+    """Sampled tokens (varied ones); each step's logits equal a from-scratch forward with exact thoughts over the
+    window the rule names: the slides come where they should, and the refilled caches are right."""
+    model = tiny_model(method)
+    prompt = random_prompt(5, seed=2)
+    torch.manual_seed(1)
+    steps = list(model.generate_stream(prompt, 3 * BLOCK, temperature=1.0,
+                                       n_jacobi=model.config.n_thoughts * prompt.size(1)))
+    tokens = torch.cat([prompt] + [t for t, _ in steps], dim=1)  # (B, T + 3 * BLOCK)
+    assert len(set(tokens[0, BLOCK:].tolist())) > BLOCK
+    spans = windows(prompt.size(1), len(steps), BLOCK)
+    assert len({start for start, _ in spans}) == 5  # the window slid 4 times
+    with torch.no_grad():
+        for (start, end), (_, logits) in zip(spans, steps):
+            torch.testing.assert_close(logits, model.exact_logits(tokens[:, start:end]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prompt_must_fit_in_the_context():
+    """A prompt that fills the context slides at the first token it feeds; a longer one is an error (sample.py
+    cuts it with --truncate=True)."""
+    model = tiny_model('vanilla')
+    full = random_prompt(BLOCK)
+    assert torch.equal(model.generate(full, 5, temperature=0), model.generate(full, 5, temperature=0, use_cache=False))
+    with pytest.raises(ValueError, match='block_size'):
+        model.generate(random_prompt(BLOCK + 1), 1)
