@@ -25,11 +25,13 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # optional: used on CUDA in bf16/fp16 only, SDPA everywhere else
     from flash_attn import flash_attn_func
@@ -174,6 +176,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    BACKENDS = ('auto', 'sdpa', 'flash')
 
     def __init__(self, config):
         super().__init__()
@@ -181,6 +184,27 @@ class Attention(nn.Module):
         self.head_size = config.n_embd // config.n_head
         self.query_key_value = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.dense = nn.Linear(config.n_embd, config.n_embd)
+        # the kernel: 'auto' = flash-attn where it can run (installed, CUDA, bf16/fp16), SDPA elsewhere;
+        # 'sdpa' or 'flash' to force one (bench.py times one against the other). See set_backend.
+        self.attn_backend = 'auto'
+
+    @staticmethod
+    def set_backend(model, backend):
+        """Choose the attention kernel of every Attention in model (a GPT, or any module holding them):
+        Attention.set_backend(model, 'sdpa'). 'flash' without the flash_attn package is a ValueError."""
+        if backend not in Attention.BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(Attention.BACKENDS)}, got {backend!r}")
+        if backend == 'flash' and flash_attn_func is None:
+            raise ValueError("attention backend 'flash' needs the flash_attn package (pip install flash-attn, "
+                             "CUDA only); use 'auto' or 'sdpa'")
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.attn_backend = backend
+
+    @staticmethod
+    def flash_suits(device_type, dtype):
+        """Whether 'auto' picks flash-attn for attention computed on device_type in dtype."""
+        return flash_attn_func is not None and device_type == 'cuda' and dtype in (torch.bfloat16, torch.float16)
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, C = x.size()
@@ -197,12 +221,20 @@ class Attention(nn.Module):
         return self.dense(y)
 
     def attend(self, q, k, v, past):
-        """Causal attention of q (B, nh, T, hs) over k, v (B, nh, past + T, hs)."""
-        T = q.size(2)
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        """Causal attention of q (B, nh, T, hs) over k, v (B, nh, past + T, hs), with the chosen backend."""
+        # under autocast the fp32 rotary tables promote q and k back to fp32: the attention itself runs in
+        # autocast's dtype (SDPA casts to it), so that is the dtype that decides whether flash-attn can run
+        device_type = q.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+        flash = self.attn_backend == 'flash' or (self.attn_backend == 'auto' and self.flash_suits(device_type, dtype))
+        if flash:
+            if device_type != 'cuda' or dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"attention backend 'flash' runs on CUDA in bfloat16 or float16, not on "
+                                 f"{device_type} in {dtype}; use 'auto' or 'sdpa'")
             # flash-attn aligns its causal mask to the bottom right, so it is right with a cache too
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            y = flash_attn_func(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)), causal=True)
             return y.transpose(1, 2)
+        T = q.size(2)
         if past == 0:  # query and key lengths equal: SDPA's top-left aligned is_causal is right
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if T == 1:  # one new position sees the whole cache: no mask at all
@@ -301,15 +333,34 @@ class GPT(nn.Module):
 
     # --- the trunk f: blocks + final LayerNorm on input vectors at given positions ---
 
+    # activation checkpointing: keep only each Block's input for backward and recompute its insides there, in
+    # every pass of the thought loop. A setting of the training run (train.py), not of the model: it changes
+    # no result, so it is no GPTConfig field and no checkpoint records it.
+    activation_checkpointing = False
+
     def trunk(self, x, pos, cache=None):
         """x (B, T, C) input vectors, pos (T,) position ids -> (B, T, C) hidden states after the final LN."""
         cos = self.rope_cos[pos].to(x.dtype)  # (T, rot), broadcasts over (B, nh)
         sin = self.rope_sin[pos].to(x.dtype)
+        # nothing to recompute without a backward (evaluation, decoding with its KV cache)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i)
+            if cache is not None:  # decoding: the block also appends its keys and values to the cache
+                x = block(x, cos, sin, cache, i)
+            elif recompute:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:  # (no layer index: compile_blocks would specialize a graph on it)
+                x = block(x, cos, sin)
         if cache is not None:
             cache.pos += x.size(1)
         return self.final_layer_norm(x)
+
+    def compile_blocks(self, **options):
+        """torch.compile each Block in place (regional compilation): every pass of every method runs the same
+        Block code, so the compiled graphs are reused whatever the number of passes (R) is; compiling the whole
+        model instead unrolls the thought loop into one graph per R. Parameter names do not change."""
+        for block in self.layers:
+            block.compile(**options)
 
     def embed(self, idx):
         return self.embed_in(idx) * self.config.embed_scale  # (B, T, C)
@@ -335,7 +386,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def think(self, idx, n_jacobi, cache=None):
+    def think(self, idx, n_jacobi, cache=None, tol=None, on_pass=None):
         """PonderLM-2: K latent thoughts per token, computed in parallel with Jacobi iterations.
 
         Stage 0 holds the token vectors e_t; stage j (1..K) holds every token's j-th thought z_t^j. The
@@ -346,7 +397,13 @@ class GPT(nn.Module):
         it is, and stage building makes the first token's thoughts exact, so each pass adds at least one
         exact thought: n_jacobi >= K(T-1) gives exactly the sequential, token-by-token computation (in
         practice the passes contract and it agrees to float precision much sooner).
+        tol: adaptive Jacobi instead of n_jacobi fixed passes: stop once a pass changes the thoughts by at
+        most tol relative to their size (relative_change, over the whole batch), and after K(T-1) passes at
+        the latest (exact by then). tol=0 stops at the exact fixed point, a huge tol after one pass.
         cache: filled by the final pass with all (K+1)T slots (generate's prefill).
+        on_pass(r, thoughts (B, T, K, C), h (B, T, C)): called with the thoughts after r = 0, 1, .. Jacobi
+        passes and the hidden states that predict the next token from them (what think(idx, r) returns);
+        the last call's r is the number of passes used.
         Returns the hidden state at the last thought of each token, (B, T, C): it predicts the next token.
         """
         K = self.config.n_thoughts
@@ -358,10 +415,21 @@ class GPT(nn.Module):
             h = self.run_stages(stages)  # (B, T, S, C) with S = len(stages)
             stages = [e] + list(h.unbind(dim=2))
         # Jacobi refinement: stage j+1 <- outputs at stage-j slots, for all j at once
-        for _ in range(n_jacobi):
+        max_passes = n_jacobi if tol is None else K * (idx.size(1) - 1)
+        done = 0
+        while done < max_passes:
             h = self.run_stages(stages)  # (B, T, K+1, C)
-            stages = [e] + list(h[:, :, :K].unbind(dim=2))
+            if on_pass is not None:  # h[:, :, K] is what the final pass after `done` passes would return
+                on_pass(done, torch.stack(stages[1:], dim=2), h[:, :, K])
+            thoughts = list(h[:, :, :K].unbind(dim=2))
+            converged = tol is not None and relative_change(thoughts, stages[1:]) <= tol
+            stages = [e] + thoughts
+            done += 1
+            if converged:
+                break
         h = self.run_stages(stages, cache)  # final pass
+        if on_pass is not None:
+            on_pass(done, torch.stack(stages[1:], dim=2), h[:, :, K])
         return h[:, :, K]  # (B, T, C): the output at each token's last thought slot
 
     def run_stages(self, stages, cache=None):
@@ -371,6 +439,29 @@ class GPT(nn.Module):
         x = torch.stack(stages, dim=2).view(B, T * S, C)  # e_1 z_1^1 .. e_2 z_2^1 ..
         pos = torch.arange(T, device=x.device).repeat_interleave(S)  # thoughts share their token's position
         return self.trunk(x, pos, cache).view(B, T, S, C)
+
+    @torch.no_grad()
+    def exact_thoughts(self, idx):
+        """PonderLM-2 thoughts computed one token at a time through a KV cache, as decoding computes them: exact.
+        idx (B, T) -> (thoughts (B, T, K, C), h (B, T, C)), h predicting each next token (embed_out(h) is
+        sequential_logits(idx)). The reference that Jacobi passes are measured against (eval.py)."""
+        B, T = idx.size()
+        K = self.config.n_thoughts
+        if not K:
+            raise ValueError("exact_thoughts needs a PonderLM-2 model (n_thoughts > 0)")
+        dtype = self.embed_in.weight.dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
+        cache = KVCache(self.config, B, (K + 1) * T, idx.device, dtype)
+        thoughts, hs = [], []
+        for t in range(T):
+            pos = torch.tensor([t], device=idx.device)
+            h = self.trunk(self.embed(idx[:, t:t + 1]), pos, cache)  # (B, 1, C)
+            for _ in range(K):  # each thought is the previous slot's output, fed back at the same position
+                thoughts.append(h)
+                h = self.trunk(h, pos, cache)
+            hs.append(h)
+        return torch.cat(thoughts, dim=1).view(B, T, K, -1), torch.cat(hs, dim=1)
 
     def ponder(self, idx, caches=None):
         """PonderLM v1: N times, add the probability-weighted sum of token embeddings to the input.
@@ -392,9 +483,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  n_jacobi=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. The prompt must fit in
+        block_size, the new tokens need not: past it the context window slides (see generate_stream).
         n_jacobi: Jacobi passes over the prompt in the cached PonderLM-2 prefill (default config.n_jacobi);
-        the thoughts of generated tokens are always exact."""
+        the thoughts of generated tokens, and of every window after a slide, are always exact."""
         out = [idx]
         for idx_next, _ in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, n_jacobi):
             out.append(idx_next)
@@ -403,24 +495,49 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                         n_jacobi=None):
-        """Yield (idx_next (B, 1), logits (B, V)) for each new token: logits are what it was sampled from."""
+        """Yield (idx_next (B, 1), logits (B, V)) for each new token: logits are what it was sampled from.
+
+        The logits come from a window of the sequence of at most block_size tokens: no model sees more. While the
+        prompt and the new tokens fit, the window is all of them. When a new token does not fit, the window slides:
+        it keeps the last slide_keep() tokens (half the context), recomputes them from scratch into fresh caches,
+        thoughts included and exact (prefill_exact), and grows from there again. nanoGPT's sampler instead crops
+        to the last block_size tokens at every step; with a KV cache that would be a whole prefill per token,
+        where a slide every block_size/2 tokens costs about one decode step per token. The uncached path crops to
+        the same windows, so use_cache=False stays the exact reference of the cached path, slides included."""
         B, T = idx.size()
         if T == 0:
             raise ValueError("generate needs at least one prompt token (e.g. the EOS token)")
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
-                             f"{self.config.block_size}: shorten the prompt or ask for fewer tokens")
+        if T > self.config.block_size:
+            raise ValueError(f"the prompt ({T} tokens) is longer than block_size {self.config.block_size}: "
+                             f"keep its last {self.config.block_size} tokens")
+        window = idx  # (B, L) with L <= block_size: the tokens the next logits are computed from
         if use_cache:
-            logits, caches = self.prefill(idx, T + max_new_tokens, n_jacobi)
+            logits, caches = self.prefill(idx, self.cache_len(T, max_new_tokens), n_jacobi)
+        else:
+            logits = self.exact_logits(window)
         for i in range(max_new_tokens):
-            if not use_cache:
-                logits = self.exact_logits(idx)
-            elif i > 0:
-                logits = self.decode_one(idx_next, T + i - 1, caches)
             idx_next = sample(logits.float(), temperature, top_k, top_p)  # (B, 1)
             yield idx_next, logits
+            if i == max_new_tokens - 1:
+                return  # nothing left to predict: the last token need not be run
+            window = torch.cat((window, idx_next), dim=1)
+            slide = window.size(1) > self.config.block_size
+            if slide:
+                window = window[:, -self.slide_keep():]
             if not use_cache:
-                idx = torch.cat((idx, idx_next), dim=1)
+                logits = self.exact_logits(window)
+            elif slide:
+                logits, caches = self.prefill_exact(window, self.cache_len(window.size(1), max_new_tokens - i))
+            else:
+                logits = self.decode_one(idx_next, window.size(1) - 1, caches)
+
+    def slide_keep(self):
+        """How many tokens the window keeps when it slides: half the context (at least 1), see generate_stream."""
+        return max(1, self.config.block_size // 2)
+
+    def cache_len(self, n_tokens, n_more):
+        """Cache positions for n_tokens now and at most n_more to come, but never more than the context holds."""
+        return min(n_tokens + n_more, self.config.block_size)
 
     def exact_logits(self, idx):
         """Next-token logits (B, V) recomputed from scratch with exact thoughts: the uncached reference."""
@@ -454,6 +571,18 @@ class GPT(nn.Module):
         else:
             h = self.trunk(self.embed(idx), torch.arange(T, device=idx.device), caches[0])
         return self.embed_out(h[:, -1]), caches
+
+    def prefill_exact(self, idx, max_len):
+        """prefill() with exact thoughts, for the window after a slide. Vanilla and PonderLM v1 have no thoughts:
+        their prefill is exact already. PonderLM-2 runs the tokens through the fresh cache one at a time, exactly as
+        decoding computed them: T decode steps, the FLOPs of one pass. The parallel alternative, think() with
+        K(T-1) Jacobi passes, is exact too but costs K(T-1) passes over (K+1)T slots, quadratic in T."""
+        if not self.config.n_thoughts:
+            return self.prefill(idx, max_len)
+        logits, caches = self.prefill(idx[:, :1], max_len, n_jacobi=0)  # one token: stage building is exact
+        for t in range(1, idx.size(1)):
+            logits = self.decode_one(idx[:, t:t + 1], t, caches)
+        return logits, caches
 
     def decode_one(self, idx_next, t, caches):
         """Feed one new token (B, 1) at position t through the caches; return next-token logits (B, V)."""
@@ -525,6 +654,34 @@ class GPT(nn.Module):
         load_hf_weights(model, read_state_dict(path))
         return model
 
+    def save_pretrained(self, directory, tokenizer_path=None, eos_token='<|endoftext|>'):
+        """Write a Hugging Face GPT-NeoX directory that from_pretrained reads back: config.json (hf_config: the
+        method's keys in the official spelling), model.safetensors (fp32, Hugging Face names) and, given
+        tokenizer_path, its tokenizer.json with a tokenizer_config.json. A vanilla model's embedding scale is
+        folded into embed_in (and scale_embeds written false), so stock transformers computes the same logits;
+        a PonderLM model keeps scale_embeds as the official code reads it. Files are written whole or not at all."""
+        from safetensors.torch import save as safetensors_bytes
+        config, eos_id = self.config, 0
+        if tokenizer_path is not None:
+            from tokenizers import Tokenizer
+            eos_id = Tokenizer.from_file(tokenizer_path).token_to_id(eos_token)
+            if eos_id is None:
+                raise ValueError(f"tokenizer {tokenizer_path} has no {eos_token} token")
+        sd = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        if not (config.n_thoughts or config.n_ponder) and config.scale_embeds:
+            sd['embed_in.weight'] = sd['embed_in.weight'] * config.embed_scale
+            config = replace(config, scale_embeds=False)
+        sd = {(k if k == 'embed_out.weight' else 'gpt_neox.' + k): v for k, v in sd.items()}
+        os.makedirs(directory, exist_ok=True)
+        write_whole(os.path.join(directory, 'model.safetensors'), safetensors_bytes(sd, metadata={'format': 'pt'}))
+        write_json(os.path.join(directory, 'config.json'), hf_config(config, eos_id))
+        if tokenizer_path is not None:
+            with open(tokenizer_path, 'rb') as f:
+                write_whole(os.path.join(directory, 'tokenizer.json'), f.read())
+            write_json(os.path.join(directory, 'tokenizer_config.json'), {
+                'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': eos_token, 'eos_token': eos_token,
+                'unk_token': eos_token, 'model_max_length': config.block_size})
+
     @classmethod
     def from_state_dict(cls, config, state_dict):
         """A model from the weights of a train.py checkpoint (a compiled or DDP model saves them under a prefix)."""
@@ -558,6 +715,14 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
+def relative_change(new, old):
+    """||new - old|| / ||new|| over all of two lists of tensors (the thought stages of a batch), as a float:
+    how much a Jacobi pass moved the thoughts (think's tol)."""
+    diff = sum(((a.float() - b.float()) ** 2).sum() for a, b in zip(new, old))
+    size = sum((a.float() ** 2).sum() for a in new)
+    return (diff / size.clamp_min(1e-30)).sqrt().item()
+
+
 def device_peak_flops():
     if not torch.cuda.is_available():
         return None
@@ -572,12 +737,19 @@ def device_peak_flops():
 # loading Hugging Face checkpoints
 
 def config_from_hf(hf):
-    """GPTConfig from a GPT-NeoX config.json (old and new key names, and the PonderLM keys)."""
+    """GPTConfig from a GPT-NeoX config.json (old and new key names), with the method keys of the official
+    PonderLM-2 / PonderingLM code: num_latent_thoughts, num_jacobi_iterations, random_jacobi_iterations,
+    interpolation, interpolation_use_topk, scale_embeds, recurrent_model, ponderinglm, pondering_steps,
+    mutiply_pondering_steps (sic); and jacobi_train_range, which only our export writes."""
     act = hf.get('hidden_act', 'gelu')
     if act != 'gelu':
         raise ValueError(f"hidden_act {act!r} is not supported: only the exact 'gelu' of GPT-NeoX/Pythia")
+    # interpolation_use_topk only qualifies interpolation: with interpolation off it changes nothing
     if hf.get('interpolation'):
         raise ValueError("interpolation=True (thought interpolation) is not supported by this implementation")
+    if hf.get('recurrent_model'):
+        raise ValueError("recurrent_model=True (the official code's recurrent variant) is not supported by this "
+                         "implementation")
     if not hf.get('attention_bias', True):
         raise ValueError("attention_bias=False is not supported: GPT-NeoX has biases everywhere")
     rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
@@ -587,6 +759,8 @@ def config_from_hf(hf):
     rotary_base = rope.get('rope_theta', hf.get('rope_theta', hf.get('rotary_emb_base', 10000)))
     n_ponder = hf.get('pondering_steps', 0) if hf.get('ponderinglm') else 0
     n_jacobi = hf.get('num_jacobi_iterations', 3)
+    # released checkpoints say only whether R was random in training: ours draws from {2,3,4} then
+    train_range = (2, 4) if hf.get('random_jacobi_iterations', True) else (n_jacobi, n_jacobi)
     return GPTConfig(
         block_size=hf.get('max_position_embeddings', 2048),
         vocab_size=hf['vocab_size'],
@@ -600,12 +774,70 @@ def config_from_hf(hf):
         layer_norm_eps=hf.get('layer_norm_eps', 1e-5),
         n_thoughts=hf.get('num_latent_thoughts', 0) or 0,
         n_jacobi=n_jacobi,
-        # released checkpoints say only whether R was random in training: ours draws from {2,3,4} then
-        jacobi_train_range=(2, 4) if hf.get('random_jacobi_iterations', True) else (n_jacobi, n_jacobi),
+        jacobi_train_range=tuple(hf.get('jacobi_train_range', train_range)),
         n_ponder=n_ponder or 0,
         ponder_multiply=bool(hf.get('mutiply_pondering_steps', False)),  # (sic) the released key
         scale_embeds=bool(hf.get('scale_embeds', False)),  # stock Pythia does not scale
     )
+
+
+def hf_config(config, eos_id=0):
+    """A GPT-NeoX config.json (dict) for config, in the key names of Pythia's released configs, plus the method
+    keys in the official code's spelling (config_from_hf reads it back). Stock transformers reads the
+    GPT-NeoX part; the method keys are extra attributes it keeps but does not act on."""
+    lo, hi = config.jacobi_train_range
+    return {
+        'architectures': ['GPTNeoXForCausalLM'],
+        'model_type': 'gpt_neox',
+        'vocab_size': config.vocab_size,
+        'hidden_size': config.n_embd,
+        'num_hidden_layers': config.n_layer,
+        'num_attention_heads': config.n_head,
+        'intermediate_size': config.n_inner or 4 * config.n_embd,
+        'max_position_embeddings': config.block_size,
+        'rotary_pct': config.rotary_pct,
+        'rotary_emb_base': config.rotary_base,
+        'use_parallel_residual': config.parallel_residual,
+        'layer_norm_eps': config.layer_norm_eps,
+        'hidden_act': 'gelu',
+        'attention_bias': True,
+        'tie_word_embeddings': False,
+        'initializer_range': 0.02,
+        'bos_token_id': eos_id,
+        'eos_token_id': eos_id,
+        'use_cache': True,
+        'torch_dtype': 'float32',
+        # PonderLM-2
+        'num_latent_thoughts': config.n_thoughts,
+        'num_jacobi_iterations': config.n_jacobi,
+        'random_jacobi_iterations': lo < hi,
+        'jacobi_train_range': [lo, hi],
+        'interpolation': False,
+        'interpolation_use_topk': False,
+        'recurrent_model': False,
+        # PonderingLM (v1)
+        'ponderinglm': config.n_ponder > 0,
+        'pondering_steps': config.n_ponder,
+        'mutiply_pondering_steps': config.ponder_multiply,  # (sic) the official key
+        # both
+        'scale_embeds': config.scale_embeds,
+    }
+
+
+def write_whole(path, data):
+    """Write bytes to a temp file, then rename it to path: a reader sees the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    write_whole(path, (json.dumps(obj, indent=2) + '\n').encode())
 
 
 def download_from_hub(repo_id):
@@ -649,10 +881,19 @@ def read_weights_file(file):
     return torch.load(file, map_location='cpu', weights_only=True)
 
 
+UNUSED_OFFICIAL_WEIGHTS = ('adapter.weight',)  # the official PonderingLM code makes nn.Linear(2H, H) and never uses it
+
+
 def load_hf_weights(model, sd):
-    """Copy a GPTNeoXForCausalLM state dict into our model (same module names, 'gpt_neox.' dropped)."""
+    """Copy a GPTNeoXForCausalLM state dict into our model (same module names, 'gpt_neox.' dropped). The
+    official PonderingLM code's unused adapter.weight is skipped, with one note on stderr."""
     ignored = ('.attention.bias', '.attention.masked_bias', '.rotary_emb.inv_freq')  # buffers we recompute
     sd = {k.removeprefix('gpt_neox.'): v for k, v in sd.items() if not k.endswith(ignored)}
+    unused = [k for k in UNUSED_OFFICIAL_WEIGHTS if k in sd]
+    if unused:
+        print(f"note: ignoring {', '.join(unused)}: a layer the official PonderingLM code creates and never uses",
+              file=sys.stderr)
+        sd = {k: v for k, v in sd.items() if k not in unused}
     ours = model.state_dict()
     missing = sorted(set(ours) - set(sd))
     unexpected = sorted(set(sd) - set(ours))

@@ -204,10 +204,11 @@ def test_ponder_matches_definition():
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_past_block_size_is_a_clear_error():
+def test_a_prompt_longer_than_block_size_is_a_clear_error():
+    # new tokens past the context slide the window (test_sample.py); a prompt that does not fit is refused
     model = tiny(block_size=16)
     with pytest.raises(ValueError, match='block_size'):
-        model.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+        model.generate(torch.zeros(1, 17, dtype=torch.long), 7)
 
 
 def test_sampling_filters():
