@@ -1,22 +1,26 @@
 """
-The small CPU reproduction of the papers' claims: train vanilla, PonderLM-2 K=1 and K=2, PonderLM N=3 and a
-vanilla model with twice the non-embedding parameters on the same tokens with the same init, then report
-each final val loss, with Jacobi thoughts (R=3, as the papers) and with exact sequential thoughts.
+The CPU experiment of the README "Results": do latent thoughts pay off when the model is mostly trunk? On Tiny
+Shakespeare with a 512-id BPE, every run has the same tokens, the same init and the same 6x128 trunk, over several
+seeds:
+  (a) vanilla and PonderLM-2 K=1: equal parameters and tokens;
+  (b) vanilla-2x: vanilla with 2x the non-embedding parameters (12 layers), equal inference FLOPs with K=1;
+  (c) PonderLM-2 K=2;
+  (d) vanilla-flops: vanilla trained on as many FLOPs as K=1 (more iterations on more tokens: more epochs);
+  (e) PonderLM N=3 (PonderLM v1).
+Thought models report the val loss with Jacobi thoughts (R=3, as the papers) and with exact thoughts (eval.py).
 
-    python prepare_data.py --dataset=shakespeare            # once (offline: add --input=PATH --tokenizer=PATH)
-    python experiments/repro.py                             # ~25 min on 2 CPU cores; results in out-repro/
-    python experiments/repro.py --seeds=1337,1338           # add a seed: runs already trained are reused
-    python experiments/repro.py --runs=vanilla,ponderlm2-k1 --max_iters=50   # a quicker look
+    python experiments/repro.py                              # ~60 min on 2 CPU cores; results in out-repro/
+    python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # offline: a local copy of the text
+    python experiments/repro.py --seeds=1337 --runs=vanilla,ponderlm2-k1 --max_iters=100   # a quicker look
 
-It works from any directory: train.py, the config (experiments/repro_shakespeare.py), the data directory
-(data/shakespeare) and out_root (out-repro) default to paths in the repository. Runs are named by method
-(model.py's names): vanilla, vanilla-2x (n_layer=12: twice the non-embedding parameters), ponderlm2-k1,
-ponderlm2-k2, ponderlm1-n3. Each is `python train.py experiments/repro_shakespeare.py <its method>
---data_dir=<data_dir> --out_dir=<out_root>/<name>-s<seed>` with OMP_NUM_THREADS=1 (two single-threaded runs
-share two cores better than one run with two threads); its log is <out_root>/<name>-s<seed>/train.log.
-A run whose train_time.json exists is finished and reused; delete its folder to train it again (a folder
-without one, left by an interrupted repro, is trained again from scratch). Writes <out_root>/results.md,
-results.json and the val-loss plot val_loss.png.
+It prepares its data if missing (prepare_data.py --dataset=shakespeare --tokenizer=bpe:512, downloading the text
+unless --input names a copy) and works from any directory: train.py, eval.py, the config
+(experiments/repro_shakespeare.py), the data (data/shakespeare-bpe512) and out_root (out-repro) are found in the
+repository. Each run is `python train.py experiments/repro_shakespeare.py <its overrides> --seed=S
+--out_dir=<out_root>/<name>-s<S>` with OMP_NUM_THREADS=1 (two single-threaded runs share two cores better than one
+run with two threads), then eval.py on its checkpoint; logs in the run's folder. A run whose train_time.json exists
+is finished and reused (delete its folder to train it again). Writes <out_root>/results.md, results.json and the
+plots val_loss_tokens.png and val_loss_flops.png.
 """
 import json
 import os
@@ -31,40 +35,78 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
 from data import read_meta, read_tokens  # noqa: E402
-from model import method_settings  # noqa: E402
+from model import GPT, method_settings  # noqa: E402
+from runlog import read_metrics  # noqa: E402
 from runtime import Checkpoint, UserError, atomic_write, failure, run_cli  # noqa: E402
 
 # the runs: name -> (method, extra train.py overrides, what sets it apart from its method's label),
-# most expensive first so two workers finish together
+# most expensive first so two workers finish together. vanilla-flops gets its iterations from flops_matched_iters.
 RUNS = {
-    'ponderlm1-n3': ('ponderlm1-n3', [], ''),
     'ponderlm2-k2': ('ponderlm2-k2', [], ''),
+    'vanilla-flops': ('vanilla', [], 'training FLOPs of K=1'),
     'ponderlm2-k1': ('ponderlm2-k1', [], ''),
+    'ponderlm1-n3': ('ponderlm1-n3', [], ''),
     'vanilla-2x': ('vanilla', ['--n_layer=12'], '2x non-embedding params'),
     'vanilla': ('vanilla', [], ''),
 }
 TRAIN = os.path.join(ROOT, 'train.py')
+EVAL = os.path.join(ROOT, 'eval.py')
 # -----------------------------------------------------------------------------
 config = os.path.join(ROOT, 'experiments', 'repro_shakespeare.py')
-data_dir = os.path.join(ROOT, 'data', 'shakespeare')
+data_dir = os.path.join(ROOT, 'data', 'shakespeare-bpe512')
+input = ''              # a local copy of Tiny Shakespeare, to prepare the data offline
 out_root = os.path.join(ROOT, 'out-repro')
 runs = ','.join(RUNS)
-seeds = '1337'
+seeds = '1337,1338,1339'
 jobs = 2
-max_iters = 0  # 0 -> the config's
+max_iters = 0           # 0 -> the config's
+train_args = ''         # more train.py overrides for every run, space-separated (the tests' toy budget)
 # -----------------------------------------------------------------------------
+
+
+def run_overrides(name):
+    """train.py overrides of one run, beyond the config file and train_args."""
+    method, extra, _ = RUNS[name]
+    args = [f'--{key}={value}' for key, value in method_settings(method).items()] + extra
+    if max_iters:
+        args.append(f'--max_iters={max_iters}')
+    if name == 'vanilla-flops':  # more iterations, evaluated as often relative to its length
+        settings = run_settings(args)
+        iters = flops_matched_iters(settings['max_iters'])
+        eval_every = max(1, round(settings['eval_interval'] * iters / settings['max_iters']))
+        args += [f'--max_iters={iters}', f'--eval_interval={eval_every}']
+    return args
+
+
+def run_settings(args):
+    """train.py's config for the config file, train_args and args, by configurator.py's rules."""
+    import train
+    from configurator import apply_overrides
+    settings = {k: getattr(train, k) for k in train._config_keys}
+    apply_overrides([config, *train_args.split(), *args], settings)
+    return settings
+
+
+def training_flops_per_token(args):
+    """FLOPs per token of one training step of the model args give (model.py's count, R at its mean)."""
+    import train
+    train.__dict__.update(run_settings(args))  # this process never trains: train's globals are a scratch pad
+    with torch.device('meta'):  # the shapes alone: no weights to allocate
+        return GPT(train.config_from_globals()).flops_per_token(training=True)
+
+
+def flops_matched_iters(base_iters):
+    """Iterations of vanilla that cost the training FLOPs of base_iters iterations of PonderLM-2 K=1."""
+    k1 = training_flops_per_token([f'--{k}={v}' for k, v in method_settings('ponderlm2-k1').items()])
+    vanilla = training_flops_per_token([f'--{k}={v}' for k, v in method_settings('vanilla').items()])
+    return round(base_iters * k1 / vanilla)
 
 
 def train_command(name, seed, out_dir):
-    method, extra, _ = RUNS[name]
-    method_args = [f'--{key}={value}' for key, value in method_settings(method).items()]
-    cmd = [sys.executable, TRAIN, os.path.abspath(config), *method_args, *extra,
-           f'--data_dir={os.path.abspath(data_dir)}', f'--out_dir={out_dir}', f'--seed={seed}',
-           f'--wandb_run_name=repro-{name}-s{seed}',
-           '--overwrite=True']  # what a folder without train_time.json holds is an unfinished run: start over
-    if max_iters:
-        cmd.append(f'--max_iters={max_iters}')
-    return cmd
+    return [sys.executable, TRAIN, os.path.abspath(config), *train_args.split(), *run_overrides(name),
+            f'--data_dir={os.path.abspath(data_dir)}', f'--out_dir={out_dir}', f'--seed={seed}',
+            f'--wandb_run_name=repro-{name}-s{seed}',
+            '--overwrite=True']  # what a folder without train_time.json holds is an unfinished run: start over
 
 
 def train(name, seed):
@@ -91,40 +133,49 @@ def train(name, seed):
     return out_dir, seconds
 
 
-@torch.no_grad()
-def val_losses(model, val):
-    """Mean loss over every whole block of the val tokens: Jacobi thoughts (the config's n_jacobi, the papers'
-    number) and, for thought models, exact sequential thoughts (teacher-forced through the KV cache)."""
-    T = model.config.block_size
-    n = (len(val) - 1) // T
-    jacobi, exact = [], []
-    for i in range(0, n, 16):  # 16 blocks at a time
-        b = torch.arange(i, min(i + 16, n))
-        idx = torch.from_numpy(np.stack([val[j * T:j * T + T + 1].astype(np.int64) for j in b.tolist()]))
-        x, y = idx[:, :-1], idx[:, 1:]
-        jacobi.append(model(x, y)[1].item() * len(b))
-        if model.config.n_thoughts:
-            logits = model.sequential_logits(x)
-            exact.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item() * len(b))
-    return sum(jacobi) / n, (sum(exact) / n if exact else None)
+def eval_losses(out_dir):
+    """The run's val loss over the whole val split, by eval.py: Jacobi thoughts at R=3 (the papers' number) and,
+    for thought models, exact thoughts (one token at a time through the KV cache, as decoding computes them).
+    Its eval.json is reused while it is newer than the checkpoint."""
+    out = os.path.join(out_dir, 'eval')
+    if not os.path.exists(out + '.json') or os.path.getmtime(out + '.json') < os.path.getmtime(os.path.join(out_dir, 'ckpt.pt')):
+        run_eval(out_dir, out)
+    with open(out + '.json') as f:
+        rows = {row['name']: row['loss'] for row in json.load(f)['rows']}
+    if 'exact' not in rows:  # no thoughts: one row
+        return next(iter(rows.values())), None
+    return rows['R=3'], rows['exact']
+
+
+def run_eval(out_dir, out):
+    cmd = [sys.executable, EVAL, f'--init_from={os.path.join(out_dir, "ckpt.pt")}', '--max_jacobi=3', '--jacobi_tols=()',
+           f'--out={out}', '--dtype=float32', '--batch_size=32']
+    with open(os.path.join(out_dir, 'eval.log'), 'w') as log:
+        r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if r.returncode != 0:
+        raise failure(f"{' '.join(cmd)} failed (exit {r.returncode}); see {out_dir}/eval.log")
 
 
 def val_curve(out_dir):
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        entries = [json.loads(line) for line in f]
-    return [(e['iter'], e['val_loss']) for e in entries if 'val_loss' in e]
+    """(tokens, val loss) at each evaluation of the run (train.py's periodic val loss on the first val blocks)."""
+    entries = read_metrics(os.path.join(out_dir, 'metrics.jsonl'))
+    return [(e['tokens'], e['val_loss']) for e in entries if 'val_loss' in e]
 
 
 def evaluate(name, seed, out_dir, seconds):
-    """One run's results, from its checkpoint (read once) and its log."""
+    """One run's results, from its checkpoint, its log and eval.py."""
     ckpt = Checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
-    model = ckpt.build_model().eval()
+    cfg = ckpt.gpt_config()
+    with torch.device('meta'):
+        flops = GPT(cfg).flops_per_token(training=True)
     note = RUNS[name][2]
-    label = model.config.method_label + (f", {note}" if note else '')
-    # the data the run trained on; a relative data_dir (a run trained by hand) is from the repository root
-    jacobi, exact = val_losses(model, read_tokens(os.path.join(ROOT, ckpt.config['data_dir']), 'val'))
-    return dict(name=name, label=label, method=model.config.method, seed=seed, jacobi=jacobi, exact=exact,
-                seconds=seconds, params=model.get_num_params(), curve=val_curve(out_dir))
+    jacobi, exact = eval_losses(out_dir)
+    tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
+    with torch.device('meta'):
+        params = GPT(cfg).get_num_params()
+    return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
+                jacobi=jacobi, exact=exact, seconds=seconds, params=params, iters=ckpt.iter_num, tokens=tokens,
+                train_flops=tokens * flops, flops_per_token=flops, curve=val_curve(out_dir))
 
 
 def by_run(results):
@@ -132,27 +183,31 @@ def by_run(results):
     return {name: [r for r in results if r['name'] == name] for name in RUNS if any(r['name'] == name for r in results)}
 
 
-def plot(results, path):
-    """Val-loss curves: each run's mean over the seeds, with the min-max band where there are several."""
+def plot(results, path, x_of, xlabel):
+    """Val-loss curves against x_of(tokens, run): each run's mean over the seeds, with the min-max band."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for runs_ in by_run(results).values():
-        iters = [it for it, _ in runs_[0]['curve']]
+        xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve']]
         losses = np.array([[loss for _, loss in r['curve']] for r in runs_])  # (seeds, evals)
-        line, = ax.plot(iters, losses.mean(0), label=f"{runs_[0]['label']} ({len(runs_)} seed{'s' * (len(runs_) > 1)})")
+        line, = ax.plot(xs, losses.mean(0), label=f"{runs_[0]['label']} ({len(runs_)} seed{'s' * (len(runs_) > 1)})")
         if len(runs_) > 1:
-            ax.fill_between(iters, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-    ax.set_xlabel('iteration (1,024 tokens each)')
-    ax.set_ylabel('val loss (Jacobi thoughts, R=3)')
-    ax.set_ylim(top=8)
-    ax.set_title('Tiny Shakespeare, Pythia tokenizer, 6x128 trunk')
+            ax.fill_between(xs, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+    settled = [loss for r in results for _, loss in r['curve'][len(r['curve']) // 4:]]
+    if settled:
+        ax.set_ylim(min(settled) - 0.05, max(settled) + 0.1)
+    ax.set_xscale('log' if 'FLOPs' in xlabel else 'linear')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("val loss (train.py's periodic evaluation, R=3)")
+    ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk')
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format='png', dpi=120)
+    plt.close(fig)
 
 
 def spread(values, fmt):
@@ -163,13 +218,26 @@ def spread(values, fmt):
 
 
 def table(results):
-    lines = ['| run | seeds | non-emb params | val loss (Jacobi R=3) | val loss (exact thoughts) | train time (min) |',
-             '|---|---|---|---|---|---|']
+    lines = ['| run | seeds | non-emb params | tokens | training FLOPs | val loss (Jacobi R=3) | val loss (exact) '
+             '| train time (min) |', '|---|---|---|---|---|---|---|---|']
     for runs_ in by_run(results).values():
-        exact = spread([r['exact'] for r in runs_], '{:.4f}') if runs_[0]['exact'] is not None else '-'
-        lines.append(f"| {runs_[0]['label']} | {','.join(str(r['seed']) for r in runs_)} "
-                     f"| {runs_[0]['params'] / 1e6:.2f}M | {spread([r['jacobi'] for r in runs_], '{:.4f}')} | {exact} "
+        r0 = runs_[0]
+        exact = spread([r['exact'] for r in runs_], '{:.4f}') if r0['exact'] is not None else '-'
+        lines.append(f"| {r0['label']} | {len(runs_)} | {r0['params'] / 1e6:.2f}M | {r0['tokens'] / 1e6:.2f}M "
+                     f"| {r0['train_flops']:.2e} | {spread([r['jacobi'] for r in runs_], '{:.4f}')} | {exact} "
                      f"| {spread([r['seconds'] / 60 for r in runs_], '{:.1f}')} |")
+    return '\n'.join(lines)
+
+
+def paired_differences(results):
+    """Each run's val loss (Jacobi) minus vanilla's of the same seed: the comparison the seeds' spread is about."""
+    base = {r['seed']: r['jacobi'] for r in results if r['name'] == 'vanilla'}
+    lines = []
+    for name, runs_ in by_run(results).items():
+        diffs = [r['jacobi'] - base[r['seed']] for r in runs_ if r['seed'] in base]
+        if name != 'vanilla' and diffs:
+            per_seed = ', '.join(f"{d:+.4f}" for d in diffs)
+            lines.append(f"{runs_[0]['label']} - vanilla: mean {sum(diffs) / len(diffs):+.4f} (per seed {per_seed})")
     return '\n'.join(lines)
 
 
@@ -188,25 +256,39 @@ def chosen_seeds():
         raise UserError(f"seeds must be integers separated by commas, got {seeds!r}") from None
 
 
+def prepare_data():
+    """Tiny Shakespeare with a 512-id BPE of its train split, unless data_dir already holds it."""
+    if os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        return
+    cmd = [sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--dataset=shakespeare', '--tokenizer=bpe:512',
+           f'--out_dir={os.path.abspath(data_dir)}'] + ([f'--input={os.path.abspath(input)}'] if input else [])
+    print(f"preparing {data_dir}: {' '.join(cmd)}", flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise failure("could not prepare the data (see the error above)")
+
+
 def check_inputs():
     if jobs < 1:
         raise UserError(f"jobs must be >= 1, got {jobs}")
     if not os.path.isfile(config):
         raise UserError(f"config file not found: {config}")
-    read_meta(data_dir)  # each says how to make the data directory when it is missing
+    prepare_data()
+    read_meta(data_dir)
     read_tokens(data_dir, 'train')
     read_tokens(data_dir, 'val')
 
 
 def write_results(results):
-    md = table(results)
+    md = table(results) + '\n\n' + paired_differences(results)
     print(md)
     with atomic_write(os.path.join(out_root, 'results.md'), 'w') as f:
         f.write(md + '\n')
     with atomic_write(os.path.join(out_root, 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
-    plot(results, os.path.join(out_root, 'val_loss.png'))
-    print(f"wrote {out_root}/results.md, results.json, val_loss.png")
+    plot(results, os.path.join(out_root, 'val_loss_tokens.png'), lambda tokens, r: tokens / 1e6, 'tokens trained (M)')
+    plot(results, os.path.join(out_root, 'val_loss_flops.png'), lambda tokens, r: tokens * r['flops_per_token'],
+         'training FLOPs')
+    print(f"wrote {out_root}/results.md, results.json, val_loss_tokens.png, val_loss_flops.png")
 
 
 def main():
@@ -216,7 +298,7 @@ def main():
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the training subprocesses
         trained = list(pool.map(lambda task: train(*task), tasks))
-    results = [evaluate(name, seed, out_dir, seconds) for (name, seed), (out_dir, seconds) in zip(tasks, trained)]
+        results = list(pool.map(lambda t: evaluate(*t[0], *t[1]), zip(tasks, trained)))
     write_results(results)
     print(f"total wall time {(time.time() - t0) / 60:.1f} min")
 
