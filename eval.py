@@ -533,12 +533,10 @@ def lm_eval_class():
             """Yield the next token of each row (a list of B ids), max_new_tokens times, through the KV cache.
             The prompt's thoughts: exact (one token at a time, thoughts='exact') or the prefill's Jacobi passes."""
             model, T = self.model, idx.size(1)
-            if model.config.n_thoughts and self.thoughts == 'exact':
-                logits, caches = model.prefill(idx[:, :1], T + max_new_tokens)
-                for t in range(1, T):
-                    logits = model.decode_one(idx[:, t:t + 1], t, caches)
+            if self.thoughts == 'exact':
+                logits, caches = model.prefill_exact(idx, T + max_new_tokens)
             else:
-                logits, caches = model.prefill(idx, T + max_new_tokens, self.n_jacobi)
+                logits, caches = model.prefill(idx, T + max_new_tokens, self.n_jacobi, self.jacobi_tol)
             for i in range(max_new_tokens):
                 if temperature > 0:
                     idx_next = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1)  # (B, 1)

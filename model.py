@@ -482,19 +482,21 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 n_jacobi=None):
+                 n_jacobi=None, jacobi_tol=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. The prompt must fit in
         block_size, the new tokens need not: past it the context window slides (see generate_stream).
-        n_jacobi: Jacobi passes over the prompt in the cached PonderLM-2 prefill (default config.n_jacobi);
+        n_jacobi: Jacobi passes over the prompt in the cached PonderLM-2 prefill (default config.n_jacobi), or
+        jacobi_tol: as many as the prompt's thoughts need to settle to that tolerance (think's adaptive Jacobi);
         the thoughts of generated tokens, and of every window after a slide, are always exact."""
         out = [idx]
-        for idx_next, _ in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, n_jacobi):
+        for idx_next, _ in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, n_jacobi,
+                                                jacobi_tol):
             out.append(idx_next)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                        n_jacobi=None):
+                        n_jacobi=None, jacobi_tol=None, on_pass=None):
         """Yield (idx_next (B, 1), logits (B, V)) for each new token: logits are what it was sampled from.
 
         The logits come from a window of the sequence of at most block_size tokens: no model sees more. While the
@@ -503,7 +505,8 @@ class GPT(nn.Module):
         thoughts included and exact (prefill_exact), and grows from there again. nanoGPT's sampler instead crops
         to the last block_size tokens at every step; with a KV cache that would be a whole prefill per token,
         where a slide every block_size/2 tokens costs about one decode step per token. The uncached path crops to
-        the same windows, so use_cache=False stays the exact reference of the cached path, slides included."""
+        the same windows, so use_cache=False stays the exact reference of the cached path, slides included.
+        n_jacobi, jacobi_tol, on_pass: the prompt's Jacobi passes in the cached prefill (see generate, think)."""
         B, T = idx.size()
         if T == 0:
             raise ValueError("generate needs at least one prompt token (e.g. the EOS token)")
@@ -512,7 +515,7 @@ class GPT(nn.Module):
                              f"keep its last {self.config.block_size} tokens")
         window = idx  # (B, L) with L <= block_size: the tokens the next logits are computed from
         if use_cache:
-            logits, caches = self.prefill(idx, self.cache_len(T, max_new_tokens), n_jacobi)
+            logits, caches = self.prefill(idx, self.cache_len(T, max_new_tokens), n_jacobi, jacobi_tol, on_pass)
         else:
             logits = self.exact_logits(window)
         for i in range(max_new_tokens):
@@ -554,8 +557,9 @@ class GPT(nn.Module):
             out.append(self.decode_one(idx[:, t:t + 1], t, caches))
         return torch.stack(out, dim=1)
 
-    def prefill(self, idx, max_len, n_jacobi=None):
-        """Run the prompt (B, T) into fresh KV caches with room for max_len tokens.
+    def prefill(self, idx, max_len, n_jacobi=None, jacobi_tol=None, on_pass=None):
+        """Run the prompt (B, T) into fresh KV caches with room for max_len tokens. PonderLM-2 computes the prompt's
+        thoughts with n_jacobi passes (default config.n_jacobi), or adaptively to jacobi_tol; on_pass as in think.
         Returns next-token logits (B, V) and the caches (one per pass for PonderLM v1, else one)."""
         B, T = idx.size()
         cfg = self.config
@@ -567,7 +571,7 @@ class GPT(nn.Module):
         if cfg.n_ponder:  # every pass is causal, so each pass's cache can be extended on its own
             h = self.ponder(idx, caches)
         elif cfg.n_thoughts:  # the prompt's thoughts as in forward(); the final pass fills the cache
-            h = self.think(idx, cfg.n_jacobi if n_jacobi is None else n_jacobi, caches[0])
+            h = self.think(idx, cfg.n_jacobi if n_jacobi is None else n_jacobi, caches[0], jacobi_tol, on_pass)
         else:
             h = self.trunk(self.embed(idx), torch.arange(T, device=idx.device), caches[0])
         return self.embed_out(h[:, -1]), caches

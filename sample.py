@@ -6,6 +6,7 @@ Sample from a trained model: a checkpoint of train.py, or a Hugging Face GPT-Neo
     python sample.py --init_from=zeng123/PonderLM-2-Pythia-1.4b --start="The capital of France is" --temperature=0
     python sample.py --init_from=EleutherAI/pythia-160m --start=FILE:prompt.txt --top_k=0 --top_p=0.9
     python sample.py --init_from=path/to/hf_dir --tokenizer=path/to/tokenizer.json --n_jacobi=8
+    python sample.py --out_dir=out-shakespeare-ponder --jacobi_tol=1e-3   # prompt passes until thoughts settle
     python sample.py --start=FILE:long.txt --truncate=True        # keep the prompt's last tokens that fit
     python sample.py --num_samples=5 > samples.txt                # stdout holds the samples and nothing else
 
@@ -46,6 +47,8 @@ use_cache = True        # KV cache; False recomputes every token from scratch (t
 compile = False         # torch.compile the transformer trunk (CUDA; the first tokens pay for compiling)
 stream = None           # print tokens as they come; None = on for a single sample
 n_jacobi = None         # PonderLM-2: Jacobi passes over the prompt; None = the model's own n_jacobi
+jacobi_tol = None       # PonderLM-2: instead, passes until the prompt's thoughts change by at most this (relative);
+                        # 0 = exact. The passes taken go to stderr
 # -----------------------------------------------------------------------------
 _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout is the samples, nothing else
 
@@ -65,6 +68,9 @@ def check_options():
         raise UserError(f"stream must be True, False or None (auto), got {stream!r}")
     if n_jacobi is not None and (not isinstance(n_jacobi, int) or isinstance(n_jacobi, bool) or n_jacobi < 0):
         raise UserError(f"n_jacobi must be an integer >= 0 (or None for the model's own), got {n_jacobi!r}")
+    if jacobi_tol is not None and (isinstance(jacobi_tol, bool) or not isinstance(jacobi_tol, (int, float))
+                                   or jacobi_tol < 0):
+        raise UserError(f"jacobi_tol must be a number >= 0 (or None for fixed passes), got {jacobi_tol!r}")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -179,13 +185,18 @@ def generate_one(model, prompt, tok, ctx, device_type):
     sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
     sync()
     t0 = time.perf_counter()
+    passes = []  # the prompt's Jacobi passes (PonderLM-2, cached prefill): the last one reported is their number
     with ctx:
         for idx_next, _ in model.generate_stream(idx, max_new_tokens, temperature, top_k or None,
-                                                 top_p if top_p < 1 else None, use_cache, n_jacobi):
+                                                 top_p if top_p < 1 else None, use_cache, n_jacobi, jacobi_tol,
+                                                 on_pass=lambda r, z, h: passes.append(r)):
             new.append(idx_next.item())  # .item() waits for the GPU: the timing below needs no extra sync
             if printer:
                 printer.add(new[-1])
     seconds = time.perf_counter() - t0
+    if jacobi_tol is not None and passes:
+        print(f"note: the prompt's thoughts took {passes[-1]} Jacobi passes to settle to jacobi_tol={jacobi_tol:g}",
+              file=sys.stderr)
     if printer:
         printer.finish()
     else:

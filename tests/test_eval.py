@@ -104,6 +104,42 @@ def test_adaptive_jacobi_tolerance_zero_is_exact_and_a_huge_one_is_one_pass(K):
     assert (fixed_one - exact).abs().max() > 1e-3  # one pass is not exact: the two checks above can tell
 
 
+def test_generate_prefill_with_a_jacobi_tolerance():
+    model = randomize(tiny(n_thoughts=1), std=0.5)
+    prompt = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        exact = model.sequential_logits(prompt)[:, -1]
+        one, _ = model(prompt, n_jacobi=1)
+    passes = []
+    (_, at_zero), = model.generate_stream(prompt, 1, temperature=0, jacobi_tol=0.0,
+                                          on_pass=lambda r, z, h: passes.append(r))
+    (_, huge), = model.generate_stream(prompt, 1, temperature=0, jacobi_tol=1e30)
+    torch.testing.assert_close(at_zero, exact, atol=1e-5, rtol=1e-5)
+    assert 1 <= passes[-1] <= prompt.size(1) - 1
+    torch.testing.assert_close(huge, one[:, -1], atol=1e-5, rtol=1e-5)  # one pass: not exact, as the next line shows
+    assert (huge - exact).abs().max() > 1e-3
+    assert torch.equal(model.generate(prompt, 6, temperature=0, jacobi_tol=0.0),
+                       model.generate(prompt, 6, temperature=0, n_jacobi=prompt.size(1) - 1))
+
+
+def test_sample_py_jacobi_tol_zero_samples_with_exact_prompt_thoughts(tmp_path, tokenizer_json, tok):
+    from prepare_data import prepare
+    (tmp_path / 'corpus.txt').write_text('the cat sat on a mat\n' * 20, encoding='utf-8')
+    prepare('text', input=str(tmp_path / 'corpus.txt'), tokenizer=tokenizer_json, out_dir=str(tmp_path / 'data'),
+            num_proc=1)
+    model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
+    write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path / 'data')
+    prompt = 'the cat sat on a naïve mat'
+    r = subprocess.run([sys.executable, 'sample.py', f'--init_from={tmp_path / "ckpt.pt"}', f'--start={prompt}',
+                        '--temperature=0', '--max_new_tokens=8', '--jacobi_tol=0'], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ids = torch.tensor([tok.encode(prompt)])
+    exact = model.generate(ids, 8, temperature=0, n_jacobi=ids.size(1) - 1)[0].tolist()
+    assert r.stdout == tok.decode(exact) + '\n'
+    assert 'Jacobi passes to settle to jacobi_tol=0' in r.stderr
+
+
 def test_on_pass_reports_what_each_number_of_fixed_passes_computes():
     model = randomize(tiny(n_thoughts=2), std=0.5)
     idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
