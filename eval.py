@@ -67,7 +67,7 @@ max_gen_toks = 256      # generate_until: tokens at most, unless a task says oth
 # output and system
 out = ''                # results path without extension; '' = eval beside a ckpt.pt, else eval-<model name>
 device = 'auto'         # auto | cpu | cuda | cuda:1 | mps
-dtype = 'auto'          # auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16
+dtype = 'auto'          # auto (runtime.resolve_dtype) | float32 | bfloat16 | float16; convergence figures need float32
 seed = 1337
 # -----------------------------------------------------------------------------
 

@@ -277,7 +277,8 @@ def test_cli_loss_of_a_checkpoint_on_its_own_data(tmp_path, tokenizer_json):
     prepare('text', input=str(corpus), tokenizer=tokenizer_json, out_dir=str(tmp_path / 'data'), num_proc=1)
     model = randomize(tiny(n_thoughts=1, vocab_size=300, block_size=16), std=0.1)
     write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path / 'data')
-    r = run_eval(f'--init_from={tmp_path / "ckpt.pt"}', '--max_windows=5', '--max_jacobi=2', '--jacobi_tols=(0.01,)')
+    r = run_eval(f'--init_from={tmp_path / "ckpt.pt"}', '--max_windows=5', '--max_jacobi=2', '--jacobi_tols=(0.01,)',
+                 '--dtype=float32')
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / 'eval.json').read_text())
     assert (tmp_path / 'eval_jacobi.png').stat().st_size > 1000
