@@ -12,6 +12,7 @@ Thought models report the val loss with Jacobi thoughts (R=3, as the papers) and
     python experiments/repro.py                              # ~60 min on 2 CPU cores; results in out-repro/
     python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # offline: a local copy of the text
     python experiments/repro.py --seeds=1337 --runs=vanilla,ponderlm2-k1 --max_iters=100   # a quicker look
+    python experiments/repro.py --trained_only=True          # the table and plots of the runs trained so far
 
 It prepares its data if missing (prepare_data.py --dataset=shakespeare --tokenizer=bpe:512, downloading the text
 unless --input names a copy) and works from any directory: train.py, eval.py, the config
@@ -61,6 +62,7 @@ seeds = '1337,1338,1339'
 jobs = 2
 max_iters = 0           # 0 -> the config's
 train_args = ''         # more train.py overrides for every run, space-separated (the tests' toy budget)
+trained_only = False    # report the runs of runs x seeds that are already trained; train nothing
 # -----------------------------------------------------------------------------
 
 
@@ -295,6 +297,10 @@ def main():
     names, seed_list = chosen_runs(), chosen_seeds()
     check_inputs()
     tasks = [(n, s) for s in seed_list for n in names]
+    if trained_only:
+        tasks = [(n, s) for n, s in tasks if os.path.exists(os.path.join(out_root, f'{n}-s{s}', 'train_time.json'))]
+        if not tasks:
+            raise UserError(f"trained_only=True but no run of {runs} x seeds {seeds} is trained in {out_root}")
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the training subprocesses
         trained = list(pool.map(lambda task: train(*task), tasks))

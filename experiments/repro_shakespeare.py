@@ -6,12 +6,12 @@
 # This file is the vanilla run; experiments/repro.py adds each run's method (--n_thoughts=1, --n_layer=12, ...),
 # its seed, an absolute --data_dir and one out_dir per run. By hand, from the repository root, e.g.:
 #   python train.py experiments/repro_shakespeare.py --n_thoughts=1 --out_dir=out-repro/ponderlm2-k1-s1337
-# 200 iterations of 16 x 128 tokens = 410K tokens, about 0.8 epoch of the 517K train tokens.
+# 160 iterations of 16 x 128 tokens = 328K tokens, about 0.63 epoch of the 517K train tokens.
 
 out_dir = 'out-repro/vanilla'
 data_dir = 'data/shakespeare-bpe512'  # from the working directory: repro.py passes its own, absolute
 wandb_run_name = 'repro-vanilla'
-eval_interval = 25
+eval_interval = 20
 eval_iters = 8           # 8 x 16 blocks = 16K of the 59K val tokens, the same blocks at every evaluation
 log_interval = 10
 always_save_checkpoint = True
@@ -21,7 +21,7 @@ vocab_size = 512
 block_size = 128
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 200
+max_iters = 160
 
 n_thoughts = 0
 n_jacobi = 3
