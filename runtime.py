@@ -101,10 +101,14 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device_type):
-    """The compute dtype: 'auto' is bfloat16 on a CUDA GPU that supports it, float32 everywhere else;
-    float16 needs CUDA (its loss scaling). Returns a torch dtype."""
+    """The compute dtype (of autocast; weights stay fp32): 'auto' is bfloat16 where matmuls run natively in it,
+    a CUDA GPU that supports it or a CPU with AVX512-BF16 or AMX (about 4x the fp32 speed on such a CPU), and
+    float32 everywhere else (other CPUs only emulate bf16, MPS); float16 needs CUDA (its loss scaling).
+    Returns a torch dtype."""
     if name == 'auto':
         if device_type == 'cuda' and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device_type == 'cpu' and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
@@ -112,6 +116,14 @@ def resolve_dtype(name, device_type):
     if name == 'float16' and device_type != 'cuda':
         raise UserError("dtype='float16' needs CUDA; use bfloat16 or float32")
     return DTYPES[name]
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles), as oneDNN uses them."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these (private) probes: do not guess
+        return False
 
 
 def autocast(device_type, dtype):

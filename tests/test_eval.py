@@ -131,8 +131,8 @@ def test_sample_py_jacobi_tol_zero_samples_with_exact_prompt_thoughts(tmp_path, 
     write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path / 'data')
     prompt = 'the cat sat on a naïve mat'
     r = subprocess.run([sys.executable, 'sample.py', f'--init_from={tmp_path / "ckpt.pt"}', f'--start={prompt}',
-                        '--temperature=0', '--max_new_tokens=8', '--jacobi_tol=0'], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+                        '--temperature=0', '--max_new_tokens=8', '--jacobi_tol=0', '--dtype=float32'],  # fp32 reference
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ids = torch.tensor([tok.encode(prompt)])
     exact = model.generate(ids, 8, temperature=0, n_jacobi=ids.size(1) - 1)[0].tolist()

@@ -70,8 +70,9 @@ def out_dir(tmp_path_factory, tokenizer_json):
 
 def run_samples(*arg_lists):
     """Run sample.py once per argument list, all at the same time (most of each run is importing torch)."""
-    procs = [subprocess.Popen([sys.executable, 'sample.py', '--device=cpu', *args], cwd=REPO, env=ENV, text=True,
-                              encoding='utf-8', stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # fp32: the samples are compared with fp32 references (dtype='auto' is bf16 on CPUs with native bf16 matmul)
+    procs = [subprocess.Popen([sys.executable, 'sample.py', '--device=cpu', '--dtype=float32', *args], cwd=REPO,
+                              env=ENV, text=True, encoding='utf-8', stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for args in arg_lists]
     return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=120)]]
 
@@ -155,8 +156,8 @@ def test_stdout_holds_the_samples_only(out_dir, tmp_path, tok, make_text):
     prompt_file, out_file = tmp_path / 'prompt.txt', tmp_path / 'out.txt'
     prompt_file.write_text(prompt, encoding='utf-8')
     with open(out_file, 'w', encoding='utf-8') as f:
-        r = subprocess.run([sys.executable, 'sample.py', '--device=cpu', f'--out_dir={out_dir}',
-                            f'--start=FILE:{prompt_file}', '--temperature=0'],
+        r = subprocess.run([sys.executable, 'sample.py', '--device=cpu', '--dtype=float32',
+                            f'--out_dir={out_dir}', f'--start=FILE:{prompt_file}', '--temperature=0'],
                            cwd=REPO, env=ENV, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     err = r.stderr.strip().splitlines()
