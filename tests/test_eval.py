@@ -499,6 +499,15 @@ def test_lm_eval_adapter_matches_lm_evals_own_hf_model(tmp_path, hf_dir):
     assert 0 < a['results']['tiny_mc']['acc,none'] < 1
 
 
+def test_eval_needs_lm_eval_only_for_tasks_and_registers_nanoponder():
+    r = subprocess.run([sys.executable, '-c', "import sys, eval; assert 'lm_eval' not in sys.modules"], cwd=REPO,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    registry = pytest.importorskip('lm_eval.api.registry')
+    cls = ev.lm_eval_class()  # defines and registers the class
+    assert registry.get_model('nanoponder') is cls
+
+
 def instance(kind, args):
     from lm_eval.api.instance import Instance
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
