@@ -22,6 +22,9 @@ Evaluate a model the way the PonderLM papers report it, and answer what their re
 the model's own (see sample.py), --tokenizer overrides it. Downstream tasks score with exact thoughts by default
 (what decoding sees); --thoughts=jacobi scores with n_jacobi parallel passes (or adaptive to --jacobi_tol), as the
 papers do. Results go to --out=PATH (default: PATH = eval beside a ckpt.pt, else eval-<model name>).
+The default dtype is float32 (TF32 off): the thoughts' convergence can only be seen down to the rounding of the
+dtype (in bfloat16 the change per pass levels off near 1e-3), and an adaptive tolerance below that runs to the
+K(T-1) bound.
 Exit codes: runtime.py.
 """
 import json
@@ -67,7 +70,7 @@ max_gen_toks = 256      # generate_until: tokens at most, unless a task says oth
 # output and system
 out = ''                # results path without extension; '' = eval beside a ckpt.pt, else eval-<model name>
 device = 'auto'         # auto | cpu | cuda | cuda:1 | mps
-dtype = 'auto'          # auto (runtime.resolve_dtype) | float32 | bfloat16 | float16; convergence figures need float32
+dtype = 'float32'       # float32 | bfloat16 | float16 | auto (runtime.resolve_dtype); see the note below
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -647,6 +650,9 @@ def check_options():
 def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
     """The loss mode: the table on stdout, PATH.json and (thought models) PATH_jacobi.png; returns the report."""
     ctx = autocast(torch.device(device_name).type, compute_dtype)
+    if compute_dtype == torch.float32:  # full float32: TF32 matmuls (autocast turns them on) would floor the
+        torch.backends.cuda.matmul.allow_tf32 = False  # convergence figures near 1e-3
+        torch.backends.cudnn.allow_tf32 = False
     ids, data_tok, source = load_text(model, tok, ckpt)
     cfg = model.config
     block = block_size or cfg.block_size
