@@ -1,12 +1,14 @@
 """
 Train a GPT-NeoX (Pythia) language model: vanilla, with PonderLM-2 latent thoughts, or with PonderLM pondering.
-One process on a CPU or GPU, or several GPUs with DDP. The defaults are the headline run: PonderLM-2 with one
-thought per token (K=1) on pythia-70m, one epoch of MiniPile.
+One process on a CPU or GPU, or several GPUs and nodes with DDP or FSDP2 (parallel.py). The defaults are the
+headline run: PonderLM-2 with one thought per token (K=1) on pythia-70m, one epoch of MiniPile.
 
     python prepare_data.py --dataset=shakespeare && python train.py config/shakespeare_ponder.py  # minutes, CPU
     python train.py config/pythia70m_ponder.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/pythia70m_ponder.py   # 8 GPUs, same global batch
     python train.py config/pythia70m_ponder.py --batch_size=4 --gradient_accumulation_steps=32  # less memory
+    torchrun --standalone --nproc_per_node=8 train.py config/pythia1.4b_ponder.py --parallelism=fsdp \
+        --activation_checkpointing=True                               # sharded: models DDP cannot fit
     python train.py config/pythia70m_ponder.py --init_from=resume     # go on from out_dir/ckpt.pt, exactly
     python train.py config/pythia70m_ponder.py --init_from=EleutherAI/pythia-70m --out_dir=out-cont  # continue
         # training a Hugging Face checkpoint: the architecture comes from its config.json, the method
@@ -15,6 +17,7 @@ thought per token (K=1) on pythia-70m, one epoch of MiniPile.
     python train.py --help                                            # every config key and its value
 
 gradient_accumulation_steps counts micro-batches over all processes: with N GPUs each does 1/N of them.
+Several nodes: README.md, "Beyond one GPU". A memory plan per GPU is printed before training (memplan.py).
 An out_dir belongs to one run: a new run into an out_dir that holds a checkpoint stops with an error
 (resume it, or --overwrite=True), and a lock file (out_dir/train.lock) refuses a second concurrent run.
 Ctrl-C or SIGTERM saves out_dir/ckpt.pt at the end of the current iteration, then exits with 130 or 143
@@ -22,7 +25,6 @@ Ctrl-C or SIGTERM saves out_dir/ckpt.pt at the end of the current iteration, the
 survives that). Exit codes: runtime.py.
 """
 
-import gc
 import math
 import os
 import signal
@@ -31,10 +33,12 @@ from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import TrainBatches, ValBatches, open_blocks
+from memplan import plan_memory
 from model import GPT, GPTConfig
+from parallel import (PARALLELISMS, all_ranks_agree, clip_gradients, full_state, gather_dtype, load_optimizer_state,
+                      local_tensors, set_gradient_sync, setup_distributed, teardown_distributed, wrap)
 from runlog import RunLog, SilentLog
 from runtime import (Checkpoint, DirectoryLock, UserError, atomic_write, autocast, failure, one_line,
                      remove_stale_temp_files, resolve_device, resolve_dtype, run_cli)
@@ -87,7 +91,9 @@ min_lr_ratio = 0.1
 # system
 device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                  # 'auto' (runtime.resolve_dtype), 'float32', 'bfloat16', 'float16'
-compile = True                  # torch.compile the model (minutes of compiling, then faster steps)
+compile = True                  # torch.compile each Block (a minute of compiling, then faster steps)
+activation_checkpointing = False  # recompute each Block in backward: activations of ~1 layer instead of all
+parallelism = 'ddp'             # with several processes (torchrun): 'ddp' (replicas) or 'fsdp' (shards): parallel.py
 seed = 1337
 _config_keys = [k for k, v in globals().items()
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, type(None)))]
@@ -155,8 +161,12 @@ def check_config():
         raise UserError("out_dir is empty: name a directory for the checkpoints, e.g. --out_dir=out")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir {out_dir!r} is a file, not a directory: choose another --out_dir")
+    if parallelism not in PARALLELISMS:
+        raise UserError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {parallelism!r}")
     device_type = resolve_device(device).split(':')[0]
-    resolve_dtype(dtype, device_type)
+    if resolve_dtype(dtype, device_type) == torch.float16 and parallelism == 'fsdp':
+        raise UserError("dtype='float16' with parallelism='fsdp' is not supported (its loss scaling would need "
+                        "every shard's overflow check): use --dtype=bfloat16")
 
 
 def check_out_dir_is_free():
@@ -170,58 +180,16 @@ def check_out_dir_is_free():
 # -----------------------------------------------------------------------------
 # processes
 
-def setup_distributed():
-    """-> (ddp, rank, local_rank, world_size, device string). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = 'RANK' in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    dev = resolve_device(device)
-    if dev.startswith('cuda'):
-        if ddp:
-            dev = f'cuda:{local_rank}'  # one GPU per process
-        torch.cuda.set_device(dev)
-    if gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by "
-                        f"the number of processes ({world_size})")
-    if ddp:
-        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-    return ddp, rank, local_rank, world_size, dev
-
-
-def all_ranks_agree(ok, ddp):
-    """True when ok is True on every rank (one all-reduce): a check that only rank 0 makes (the lock) must
-    stop every rank, or the others would wait for rank 0 forever."""
-    if not ddp:
-        return ok
-    flag = torch.tensor(float(ok))
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def teardown_distributed(finished):
-    """Leave the process group so that no rank aborts on the way out. The ranks first wait for each other
-    (rank 0 may still be saving the last checkpoint while the others are done): a rank that tears down early
-    closes connections its peers still use. Then every object holding the process group is collected and the
-    group destroyed while the interpreter is fully alive: gloo's worker threads may still hold the last
-    collectives' tensors, and if they are left for the interpreter's exit to destroy, a thread that needs the
-    GIL during finalization ends the process with 'terminate called without an active exception' (SIGABRT)."""
-    if finished:
-        dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
-
-
 def main():
     check_config()
-    ddp, rank, local_rank, world_size, device_str = setup_distributed()
+    distributed, rank, world_size, device_str = setup_distributed(resolve_device(device), gradient_accumulation_steps)
     finished = False
     try:
-        code = train(ddp, rank, local_rank, world_size, device_str)
+        code = train(distributed, rank, world_size, device_str)
         finished = True
         return code
     finally:
-        if ddp:
+        if distributed:
             teardown_distributed(finished)
 
 
@@ -308,7 +276,7 @@ def make_optimizer(raw_model, fused):
 
 
 @torch.no_grad()
-def evaluate(net, val_batches, ctx, ddp, world_size):
+def evaluate(net, val_batches, ctx, distributed, world_size):
     """Mean val loss over eval_iters batches of every rank, in eval mode (PonderLM-2: config n_jacobi passes)."""
     net.eval()
     total = torch.zeros((), device=val_batches.blocks.device)
@@ -318,7 +286,7 @@ def evaluate(net, val_batches, ctx, ddp, world_size):
             _, loss = net(x, y)
         total += loss.float()
     net.train()
-    if ddp:
+    if distributed:
         dist.all_reduce(total)
     return total.item() / (eval_iters * world_size)
 
@@ -330,9 +298,9 @@ class Run:
     """One training run's state and its steps: an iteration, an evaluation with its checkpoint, a log line.
     The loop in train() reads as the sequence of these steps."""
 
-    def __init__(self, ddp, rank, local_rank, world_size, device_str):
-        self.ddp, self.rank, self.world_size, self.device = ddp, rank, world_size, device_str
-        self.master = rank == 0  # rank 0 logs and saves
+    def __init__(self, distributed, rank, world_size, device_str):
+        self.distributed, self.rank, self.world_size, self.device = distributed, rank, world_size, device_str
+        self.master = rank == 0  # rank 0 logs and writes the checkpoints
         device_type = device_str.split(':')[0]
         self.ptdtype = resolve_dtype(dtype, device_type)
         self.ctx = autocast(device_type, self.ptdtype)
@@ -340,7 +308,11 @@ class Run:
         self.open_data(device_str)
         self.ckpt_path, self.best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
         self.raw_model, ckpt, self.pretrained = build_model(self.ckpt_path, self.meta['vocab_size'])
-        self.raw_model.to(device_str)
+        self.raw_model.activation_checkpointing = activation_checkpointing
+        if compile:
+            self.raw_model.compile_blocks()  # per Block: the same graphs for every number of thought passes
+        self.net = wrap(self.raw_model, parallelism, device_str, self.ptdtype)  # fsdp: raw_model is now sharded
+        self.eval_net = getattr(self.net, 'module', self.net)  # DDP's module: evaluation needs no gradient sync
         self.optimizer = make_optimizer(self.raw_model, fused=device_type == 'cuda')
         self.scaler = torch.amp.GradScaler(device_type, enabled=self.ptdtype == torch.float16)  # fp16: loss scaling
         self.plan_schedule()
@@ -351,8 +323,6 @@ class Run:
         self.epoch, self.position = self.train_batches.normalize(self.epoch, self.position)
         # a resumed run does not redo the evaluation at its checkpoint's iteration: that one is already in its log
         self.evaluated_at = self.saved_at = self.start_iter if init_from == 'resume' else None
-        self.net = self.wrap(self.raw_model, device_type, local_rank)
-        self.eval_net = self.net.module if ddp else self.net  # evaluation needs no gradient sync
 
     def open_data(self, device_str):
         train_blocks, val_blocks, self.meta = open_blocks(data_dir, block_size, device_str)
@@ -371,22 +341,13 @@ class Run:
         self.decay_end = lr_decay_iters or self.total_iters
 
     def restore(self, ckpt, device_type):
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        load_optimizer_state(self.raw_model, self.optimizer, ckpt.optimizer)  # the model's weights are loaded
         self.scaler.load_state_dict(ckpt.scaler)
         self.iter_num, self.best_val_loss = ckpt.iter_num, ckpt.best_val_loss
         self.epoch, self.position = ckpt.data_state['epoch'], ckpt.data_state['position']
         torch.set_rng_state(ckpt.rng['cpu'])
         if 'cuda' in ckpt.rng and device_type == 'cuda':
             torch.cuda.set_rng_state(ckpt.rng['cuda'], self.device)
-
-    def wrap(self, net, device_type, local_rank):
-        """What the loop calls: maybe compiled, maybe wrapped in DDP."""
-        if compile:
-            net = torch.compile(net)
-        if self.ddp:
-            # the rope tables are the only buffers and every rank computes the same ones: no need to broadcast
-            net = DDP(net, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-        return net
 
     # --- the steps ---
 
@@ -406,10 +367,9 @@ class Run:
         next_epoch, next_position = self.train_batches.next_iteration(self.epoch, self.position)
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accum):
-            if self.ddp:  # all-reduce the gradients only once, in the last micro-step's backward
-                self.net.require_backward_grad_sync = micro_step == self.accum - 1
+            set_gradient_sync(self.net, micro_step == self.accum - 1)  # reduce only in the last backward
             with self.ctx:
-                _, loss = self.net(X, Y, n_jacobi=R)
+                loss = self.net(X, Y, n_jacobi=R)[1]  # (not keeping the logits alive through backward)
             loss = loss / self.accum  # the gradient of the iteration's mean loss
             if micro_step + 1 < self.accum:
                 X, Y = self.train_batches.get(self.epoch, self.position, micro_step + 1)
@@ -420,7 +380,7 @@ class Run:
         grad_norm = None
         if grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip)
+            grad_norm = clip_gradients(self.raw_model.parameters(), grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -432,7 +392,7 @@ class Run:
         """The one sync per iteration: the loss over all ranks (logging, NaN check) and whether any rank got a
         stop signal (all must stop at the same step, or the others would wait for it forever)."""
         stats = torch.stack([loss_sum.float(), torch.tensor(float(_stop_signal is not None), device=self.device)])
-        if self.ddp:
+        if self.distributed:
             dist.all_reduce(stats)
         loss, stop_votes = stats.tolist()
         loss /= self.world_size
@@ -441,38 +401,41 @@ class Run:
         return loss, stop_votes > 0
 
     def evaluate(self, log):
-        """Evaluate; on rank 0 log it and save a checkpoint (also best.pt on a new best)."""
-        val_loss = evaluate(self.eval_net, self.val_batches, self.ctx, self.ddp, self.world_size)
+        """Evaluate; rank 0 logs it; save a checkpoint (also best.pt on a new best). Every rank has the same
+        val loss, so all take the same decision (fsdp needs all of them to gather the state)."""
+        val_loss = evaluate(self.eval_net, self.val_batches, self.ctx, self.distributed, self.world_size)
         self.evaluated_at = self.iter_num
         if not math.isfinite(val_loss):
             raise self.divergence("val loss", val_loss)
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
-        if not self.master:
-            return
-        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
-        log.say(f"iter {self.iter_num}: val loss {val_loss:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
-        log.record({'iter': self.iter_num, 'val_loss': val_loss, 'val_ppl': ppl, 'best_val_loss': self.best_val_loss,
-                    'tokens': self.iter_num * self.tokens_per_iter})
+        if self.master:
+            ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+            log.say(f"iter {self.iter_num}: val loss {val_loss:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
+            log.record({'iter': self.iter_num, 'val_loss': val_loss, 'val_ppl': ppl, 'best_val_loss': self.best_val_loss,
+                        'tokens': self.iter_num * self.tokens_per_iter})
         # a checkpoint at iteration start_iter would only repeat the starting point
         if self.iter_num > self.start_iter and (improved or always_save_checkpoint or self.iter_num >= self.total_iters):
             self.save(also_best=improved)
 
     def save(self, also_best=False):
-        """Rank 0: out_dir/ckpt.pt (and best.pt), atomically; never a model that is no longer finite."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters()):
+        """Every rank: out_dir/ckpt.pt (and best.pt), one file written atomically by rank 0 with the whole
+        model and optimizer state (gathered under fsdp); never a model that is no longer finite."""
+        if not all_ranks_agree(all(bool(torch.isfinite(p).all()) for p in local_tensors(self.raw_model)),
+                               self.distributed):
             raise self.divergence("a parameter", 'not finite')
-        rng = {'cpu': torch.get_rng_state()}
-        if self.device.startswith('cuda'):
-            rng['cuda'] = torch.cuda.get_rng_state(self.device)
-        Checkpoint(model_args=asdict(self.raw_model.config),
-                   model={k.removeprefix('_orig_mod.'): v for k, v in self.raw_model.state_dict().items()},
-                   optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), iter_num=self.iter_num,
-                   data_state={'epoch': self.epoch, 'position': self.position}, rng=rng,
-                   best_val_loss=self.best_val_loss, config=config_dict(), pretrained=self.pretrained,
-                   ).save(self.ckpt_path)
-        if also_best:
-            link_best(self.ckpt_path, self.best_path)
+        model_state, optimizer_state = full_state(self.raw_model, self.optimizer)  # fsdp: {} on ranks > 0
+        if self.master:
+            rng = {'cpu': torch.get_rng_state()}
+            if self.device.startswith('cuda'):
+                rng['cuda'] = torch.cuda.get_rng_state(self.device)
+            Checkpoint(model_args=asdict(self.raw_model.config), model=model_state,
+                       optimizer=optimizer_state, scaler=self.scaler.state_dict(), iter_num=self.iter_num,
+                       data_state={'epoch': self.epoch, 'position': self.position}, rng=rng,
+                       best_val_loss=self.best_val_loss, config=config_dict(), pretrained=self.pretrained,
+                       ).save(self.ckpt_path)
+            if also_best:
+                link_best(self.ckpt_path, self.best_path)
         self.saved_at = self.iter_num
 
     def divergence(self, what, value):
@@ -494,21 +457,28 @@ def link_best(ckpt_path, best_path):
     os.replace(tmp, best_path)
 
 
-def print_summary(run):
+def summary(run):
+    """The run in a few lines, printed before training."""
     config, blocks = run.raw_model.config, run.train_batches.blocks
     source = f"{run.pretrained} (its architecture)" if run.pretrained else model or 'custom'
-    print(f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {describe_method(config)}; "
-          f"{human(run.raw_model.get_num_params())} non-embedding params ({human(run.raw_model.get_num_params(False))} total)")
-    print(f"data: {data_dir}, {human(blocks.n_blocks * block_size)} train tokens in {blocks.n_blocks:,} blocks "
-          f"of {block_size}, {run.train_batches.iters_per_epoch:,} iterations per epoch")
-    print(f"batch: {batch_size} x {run.accum} accumulation x {run.world_size} process(es) = "
-          f"{batch_size * gradient_accumulation_steps} sequences = {run.tokens_per_iter:,} tokens per iteration")
-    print(f"schedule: {run.total_iters:,} iterations ({run.total_iters / run.train_batches.iters_per_epoch:.2f} epochs, "
-          f"{human(run.total_iters * run.tokens_per_iter)} tokens), lr {learning_rate:g}, warmup {run.warmup}, cosine to "
-          f"{learning_rate * min_lr_ratio:g} at {run.decay_end}" + (f"; resuming at {run.start_iter}" if run.start_iter else ''))
-    print(f"FLOPs/token: {run.raw_model.flops_per_token(training=True):.3g} training, "
-          f"{run.raw_model.flops_per_token(training=False):.3g} eval; device {run.device}, "
-          f"{str(run.ptdtype).removeprefix('torch.')}, compile={compile}", flush=True)
+    plan = plan_memory(config, batch_size, block_size, dtype=run.ptdtype, parallelism=parallelism,
+                       world_size=run.world_size, grad_accum=run.accum, activation_checkpointing=activation_checkpointing,
+                       gather_dtype=gather_dtype(parallelism, run.device, run.ptdtype))
+    return [
+        f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {describe_method(config)}; "
+        f"{human(run.raw_model.get_num_params())} non-embedding params ({human(run.raw_model.get_num_params(False))} total)",
+        f"data: {data_dir}, {human(blocks.n_blocks * block_size)} train tokens in {blocks.n_blocks:,} blocks "
+        f"of {block_size}, {run.train_batches.iters_per_epoch:,} iterations per epoch",
+        f"batch: {batch_size} x {run.accum} accumulation x {run.world_size} process(es) = "
+        f"{batch_size * gradient_accumulation_steps} sequences = {run.tokens_per_iter:,} tokens per iteration",
+        f"schedule: {run.total_iters:,} iterations ({run.total_iters / run.train_batches.iters_per_epoch:.2f} epochs, "
+        f"{human(run.total_iters * run.tokens_per_iter)} tokens), lr {learning_rate:g}, warmup {run.warmup}, cosine to "
+        f"{learning_rate * min_lr_ratio:g} at {run.decay_end}" + (f"; resuming at {run.start_iter}" if run.start_iter else ''),
+        f"FLOPs/token: {run.raw_model.flops_per_token(training=True):.3g} training, "
+        f"{run.raw_model.flops_per_token(training=False):.3g} eval; device {run.device}, "
+        f"{str(run.ptdtype).removeprefix('torch.')}, compile={compile}, parallelism: "
+        f"{parallelism if run.distributed else 'none (one process)'}",
+        plan.summary()]
 
 
 def describe_method(config):
@@ -527,7 +497,7 @@ def human(n):
 
 # -----------------------------------------------------------------------------
 
-def claim_out_dir(master, ddp):
+def claim_out_dir(master, distributed):
     """Rank 0 makes out_dir its own: no run to overwrite, no other run in it (the lock), no stale temp files.
     Returns the lock (None on other ranks). Every rank stops if rank 0 cannot."""
     lock, problem = None, None
@@ -541,22 +511,23 @@ def claim_out_dir(master, ddp):
                 print(f"note: removed {os.path.join(out_dir, name)}, left by a save that was killed")
         except (UserError, OSError) as e:
             problem = e
-    if not all_ranks_agree(problem is None, ddp):
+    if not all_ranks_agree(problem is None, distributed):
         if isinstance(problem, OSError):
             raise UserError(f"cannot use out_dir {out_dir!r}: {one_line(problem)}")
         raise problem or UserError("rank 0 could not claim out_dir")  # other ranks: rank 0 says why
     return lock
 
 
-def train(ddp, rank, local_rank, world_size, device_str):
+def train(distributed, rank, world_size, device_str):
     """Train until total_iters or a stop signal; returns the exit code (0, or 130 / 143 after a signal)."""
-    lock = claim_out_dir(rank == 0, ddp)
+    lock = claim_out_dir(rank == 0, distributed)
     try:
-        run = Run(ddp, rank, local_rank, world_size, device_str)
+        run = Run(distributed, rank, world_size, device_str)
         log = None
         if run.master:
-            print_summary(run)
             log = RunLog(out_dir, run, log_interval, run.start_iter if init_from == 'resume' else None, start_wandb())
+            for line in summary(run):
+                log.say(line)  # (say survives a closed stdout: `| head` may have read the config echo and gone)
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         try:
@@ -592,7 +563,7 @@ def train_loop(run, log):
         X, Y, stats = run.one_iteration(X, Y)
         stats['loss'], stop = run.sync_loss_and_stop(stats['loss'])
         log.iteration_done(run, stats, time.time() - t0)
-    if run.master and run.saved_at != run.iter_num:
+    if run.saved_at != run.iter_num:
         run.save()
     if stop:
         log.say(f"stopped by {_stop_signal.name if _stop_signal else 'a signal to another rank'} at iteration "

@@ -1,0 +1,183 @@
+"""
+The memory plan of a training run: the bytes that each process (GPU) holds at the peak of an iteration, split
+into weights, gradients, AdamW state and activations, for a model config, method, micro-batch, precision,
+parallelism (ddp or fsdp over N processes) and activation checkpointing. train.py prints it before training,
+bench.py next to its measured peaks.
+
+    from memplan import plan_memory
+    plan = plan_memory(GPTConfig.preset('pythia-1.4b', n_thoughts=1), batch_size=1, dtype=torch.bfloat16,
+                       parallelism='fsdp', world_size=16, grad_accum=8, activation_checkpointing=True)
+    print(plan.summary())
+
+It counts eager PyTorch (what autograd saves, tensor by tensor, see activation_bytes), not the allocator's
+slack: measured peaks are somewhat higher (CUDA caching allocator, CPU malloc), and torch.compile usually
+needs less (fused elementwise ops save fewer tensors). tests/test_scale.py checks it against the peak RSS of
+small CPU runs.
+"""
+from dataclasses import dataclass
+
+import torch
+
+GB = 1e9
+
+
+def count_params(config):
+    """The parameters of GPT(config), from the config alone (no model is built): a 2.8B model is fine here."""
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    inner = config.n_inner or 4 * C
+    block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (C * inner + inner) + (inner * C + C)  # 2 LN, attn, MLP
+    return {'total': 2 * V * C + L * block + 2 * C, 'block': block, 'root': 2 * V * C + 2 * C}
+
+
+def passes(config, n_jacobi=None):
+    """The trunk passes of one training forward as a list of slots per token: PonderLM-2 builds its stages
+    (1..K slots), then R Jacobi passes and the final pass over K+1 slots; PonderLM runs N+1 passes; vanilla 1.
+    n_jacobi: R, default the largest R of jacobi_train_range (the iteration that needs the most memory)."""
+    K = config.n_thoughts
+    if K:
+        R = max(config.jacobi_train_range) if n_jacobi is None else n_jacobi
+        return list(range(1, K + 1)) + [K + 1] * (R + 1)
+    return [1] * (config.n_ponder + 1)
+
+
+def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing):
+    """-> (kept, working): the bytes that one micro-batch's forward keeps for backward, and the most that
+    backward adds on top at once. Per slot and layer, in eager mode, autograd keeps the block input (fp32, the
+    residual stream) and, in the compute dtype, the two LayerNorm outputs, q k v (3C), the rotated q and k,
+    the attention output (and its log-sum-exp), the re-laid-out heads, and the MLP's hidden layer before and
+    after GELU (2 x n_inner). With checkpointing only the block input stays; backward recomputes one block's
+    insides at a time. The loss keeps fp32 log-probabilities over the vocabulary for every token."""
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    inner = config.n_inner or 4 * C
+    B, T = batch_size, seq_len
+    block_inside = (9 * C + 2 * inner) * dtype_bytes + 4 * config.n_head  # per slot
+    per_slot_layer = 4 * C + (0 if checkpointing else block_inside)
+    slots = [s * T for s in passes(config)]
+    kept = B * sum(slots) * (L * per_slot_layer + 4 * C)  # + each pass's final LayerNorm input
+    kept += B * T * (4 * C + dtype_bytes * C + 4 * V)  # embeddings, the head's input, the log-probabilities
+    if config.n_ponder:  # each pondering step keeps its fp32 softmax (and its cast for the matmul)
+        kept += config.n_ponder * B * T * V * (4 + (dtype_bytes if dtype_bytes != 4 else 0))
+    # backward's peak on top: the loss's gradients over the vocabulary (2 x fp32) or, when checkpointing, one
+    # block's recomputed insides over the longest pass (without checkpointing, the gradients that backward
+    # makes roughly take the place of the saved tensors it frees: measured on the CPU, tests/test_scale.py)
+    recomputed = B * max(slots) * (4 * C + block_inside) if checkpointing else 0
+    working = max(8 * B * T * V, recomputed)
+    return kept, working
+
+
+@dataclass
+class MemoryPlan:
+    weights: float          # bytes per process: fp32 weights (shard), gathered or cast copies
+    gradients: float
+    optimizer: float        # AdamW's two moments
+    activations: float      # kept for backward + backward's working peak, one micro-batch
+    description: str        # the run it plans for
+
+    @property
+    def total(self):
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def summary(self):
+        return (f"memory plan per process ({self.description}; an estimate): weights {size(self.weights)} + "
+                f"gradients {size(self.gradients)} + AdamW {size(self.optimizer)} + activations "
+                f"{size(self.activations)} = {size(self.total)}")
+
+
+def size(n_bytes):
+    return f"{n_bytes / GB:.2f} GB" if n_bytes >= 0.1 * GB else f"{n_bytes / 1e6:.1f} MB"
+
+
+def plan_memory(config, batch_size, seq_len=None, *, dtype=torch.float32, parallelism='ddp', world_size=1,
+                grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32):
+    """The peak bytes per process of training GPT(config) with micro-batches of batch_size x seq_len tokens
+    (default block_size), dtype the autocast compute dtype, grad_accum micro-batches per process and
+    iteration. ddp (and one process) replicates weights, gradients and AdamW state; fsdp shards them over
+    world_size, and gathers a block at a time (gather_dtype: its MixedPrecisionPolicy's param_dtype) plus the
+    root (embeddings, final LayerNorm), which stays gathered through forward and backward."""
+    n = count_params(config)
+    P = n['total']
+    T = seq_len or config.block_size
+    c = torch.finfo(dtype).bits // 8
+    sharded = parallelism == 'fsdp' and world_size > 1
+    shards = world_size if sharded else 1
+    weights, grads, adam = 4 * P / shards, 4 * P / shards, 8 * P / shards
+    cast = P  # the weights that autocast copies into the compute dtype (and keeps for backward)
+    if sharded:
+        g = torch.finfo(gather_dtype).bits // 8
+        weights += 4 * n['root'] + g * 2 * n['block']  # the root (fp32) and two blocks (one prefetched) gathered
+        # without a sync, micro-steps accumulate unsharded gradients (fp32) until the last one reduce-scatters
+        grads += 4 * P if grad_accum > 1 else g * 2 * n['block']
+        if gather_dtype == dtype:  # blocks gathered in the compute dtype need no cast
+            cast = n['root']
+    if c < 4:
+        weights += c * cast
+    kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing)
+    slots = '+'.join(str(s) for s in passes(config))
+    description = (f"{config.method}, micro-batch {batch_size} x {T}, passes over {slots} slots per token, "
+                   f"{str(dtype).removeprefix('torch.')}, {parallelism if world_size > 1 else 'one process'}"
+                   f"{f' x {world_size}' if world_size > 1 else ''}"
+                   f"{', activation checkpointing' if activation_checkpointing else ''}")
+    return MemoryPlan(weights, grads, adam, kept + working, description)
+
+
+# -----------------------------------------------------------------------------
+# the measured peak, to check the plan against
+
+def measure_training_peak(config, batch_size, seq_len=None, *, dtype=torch.float32, device='cpu',
+                          activation_checkpointing=False, steps=2):
+    """Build GPT(config) and AdamW on device and run `steps` training steps (forward, backward, AdamW) at the
+    plan's R on random tokens; return the peak bytes that this added: the CUDA allocator's peak, or on a CPU
+    the process's peak RSS (Linux /proc; None elsewhere). For CPU figures that mean anything, start the
+    process with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every large freed block to the system at
+    once, instead of keeping freed memory that RSS would still count (up to 3x the plan with checkpointing)."""
+    import gc
+    from model import GPT
+    from runtime import autocast
+    T = seq_len or config.block_size
+    device_type = torch.device(device).type
+    R = passes(config).count(config.n_thoughts + 1) - 1 if config.n_thoughts else None
+    idx = torch.randint(0, config.vocab_size, (batch_size, T), device=device)
+    ctx = autocast(device_type, dtype)
+
+    def train(model, optimizer, x):
+        for _ in range(steps):
+            with ctx:
+                loss = model(x, x, n_jacobi=R)[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    # warm up on a tiny model of the same method: kernels' one-time buffers are not the plan's business
+    tiny = GPT(type(config)(n_layer=1, n_head=1, n_embd=8, vocab_size=config.vocab_size, block_size=8,
+                            n_thoughts=config.n_thoughts, n_ponder=config.n_ponder)).to(device)
+    tiny.activation_checkpointing = activation_checkpointing
+    train(tiny, torch.optim.AdamW(tiny.parameters()), idx[:1, :8])
+    del tiny
+    gc.collect()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # resets the peak RSS (VmHWM) to the current RSS
+        except OSError:
+            return None
+        base = proc_status('VmRSS')
+    model = GPT(config).to(device)
+    model.activation_checkpointing = activation_checkpointing
+    train(model, torch.optim.AdamW(model.parameters()), idx)
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return proc_status('VmHWM') - base
+
+
+def proc_status(key):
+    """A byte count from /proc/self/status (VmRSS: resident now, VmHWM: its peak)."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
