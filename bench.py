@@ -14,8 +14,10 @@ Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent tho
 with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N
 pondering steps. Every (method, variant) is measured in its own child process, bench.py run again with the
 whole config on its command line plus --task=method:variant, so its peak memory is its own and not the
-high-water mark of the methods before it. Variants: main (training and decoding), compile and sdpa.
-On CUDA it also compares torch.compile on/off and, when flash_attn imports, flash-attn vs SDPA.
+high-water mark of the methods before it. Variants: main (training and decoding), compile (each Block
+compiled, as train.py's compile=True), checkpoint (activation checkpointing), memory (memplan.py's plan of a
+training step against its measured peak, with and without checkpointing) and sdpa (on CUDA when flash_attn
+imports: flash-attn vs SDPA). On a CPU, compiling costs about a minute per method: --compare_compile=False.
 """
 import json as jsonlib  # `json` is the config key for the output path
 import os
@@ -27,6 +29,7 @@ import time
 
 import torch
 
+from memplan import measure_training_peak, plan_memory
 from model import GPT, Attention, GPTConfig, method_settings
 from runtime import UserError, atomic_write, autocast, failure, resolve_device, resolve_dtype, run_cli
 
@@ -51,7 +54,9 @@ repeats = 5
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (CUDA) autocast; auto: bf16 where CUDA has it, else fp32
 threads = 0  # CPU threads for torch, 0 = its default; 1 avoids thrashing when other jobs share the cores
-compare_compile = True  # CUDA only: also time the training step under torch.compile
+compare_compile = True  # also time the training step with each Block torch.compile'd (train.py's compile=True)
+compare_checkpointing = True  # also time it with activation checkpointing (train.py's activation_checkpointing)
+check_memory = True  # also check memplan.py's plan of a training step against its measured peak
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
 seed = 1337
 json = ''  # path for every figure as JSON
@@ -59,7 +64,9 @@ task = ''  # internal: 'method:variant' makes this process the child that measur
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 
-VARIANTS = ('main', 'compile', 'sdpa')
+VARIANTS = ('main', 'compile', 'sdpa', 'checkpoint', 'memory')
+# the memory child's malloc returns large freed blocks at once, so that a CPU's peak RSS is the peak of live memory
+MEMORY_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536'}
 
 
 def parse_methods(text):
@@ -166,10 +173,15 @@ def measure(name, variant):
     dev, device_type, ptdtype = device_and_dtype()
     ctx = autocast(device_type, ptdtype)
     torch.manual_seed(seed)
+    if variant == 'memory':
+        return measure_memory(name, dev, ptdtype)
     base_mib = rss_mib()  # torch and CUDA runtime, before the model exists
     gpt = GPT(model_config(name)).to(dev)
     if variant == 'sdpa':
         Attention.set_backend(gpt, 'sdpa')  # 'auto' (main) runs flash-attn where it can
+    gpt.activation_checkpointing = variant == 'checkpoint'
+    if variant == 'compile':
+        gpt.compile_blocks()  # per Block, as train.py: the same graphs for every R
     result = measure_training(gpt, variant, ctx, dev)
     if device_type != 'cuda':
         result['base_mem_mib'] = base_mib
@@ -183,13 +195,12 @@ def measure_training(gpt, variant, ctx, dev):
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=device_type == 'cuda')
-    train_model = torch.compile(gpt) if variant == 'compile' else gpt
     data = torch.randint(vocab_size, (batch_size, block_size + 1), device=dev)
     x, y = data[:, :-1], data[:, 1:]
 
     def train_step():
         with ctx:
-            _, loss = train_model(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by vanilla and PonderLM
+            _, loss = gpt(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by vanilla and PonderLM
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -211,6 +222,19 @@ def measure_training(gpt, variant, ctx, dev):
     tokens_per_s = batch_size * block_size / statistics.median(result['step_s'])
     result['mfu'] = gpt.estimate_mfu(tokens_per_s) if device_type == 'cuda' else None
     return result  # the optimizer's state goes with it: decoding runs without
+
+
+def measure_memory(name, dev, ptdtype):
+    """memplan.py's plan of one training step next to its measured peak (the CUDA allocator's, or the peak RSS
+    rise on a CPU), without and with activation checkpointing; MiB."""
+    config = model_config(name)
+    result = {}
+    for key, checkpointing in (('plain', False), ('checkpointing', True)):
+        plan = plan_memory(config, batch_size, block_size, dtype=ptdtype, activation_checkpointing=checkpointing)
+        measured = measure_training_peak(config, batch_size, block_size, dtype=ptdtype, device=dev,
+                                         activation_checkpointing=checkpointing)
+        result[key] = {'plan_mib': plan.total / 2**20, 'measured_mib': None if measured is None else measured / 2**20}
+    return result
 
 
 def measure_decoding(gpt, ctx, dev):
@@ -250,7 +274,8 @@ def child_command(name, variant):
 
 def run_child(name, variant):
     print(f"measuring {name} ({variant}) ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(child_command(name, variant), capture_output=True, text=True)
+    env = {**os.environ, **MEMORY_ENV} if variant == 'memory' else None
+    proc = subprocess.run(child_command(name, variant), capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith('result: '):
             return jsonlib.loads(line[len('result: '):])
@@ -289,7 +314,6 @@ def machine_info(dev, device_type, ptdtype):
 def collect(names, device_type, ptdtype):
     """Run every child and arrange the figures per method, with ratios to vanilla. Also returns whether the
     main runs used flash-attn (then SDPA is the comparison)."""
-    cuda = device_type == 'cuda'
     flash = Attention.flash_suits(device_type, ptdtype)
     out = {}
     for name in names:
@@ -306,11 +330,18 @@ def collect(names, device_type, ptdtype):
             train['base_mem_mib'] = r['base_mem_mib']
         entry['decode'] = {'cached': {'new_tokens': new_tokens, 'tokens_per_s': stats(r['cached'])},
                            'uncached': {'new_tokens': new_tokens_uncached, 'tokens_per_s': stats(r['uncached'])}}
-        if cuda and compare_compile:
+        if compare_compile:
             c = run_child(name, 'compile')
             entry['compile'] = c if 'error' in c else {
-                'compile_s': c['compile_s'],
+                'compile_s': c['compile_s'], 'peak_mem_mib': c['peak_mem_mib'],
                 'tokens_per_s': stats([batch_size * block_size / t for t in c['step_s']])}
+        if compare_checkpointing:
+            k = run_child(name, 'checkpoint')
+            entry['checkpoint'] = k if 'error' in k else {
+                'peak_mem_mib': k['peak_mem_mib'], **({'base_mem_mib': k['base_mem_mib']} if 'base_mem_mib' in k else {}),
+                'tokens_per_s': stats([batch_size * block_size / t for t in k['step_s']])}
+        if check_memory:
+            entry['memory'] = run_child(name, 'memory')
         if flash and compare_attention:
             s = run_child(name, 'sdpa')
             entry['sdpa'] = s if 'error' in s else {
@@ -337,8 +368,20 @@ def add_ratios(out):
         main_tps = t['tokens_per_s']['median']
         if 'tokens_per_s' in entry.get('compile', {}):
             entry['compile']['speedup'] = ratio(entry['compile']['tokens_per_s']['median'], main_tps)
+        if 'tokens_per_s' in entry.get('checkpoint', {}):
+            k = entry['checkpoint']
+            k['time_vs_plain'] = ratio(main_tps, k['tokens_per_s']['median'])
+            k['memory_vs_plain'] = ratio(memory_rise(k), memory_rise(t))
+        for part in entry.get('memory', {}).values():
+            if isinstance(part, dict):
+                part['measured_vs_plan'] = ratio(part['measured_mib'], part['plan_mib'])
         if 'tokens_per_s' in entry.get('sdpa', {}):
             entry['sdpa']['flash_speedup'] = ratio(main_tps, entry['sdpa']['tokens_per_s']['median'])
+
+
+def memory_rise(train):
+    """Peak memory of a training measurement: on a CPU its rise over the torch runtime (peak RSS - base)."""
+    return train['peak_mem_mib'] - train.get('base_mem_mib', 0)
 
 
 def num(x):
@@ -412,31 +455,69 @@ def report(info, out, flash):
     print()
     print(f"no cache: every step recomputes the whole sequence (PonderLM-2 with exact thoughts), so only "
           f"{new_tokens_uncached} new tokens. PonderLM-2 K=1's cached floor is 0.5x vanilla.")
-    if cuda and (compare_compile or (flash and compare_attention)):
-        print()
-        print("## training on CUDA: torch.compile and the attention kernel")
-        print()
-        header, rows = ['method', 'eager tokens/s'], []
+    variants(out, flash)
+    if check_memory:
+        memory_table(out, cuda)
+
+
+def variants(out, flash):
+    """The training step compiled, with activation checkpointing, and with SDPA instead of flash-attn."""
+    sdpa = flash and compare_attention
+    if not (compare_compile or compare_checkpointing or sdpa):
+        return
+    print()
+    print("## training variants: compiled Blocks, activation checkpointing" + (", attention kernel" if sdpa else ''))
+    print()
+    header, rows = ['method', 'eager tokens/s'], []
+    if compare_compile:
+        header += ['compiled tokens/s', 'compile speedup', 'compile s']
+    if compare_checkpointing:
+        header += ['checkpointed tokens/s', 'time vs eager', 'peak mem vs eager']
+    if sdpa:
+        header += ['SDPA tokens/s', 'flash-attn vs SDPA']
+    for entry in out.values():
+        if 'error' in entry:
+            continue
+        row = [entry['label'], num(entry['train']['tokens_per_s']['median'])]
         if compare_compile:
-            header += ['compiled tokens/s', 'compile speedup', 'compile s']
-        if flash and compare_attention:
-            header += ['SDPA tokens/s', 'flash-attn vs SDPA']
-        for entry in out.values():
-            if 'error' in entry:
-                continue
-            row = [entry['label'], num(entry['train']['tokens_per_s']['median'])]
-            if compare_compile:
-                c = entry['compile']
-                row += ([f"failed: {c['error']}", '-', '-'] if 'error' in c else
-                        [spread(c['tokens_per_s']), times(c['speedup']), num(c['compile_s'])])
-            if flash and compare_attention:
-                s = entry['sdpa']
-                row += ([f"failed: {s['error']}", '-'] if 'error' in s else
-                        [spread(s['tokens_per_s']), times(s['flash_speedup'])])
-            rows.append(row)
-        print(table(header, rows))
-        print()
-        print("eager uses flash-attn" if flash else "eager uses SDPA (flash_attn not installed or fp32)")
+            c = entry['compile']
+            row += ([f"failed: {c['error']}", '-', '-'] if 'error' in c else
+                    [spread(c['tokens_per_s']), times(c['speedup']), num(c['compile_s'])])
+        if compare_checkpointing:
+            k = entry['checkpoint']
+            row += ([f"failed: {k['error']}", '-', '-'] if 'error' in k else
+                    [spread(k['tokens_per_s']), times(k['time_vs_plain']), times(k['memory_vs_plain'])])
+        if sdpa:
+            s = entry['sdpa']
+            row += ([f"failed: {s['error']}", '-'] if 'error' in s else
+                    [spread(s['tokens_per_s']), times(s['flash_speedup'])])
+        rows.append(row)
+    print(table(header, rows))
+    print()
+    print("eager uses flash-attn" if flash else "eager uses SDPA (flash_attn not installed, not CUDA, or fp32)")
+    if compare_checkpointing:
+        print("checkpointing: each Block recomputed in backward; peak mem as in the training table (its rise, on a CPU).")
+
+
+def memory_table(out, cuda):
+    print()
+    print("## memory: memplan.py's plan of a training step vs its measured peak")
+    print()
+    rows = []
+    for entry in out.values():
+        m = entry.get('memory', {})
+        if 'error' in entry or 'error' in m:
+            rows.append([entry['label'], f"failed: {entry.get('error') or m['error']}"] + ['-'] * 5)
+            continue
+        p, k = m['plain'], m['checkpointing']
+        rows.append([entry['label'], num(p['plan_mib']), num(p['measured_mib']), times(p['measured_vs_plan']),
+                     num(k['plan_mib']), num(k['measured_mib']), times(k['measured_vs_plan'])])
+    print(table(['method', 'plan MiB', 'measured MiB', 'measured / plan', 'plan, checkpointing MiB',
+                 'measured, checkpointing MiB', 'measured / plan'], rows))
+    print()
+    print("plan: weights, gradients, AdamW state and activations of one step (an estimate, eager mode). measured: "
+          + ("torch.cuda.max_memory_allocated over the step." if cuda else
+             "the rise of the peak RSS over a step, in a process whose malloc returns freed blocks at once."))
 
 
 def write_json(path, payload):
@@ -448,7 +529,7 @@ def write_json(path, payload):
 
 def failed(out):
     return [f"{name} ({variant})" for name, e in out.items()
-            for variant, part in (('main', e), ('compile', e.get('compile', {})), ('sdpa', e.get('sdpa', {})))
+            for variant, part in [('main', e)] + [(v, e.get(v, {})) for v in VARIANTS if v != 'main']
             if 'error' in part]
 
 

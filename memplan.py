@@ -171,7 +171,7 @@ def measure_training_peak(config, batch_size, seq_len=None, *, dtype=torch.float
     if device_type == 'cuda':
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return proc_status('VmHWM') - base
+    return max(0, proc_status('VmHWM') - base)  # (the kernel's RSS counters may lag by a few pages)
 
 
 def proc_status(key):

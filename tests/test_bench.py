@@ -14,7 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--model=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=128', '--block_size=32',
         '--batch_size=2', '--warmup=1', '--repeats=2', '--prompt_len=4', '--new_tokens=8',
-        '--new_tokens_uncached=4', '--device=cpu']
+        '--new_tokens_uncached=4', '--device=cpu',
+        '--compare_compile=False']  # inductor takes about a minute per method on a CPU
 METHODS = {'vanilla': 'vanilla', 'ponderlm2-k1': 'PonderLM-2 K=1', 'ponderlm2-k2': 'PonderLM-2 K=2',
            'ponderlm1-n3': 'PonderLM N=3'}
 
@@ -79,6 +80,13 @@ def test_tables_have_a_row_per_method_and_the_columns(run):
                          'vs vanilla']
     assert [row[0] for row in decode[1:]] == list(METHODS.values())
     assert '## training on CUDA' not in body
+    variants = table_rows(body, 'training variants')
+    assert variants[0] == ['method', 'eager tokens/s', 'checkpointed tokens/s', 'time vs eager', 'peak mem vs eager']
+    assert [row[0] for row in variants[1:]] == list(METHODS.values())
+    memory = table_rows(body, 'memory')
+    assert memory[0] == ['method', 'plan MiB', 'measured MiB', 'measured / plan', 'plan, checkpointing MiB',
+                         'measured, checkpointing MiB', 'measured / plan']
+    assert [row[0] for row in memory[1:]] == list(METHODS.values())
 
 
 def test_json_has_every_figure_positive_and_finite(run):
@@ -87,7 +95,9 @@ def test_json_has_every_figure_positive_and_finite(run):
     assert list(data['methods']) == list(METHODS)
     for name, entry in data['methods'].items():
         assert entry['label'] == METHODS[name]
-        assert set(entry) == {'label', 'train', 'decode'}
+        assert set(entry) == {'label', 'train', 'decode', 'checkpoint', 'memory'}
+        assert set(entry['memory']) == {'plain', 'checkpointing'}
+        assert entry['memory']['plain']['plan_mib'] > entry['memory']['checkpointing']['plan_mib']
         assert len(entry['train']['step_s']['samples']) == 2
         assert entry['decode']['cached']['new_tokens'] == 8 and entry['decode']['uncached']['new_tokens'] == 4
     numbers = list(figures(data['methods']))
@@ -95,6 +105,8 @@ def test_json_has_every_figure_positive_and_finite(run):
     for path, value in numbers:
         if path.endswith('/mfu'):
             assert value is None, path  # CPU: no peak FLOP/s to compare with
+        elif path.endswith(('/measured_mib', '/measured_vs_plan')):
+            assert value >= 0, path  # a model this tiny may not move the RSS at all
         else:
             assert isinstance(value, (int, float)) and not isinstance(value, bool), path
             assert math.isfinite(value) and value > 0, (path, value)
