@@ -192,3 +192,31 @@ def test_bad_bpe_sizes_are_one_line(tmp_path, spec, message):
     lines = r.stderr.splitlines()
     assert r.returncode == 2 and lines[-1].startswith('error: ') and message in lines[-1], r.stderr
     assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_a_json_file_that_is_not_a_tokenizer_is_one_clear_line(tmp_path):
+    (tmp_path / 'tokenizer.json').write_text('{"vocab": {"a": 0}}')  # valid JSON, not a tokenizer
+    (tmp_path / 'ok.txt').write_text('some text\nand more\n' * 10)
+    r = prepare('--dataset=text', f'--input={tmp_path / "ok.txt"}', f'--tokenizer={tmp_path / "tokenizer.json"}',
+                f'--out_dir={tmp_path / "out"}')
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and lines[-1].startswith('error: ') and 'not a Hugging Face tokenizer.json' in lines[-1]
+
+
+def test_offline_shakespeare_names_every_local_option_at_once(monkeypatch):
+    """Offline, the first error already names --input and, with the Pythia tokenizer not cached, --tokenizer."""
+    import urllib.request
+
+    import prepare_data
+
+    def offline(*args, **kwargs):
+        raise OSError('[Errno -3] Temporary failure in name resolution')
+
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    monkeypatch.setattr(prepare_data, 'pythia_tokenizer_cached', lambda: False)
+    with pytest.raises(UserError) as e:
+        prepare_data.shakespeare_text('', 'pythia')
+    assert '--input=' in str(e.value) and '--tokenizer=' in str(e.value) and e.value.exit_code == 1
+    with pytest.raises(UserError) as e:  # a tokenizer that needs no download: only --input to name
+        prepare_data.shakespeare_text('', 'gpt2')
+    assert '--input=' in str(e.value) and '--tokenizer=' not in str(e.value)
