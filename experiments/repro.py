@@ -185,22 +185,25 @@ def by_run(results):
     return {name: [r for r in results if r['name'] == name] for name in RUNS if any(r['name'] == name for r in results)}
 
 
-def plot(results, path, x_of, xlabel):
+def plot(results, path, x_of, xlabel, leave_out=()):
     """Val-loss curves against x_of(tokens, run): each run's mean over the seeds, with the min-max band."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    results = [r for r in results if r['name'] not in leave_out]
+    log_x = 'FLOPs' in xlabel
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for runs_ in by_run(results).values():
-        xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve']]
-        losses = np.array([[loss for _, loss in r['curve']] for r in runs_])  # (seeds, evals)
+        first = 1 if log_x else 0  # iteration 0 has no FLOPs to put on a log axis
+        xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve'][first:]]
+        losses = np.array([[loss for _, loss in r['curve'][first:]] for r in runs_])  # (seeds, evals)
         line, = ax.plot(xs, losses.mean(0), label=f"{runs_[0]['label']} ({len(runs_)} seed{'s' * (len(runs_) > 1)})")
         if len(runs_) > 1:
             ax.fill_between(xs, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
     settled = [loss for r in results for _, loss in r['curve'][len(r['curve']) // 4:]]
     if settled:
         ax.set_ylim(min(settled) - 0.05, max(settled) + 0.1)
-    ax.set_xscale('log' if 'FLOPs' in xlabel else 'linear')
+    ax.set_xscale('log' if log_x else 'linear')
     ax.set_xlabel(xlabel)
     ax.set_ylabel("val loss (train.py's periodic evaluation, R=3)")
     ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk')
@@ -287,7 +290,8 @@ def write_results(results):
         f.write(md + '\n')
     with atomic_write(os.path.join(out_root, 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
-    plot(results, os.path.join(out_root, 'val_loss_tokens.png'), lambda tokens, r: tokens / 1e6, 'tokens trained (M)')
+    plot(results, os.path.join(out_root, 'val_loss_tokens.png'), lambda tokens, r: tokens / 1e6, 'tokens trained (M)',
+         leave_out=('vanilla-flops',))  # 10x the tokens: it is the FLOPs plot's comparison
     plot(results, os.path.join(out_root, 'val_loss_flops.png'), lambda tokens, r: tokens * r['flops_per_token'],
          'training FLOPs')
     print(f"wrote {out_root}/results.md, results.json, val_loss_tokens.png, val_loss_flops.png")
