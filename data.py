@@ -76,7 +76,8 @@ def load_tokenizer_json(path, name, eos_token='<|endoftext|>'):
     from tokenizers import Tokenizer as HFTokenizer
     try:
         with open(path, encoding='utf-8') as f:
-            spec = json.load(f)
+            text = f.read()
+        spec = json.loads(text)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read tokenizer {path}: {one_line(e)}") from None
     except ValueError as e:
@@ -85,7 +86,7 @@ def load_tokenizer_json(path, name, eos_token='<|endoftext|>'):
     if not isinstance(spec, dict) or 'model' not in spec:
         raise UserError(f"{path} is JSON but not a Hugging Face tokenizer.json (it has no 'model' entry)")
     try:
-        tok = HFTokenizer.from_str(json.dumps(spec))
+        tok = HFTokenizer.from_str(text)  # the text as read: no second serialization of a 2 MB file
     except Exception as e:
         raise UserError(f"{path} is not a tokenizer the tokenizers library can read: {one_line(e)}") from None
     eos_id = tok.token_to_id(eos_token)

@@ -168,13 +168,12 @@ def evaluate(name, seed, out_dir, seconds):
     """One run's results, from its checkpoint, its log and eval.py."""
     ckpt = Checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
     cfg = ckpt.gpt_config()
-    with torch.device('meta'):
-        flops = GPT(cfg).flops_per_token(training=True)
+    with torch.device('meta'):  # the shapes alone: no weights to allocate
+        shapes = GPT(cfg)
+    flops, params = shapes.flops_per_token(training=True), shapes.get_num_params()
     note = RUNS[name][2]
     jacobi, exact = eval_losses(out_dir)
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
-    with torch.device('meta'):
-        params = GPT(cfg).get_num_params()
     return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
                 jacobi=jacobi, exact=exact, seconds=seconds, params=params, iters=ckpt.iter_num, tokens=tokens,
                 train_flops=tokens * flops, flops_per_token=flops, curve=val_curve(out_dir))
