@@ -18,10 +18,11 @@ Evaluate a model the way the PonderLM papers report it, and answer what their re
     python eval.py --init_from=zeng123/PonderLM-2-Pythia-1.4b --tasks=piqa --thoughts=jacobi --n_jacobi=3
     python eval.py --init_from=path/to/hf_dir --tasks=my_task --task_dir=path/to/task_yamls --limit=100
 
---init_from: 'resume' (out_dir/ckpt.pt), a train.py ckpt.pt, a Hugging Face directory or hub id. The tokenizer is
+--init_from: 'resume' (out_dir/ckpt.pt), a train.py checkpoint, a Hugging Face directory or hub id. The tokenizer is
 the model's own (see sample.py), --tokenizer overrides it. Downstream tasks score with exact thoughts by default
 (what decoding sees); --thoughts=jacobi scores with n_jacobi parallel passes (or adaptive to --jacobi_tol), as the
-papers do. Results go to --out=PATH (default: PATH = eval beside a ckpt.pt, else eval-<model name>).
+papers do. Results go to --out=PATH (a directory: PATH/eval; default: eval beside a ckpt.pt, else
+eval-<model name>), checked to be writable before the evaluation starts.
 The default dtype is float32 (TF32 off): the thoughts' convergence can only be seen down to the rounding of the
 dtype (in bfloat16 the change per pass levels off near 1e-3), and an adaptive tolerance below that runs to the
 K(T-1) bound.
@@ -36,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import data_dir_tokenizer, checkpoint_data_dir, model_tokenizer, read_meta, read_tokens
-from model import GPT
-from runtime import (Checkpoint, UserError, atomic_write, autocast, failure, one_line, resolve_device,
-                     resolve_dtype, run_cli)
+from data import data_dir_tokenizer, checkpoint_data_dir, model_tokenizer, read_meta, read_tokens, tokenizer_mismatch
+from model import sample
+from runtime import (UserError, autocast, check_output_file, failure, load_init_from, one_line, resolve_device,
+                     resolve_dtype, resolve_init_from, run_cli, write_result)
 
 # -----------------------------------------------------------------------------
 # config: plain globals, overridden by config files and --key=value (configurator.py)
-init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a path to a ckpt.pt, a Hugging Face directory or hub id
+init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face directory or hub id
 out_dir = 'out'         # where init_from='resume' looks for ckpt.pt
 tokenizer = ''          # '' = the model's own; else pythia | gpt2 | path/to/tokenizer.json
 # loss: the text
@@ -60,7 +61,7 @@ jacobi_tols = (1e-2, 1e-3, 1e-4)  # adaptive Jacobi at each of these tolerances:
 exact = True            # also the exact thoughts, one token at a time through the KV cache (slower)
 # downstream tasks (lm-evaluation-harness)
 tasks = ''              # comma-separated task names: switches to downstream mode
-num_fewshot = 0
+num_fewshot = 0         # examples shown before each task question
 limit = 0               # examples per task; 0 = all
 task_dir = ''           # a folder of extra task YAMLs (lm-eval's include_path)
 thoughts = 'exact'      # exact (what decoding sees) | jacobi (parallel passes, as the papers score)
@@ -68,11 +69,13 @@ n_jacobi = None         # with thoughts=jacobi: the passes; None = the model's o
 jacobi_tol = None       # with thoughts=jacobi: adaptive passes to this tolerance instead of n_jacobi
 max_gen_toks = 256      # generate_until: tokens at most, unless a task says otherwise
 # output and system
-out = ''                # results path without extension; '' = eval beside a ckpt.pt, else eval-<model name>
+out = ''                # results path without extension (a directory: DIR/eval); '' = eval beside a ckpt.pt, else
+                        # eval-<model name>
 device = 'auto'         # auto | cpu | cuda | cuda:1 | mps
-dtype = 'float32'       # float32 | bfloat16 | float16 | auto (runtime.resolve_dtype); see the note below
-seed = 1337
+dtype = 'float32'       # float32 | bfloat16 | float16 | auto (runtime.resolve_dtype); see the dtype note above
+seed = 1337             # of lm-eval's few-shot draws and of any sampling
 # -----------------------------------------------------------------------------
+_config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout is the results table
 
 THOUGHT_MODES = ('exact', 'jacobi')
 
@@ -81,37 +84,21 @@ THOUGHT_MODES = ('exact', 'jacobi')
 # the model
 
 def checkpoint_file(init_from, out_dir):
-    """The train.py checkpoint that init_from names, or None for a Hugging Face model."""
-    if init_from == 'resume':
-        return os.path.join(out_dir, 'ckpt.pt')
-    if init_from.endswith('.pt') or os.path.isfile(init_from):
-        return init_from
-    return None
+    """The train.py checkpoint that init_from names, or None for a Hugging Face model (runtime.resolve_init_from)."""
+    kind, source = resolve_init_from(init_from, out_dir)
+    return source if kind == 'checkpoint' else None
 
 
 def load_model(init_from, out_dir='out', tokenizer_override=''):
     """-> (model on the CPU in fp32, its tokenizer, the Checkpoint or None). Every mistake is one UserError."""
-    path = checkpoint_file(init_from, out_dir)
-    if path is not None:
-        ckpt = Checkpoint.load(path)
-        model = ckpt.build_model()
-    else:
-        ckpt = None
-        if not os.path.isdir(init_from) and (init_from.startswith(('.', '/')) or init_from.count('/') > 1):
-            raise UserError(f"init_from={init_from}: no such directory (a hub id looks like owner/name)")
-        try:
-            model = GPT.from_pretrained(init_from)
-        except RuntimeError as e:  # the hub download failed
-            raise failure(one_line(e)) from None
-        except (ValueError, OSError, KeyError) as e:
-            raise UserError(f"could not load {init_from}: {type(e).__name__}: {one_line(e)}") from None
-    return model, model_tokenizer(init_from, ckpt, tokenizer_override), ckpt
+    model, ckpt, source = load_init_from(init_from, out_dir)
+    return model, model_tokenizer(source, ckpt, tokenizer_override), ckpt
 
 
 def results_path(init_from, out_dir, out):
     """Where results go, without extension."""
-    if out:
-        return out
+    if out:  # a directory gets DIR/eval.json, not a hidden DIR/.json
+        return os.path.join(out, 'eval') if out.endswith(('/', os.sep)) or os.path.isdir(out) else out
     path = checkpoint_file(init_from, out_dir)
     if path is not None:
         return os.path.join(os.path.dirname(os.path.abspath(path)), 'eval')
@@ -354,14 +341,14 @@ def plot_jacobi(rows, path, title):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_write(path) as f:
+    with write_result(path) as f:
         fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
     return path
 
 
 def write_json(path, obj):
-    with atomic_write(path, 'w') as f:
+    with write_result(path, 'w') as f:
         json.dump(obj, f, indent=2, default=str)
         f.write('\n')
 
@@ -541,10 +528,7 @@ def lm_eval_class():
             else:
                 logits, caches = model.prefill(idx, T + max_new_tokens, self.n_jacobi, self.jacobi_tol)
             for i in range(max_new_tokens):
-                if temperature > 0:
-                    idx_next = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1)  # (B, 1)
-                else:
-                    idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+                idx_next = sample(logits.float(), temperature)  # (B, 1); temperature 0 is greedy
                 yield idx_next[:, 0].tolist()
                 if i + 1 < max_new_tokens:  # new token i sits at position T + i
                     logits = model.decode_one(idx_next, T + i, caches)
@@ -563,9 +547,15 @@ def run_tasks(model, tok, device_name, dtype_name, path, name):
              batch_size=batch_size, max_gen_toks=max_gen_toks, device=device_name, dtype=dtype_name)
     task_names = [t.strip() for t in tasks.split(',') if t.strip()]
     manager = task_manager(TaskManager, task_names)
-    results = lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit or None,
-                                      task_manager=manager, log_samples=False, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit or None,
+                                          task_manager=manager, log_samples=False, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    except ConnectionError as e:  # datasets could not fetch a task's data (offline, or the network is down)
+        raise failure(f"could not get the data of {', '.join(task_names)}: {one_line(e)}. lm-eval downloads task "
+                      f"datasets from the Hugging Face Hub: run once with network access (they are cached, and "
+                      f"offline runs, HF_DATASETS_OFFLINE=1, read the cache), or give tasks over local files in "
+                      f"--task_dir") from None
     table = make_table(results)
     print(f"{name}, {model.config.method_label}, thoughts: {describe_scoring(model)}, {num_fewshot}-shot")
     print(table)
@@ -615,6 +605,10 @@ def load_text(model, tok, ckpt):
             raise UserError("what text? pass --data_dir=DIR (prepare_data.py) or --text=FILE")
         directory = checkpoint_data_dir(ckpt)
     ids, data_tok = data_stream(directory, split)
+    mismatch = ckpt is not None and tokenizer_mismatch(ckpt, directory, read_meta(directory))
+    if mismatch:
+        raise UserError(f"{mismatch}: the model would be scored on ids that mean other text; pass --data_dir=DIR "
+                        f"(data prepared with the checkpoint's tokenizer) or --text=FILE")
     top = int(ids.max())
     if top >= model.config.vocab_size:
         raise UserError(f"{directory}/{split}.bin holds id {top}, beyond the model's vocabulary of "
@@ -691,14 +685,13 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
 
 def main():
     check_options()
+    path = results_path(init_from, out_dir, out)
+    check_output_file(path + ('_tasks.json' if tasks else '.json'), '--out')  # now, not after the evaluation
     device_name = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, torch.device(device_name).type)
     torch.manual_seed(seed)
     model, tok, ckpt = load_model(init_from, out_dir, tokenizer)
     name = checkpoint_file(init_from, out_dir) or init_from
-    path = results_path(init_from, out_dir, out)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
     if tasks:
         return run_tasks(model, tok, device_name, dtype, path, name)
     model.to(device_name).eval()

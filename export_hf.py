@@ -15,12 +15,13 @@ Exit codes: runtime.py.
 """
 import os
 import sys
+import tempfile
 
-from eval import load_model
-from runtime import UserError, one_line, run_cli
+from data import model_tokenizer
+from runtime import UserError, failure, load_init_from, one_line, run_cli
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a path to a ckpt.pt, or a Hugging Face directory or hub id
+init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face directory or hub id
 out_dir = 'out'         # where init_from='resume' looks for ckpt.pt
 out = ''                # the directory to write (required)
 tokenizer = ''          # '' = the model's own; else pythia | gpt2 | path/to/tokenizer.json
@@ -28,25 +29,40 @@ overwrite = False       # write into an out directory that already holds a model
 # -----------------------------------------------------------------------------
 
 
+WRITTEN = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json')  # GPT.save_pretrained's
+NOT_WRITTEN = ('model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')  # other weights
+
+
 def check_out():
     if not out:
         raise UserError("where to? pass --out=DIR (a new directory for the Hugging Face files)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out={out} is a file, not a directory")
-    if os.path.isfile(os.path.join(out, 'config.json')) and not overwrite:
-        raise UserError(f"{out} already holds a model (config.json): choose another --out or pass --overwrite=True")
+    held = [name for name in WRITTEN + NOT_WRITTEN if os.path.exists(os.path.join(out, name))]
+    if held and not overwrite:
+        raise UserError(f"{out} already holds a model ({', '.join(held)}): choose another --out or pass "
+                        f"--overwrite=True")
+    stale = [name for name in held if name in NOT_WRITTEN]
+    if stale:  # --overwrite=True replaces what the export writes; these would stay and be read with it
+        raise UserError(f"{out} holds {', '.join(stale)}, which the export does not replace and a loader would read "
+                        f"instead of (or with) the new model.safetensors: remove it first, or choose another --out")
 
 
 def main():
     check_out()
-    model, tok, _ = load_model(init_from, out_dir, tokenizer)
-    if tok.path is None:
+    model, ckpt, source = load_init_from(init_from, out_dir)
+    tok = model_tokenizer(source, ckpt, tokenizer)
+    if tok.json_text is None:
         raise UserError(f"the model's tokenizer ({tok.name}) has no tokenizer.json to export; pass "
                         f"--tokenizer=path/to/tokenizer.json")
     try:
-        model.save_pretrained(out, tok.path)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {one_line(e)}") from None
+        with tempfile.TemporaryDirectory() as tmp:  # a checkpoint's tokenizer is text, save_pretrained copies a file
+            path = os.path.join(tmp, 'tokenizer.json')
+            with open(path, 'wb') as f:
+                f.write(tok.json_text.encode('utf-8'))
+            model.save_pretrained(out, path)
+    except OSError as e:  # a disk that fills, a file size limit: the run failed (exit 1), like any failed write
+        raise failure(f"could not write {out}: {one_line(e)}") from None
     cfg = model.config
     print(f"wrote {out}: {cfg.method_label}, {model.get_num_params(non_embedding=False):,} parameters, "
           f"tokenizer {tok.name}")

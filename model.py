@@ -647,8 +647,12 @@ class GPT(nn.Module):
         config.json and model.safetensors / pytorch_model.bin (or a sharded index), or a hub id.
         overrides replace GPTConfig fields (e.g. n_jacobi=5). The model is fp32 on the CPU."""
         path = name_or_dir if os.path.isdir(name_or_dir) else download_from_hub(name_or_dir)
-        with open(os.path.join(path, 'config.json')) as f:
-            hf = json.load(f)
+        config_file = os.path.join(path, 'config.json')
+        try:
+            with open(config_file, encoding='utf-8') as f:
+                hf = json.load(f)
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise ValueError(f"{config_file} is not JSON ({e})") from None
         config = config_from_hf(hf)
         unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
         if unknown:
@@ -707,7 +711,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> token ids (B, 1). temperature 0 is greedy; top_k and top_p (nucleus) filter first."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # the largest logit is set to 0 and the others scaled below it, so that a tiny temperature sends them to -inf
+    # (the limit T -> 0: greedy, ties shared) instead of overflowing to inf and nan
+    top = logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(logits == top, 0.0, (logits - top) / temperature)
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
@@ -740,48 +747,95 @@ def device_peak_flops():
 # -----------------------------------------------------------------------------
 # loading Hugging Face checkpoints
 
+REQUIRED = object()  # config_from_hf: a key without a default
+HF_KINDS = {  # config.json value kinds: (test, what it must be)
+    'size': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an integer >= 1'),
+    'count': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, 'an integer >= 0'),
+    'positive': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, 'a number > 0'),
+    'fraction': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+                 'a number in (0, 1]'),
+    'flag': (lambda v: isinstance(v, bool), 'true or false (unquoted)'),
+    'text': (lambda v: isinstance(v, str), 'a string'),
+    'object': (lambda v: isinstance(v, dict), 'a JSON object'),
+    'range': (lambda v: isinstance(v, list) and len(v) == 2 and all(HF_KINDS['count'][0](x) for x in v),
+              'a list of two integers >= 0'),
+}
+
+
+def checked(key, value, kind):
+    """value of config.json's key, if it is of kind (HF_KINDS); else a ValueError naming the key."""
+    ok, what = HF_KINDS[kind]
+    if not ok(value):
+        raise ValueError(f"config.json has {key}={json.dumps(value)}, but it must be {what}")
+    return value
+
+
 def config_from_hf(hf):
-    """GPTConfig from a GPT-NeoX config.json (old and new key names), with the method keys of the official
-    PonderLM-2 / PonderingLM code: num_latent_thoughts, num_jacobi_iterations, random_jacobi_iterations,
+    """GPTConfig from a GPT-NeoX config.json (a dict; old and new key names), with the method keys of the
+    official PonderLM-2 / PonderingLM code: num_latent_thoughts, num_jacobi_iterations, random_jacobi_iterations,
     interpolation, interpolation_use_topk, scale_embeds, recurrent_model, ponderinglm, pondering_steps,
-    mutiply_pondering_steps (sic); and jacobi_train_range, which only our export writes."""
-    act = hf.get('hidden_act', 'gelu')
+    mutiply_pondering_steps (sic); and jacobi_train_range, which only our export writes. A missing or mistyped
+    field, or a value that would compute something this model does not, is a ValueError naming the key."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json holds a JSON {type(hf).__name__}, not an object of GPT-NeoX keys")
+
+    def get(key, default=REQUIRED, kind='size'):
+        if hf.get(key) is None:  # absent, or null
+            if default is REQUIRED:
+                raise ValueError(f"config.json lacks {key}: it is no GPT-NeoX config")
+            return default
+        return checked(key, hf[key], kind)
+
+    model_type = get('model_type', 'gpt_neox', 'text')
+    if model_type != 'gpt_neox':
+        raise ValueError(f"model_type {model_type!r} is not supported: this model is GPT-NeoX (Pythia), 'gpt_neox'")
+    act = get('hidden_act', 'gelu', 'text')
     if act != 'gelu':
         raise ValueError(f"hidden_act {act!r} is not supported: only the exact 'gelu' of GPT-NeoX/Pythia")
-    # interpolation_use_topk only qualifies interpolation: with interpolation off it changes nothing
-    if hf.get('interpolation'):
-        raise ValueError("interpolation=True (thought interpolation) is not supported by this implementation")
-    if hf.get('recurrent_model'):
-        raise ValueError("recurrent_model=True (the official code's recurrent variant) is not supported by this "
-                         "implementation")
-    if not hf.get('attention_bias', True):
-        raise ValueError("attention_bias=False is not supported: GPT-NeoX has biases everywhere")
-    rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-    if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-        raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported, only 'default'")
+    # The official default of interpolation is True, but the official loader writes it into every config.json
+    # it saves; a config without it is a stock GPT-NeoX one, which has no interpolation.
+    if get('interpolation', False, 'flag'):
+        raise ValueError("interpolation=true (thoughts as probability-weighted token embeddings) is not supported "
+                         "by this implementation: only PonderLM-2's interpolation=false (the hidden state itself)")
+    # Ignored, as they change no logits: interpolation_use_topk (the official code reads it only with
+    # interpolation on); recurrent_model (its loader's "pondering on" switch, true for every method but
+    # vanilla, which its GPT-NeoX PonderLM-2 model never reads); output_hidden_states; classifier_dropout.
+    if not get('attention_bias', True, 'flag'):
+        raise ValueError("attention_bias=false is not supported: GPT-NeoX has biases everywhere")
+    rope = get('rope_parameters', None, 'object') or get('rope_scaling', None, 'object') or {}
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    if rope_type != 'default':
+        raise ValueError(f"rope type {rope_type!r} is not supported, only 'default'")
     rotary_pct = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', hf.get('rotary_pct', 0.25)))
     rotary_base = rope.get('rope_theta', hf.get('rope_theta', hf.get('rotary_emb_base', 10000)))
-    n_ponder = hf.get('pondering_steps', 0) if hf.get('ponderinglm') else 0
-    n_jacobi = hf.get('num_jacobi_iterations', 3)
+    n_head, n_embd = get('num_attention_heads'), get('hidden_size')
+    if n_embd % n_head:
+        raise ValueError(f"config.json has hidden_size={n_embd}, not divisible by num_attention_heads={n_head}")
+    n_thoughts = get('num_latent_thoughts', 0, 'count')
+    n_ponder = get('pondering_steps', 0, 'count') if get('ponderinglm', False, 'flag') else 0
+    n_jacobi = get('num_jacobi_iterations', 3, 'count')
     # released checkpoints say only whether R was random in training: ours draws from {2,3,4} then
-    train_range = (2, 4) if hf.get('random_jacobi_iterations', True) else (n_jacobi, n_jacobi)
+    train_range = (2, 4) if get('random_jacobi_iterations', True, 'flag') else (n_jacobi, n_jacobi)
+    # scale_embeds scales what a pondering model feeds back; the official vanilla baseline is stock GPT-NeoX,
+    # which has no embedding scale whatever its config.json says (the official loader writes the key anyway)
+    scale_embeds = get('scale_embeds', False, 'flag') and bool(n_thoughts or n_ponder)
     return GPTConfig(
-        block_size=hf.get('max_position_embeddings', 2048),
-        vocab_size=hf['vocab_size'],
-        n_layer=hf['num_hidden_layers'],
-        n_head=hf['num_attention_heads'],
-        n_embd=hf['hidden_size'],
-        n_inner=hf.get('intermediate_size'),
-        rotary_pct=float(rotary_pct),
-        rotary_base=float(rotary_base),
-        parallel_residual=hf.get('use_parallel_residual', True),
-        layer_norm_eps=hf.get('layer_norm_eps', 1e-5),
-        n_thoughts=hf.get('num_latent_thoughts', 0) or 0,
+        block_size=get('max_position_embeddings', 2048),
+        vocab_size=get('vocab_size'),
+        n_layer=get('num_hidden_layers'),
+        n_head=n_head,
+        n_embd=n_embd,
+        n_inner=get('intermediate_size', None),
+        rotary_pct=float(checked('rotary_pct', rotary_pct, 'fraction')),
+        rotary_base=float(checked('rotary_emb_base', rotary_base, 'positive')),
+        parallel_residual=get('use_parallel_residual', True, 'flag'),
+        layer_norm_eps=get('layer_norm_eps', 1e-5, 'positive'),
+        n_thoughts=n_thoughts,
         n_jacobi=n_jacobi,
-        jacobi_train_range=tuple(hf.get('jacobi_train_range', train_range)),
-        n_ponder=n_ponder or 0,
-        ponder_multiply=bool(hf.get('mutiply_pondering_steps', False)),  # (sic) the released key
-        scale_embeds=bool(hf.get('scale_embeds', False)),  # stock Pythia does not scale
+        jacobi_train_range=tuple(get('jacobi_train_range', train_range, 'range')),
+        n_ponder=n_ponder,
+        ponder_multiply=get('mutiply_pondering_steps', False, 'flag'),  # (sic) the released key
+        scale_embeds=scale_embeds,
     )
 
 
@@ -818,7 +872,7 @@ def hf_config(config, eos_id=0):
         'jacobi_train_range': [lo, hi],
         'interpolation': False,
         'interpolation_use_topk': False,
-        'recurrent_model': False,
+        'recurrent_model': bool(config.n_thoughts or config.n_ponder),  # the official "pondering on" switch
         # PonderingLM (v1)
         'ponderinglm': config.n_ponder > 0,
         'pondering_steps': config.n_ponder,
@@ -846,7 +900,7 @@ def write_json(path, obj):
 
 def download_from_hub(repo_id):
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
         raise RuntimeError(f"{repo_id!r} is not a local directory, and huggingface_hub (needed to download it) "
                            "is not installed: pip install huggingface_hub") from None
@@ -855,34 +909,52 @@ def download_from_hub(repo_id):
         if not any(f.endswith('.safetensors') for f in os.listdir(path)):
             path = snapshot_download(repo_id, allow_patterns=['*.json', '*.bin'])
     except Exception as e:
-        raise RuntimeError(f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
+        offline = ': offline (HF_HUB_OFFLINE) and not in the cache' if constants.HF_HUB_OFFLINE else ''
+        why = type(e).__name__ + offline
+        raise RuntimeError(f"could not get {repo_id!r} from the Hugging Face Hub ({why}); "
                            "check the name and your connection, or pass a local directory") from None
     return path
 
 
 def read_state_dict(path):
-    """All tensors of a checkpoint directory: single or sharded, safetensors or PyTorch pickles."""
+    """All tensors of a checkpoint directory: single or sharded, safetensors or PyTorch pickles. A missing,
+    damaged or foreign file is an OSError or ValueError that names it."""
     for index_name, single in (('model.safetensors.index.json', 'model.safetensors'),
                                ('pytorch_model.bin.index.json', 'pytorch_model.bin')):
         index = os.path.join(path, index_name)
         files = [single]
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)['weight_map'].values()))
+            try:
+                with open(index, encoding='utf-8') as f:
+                    files = sorted(set(json.load(f)['weight_map'].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index} is no sharded-weights index (a JSON object with a weight_map): "
+                                 f"{type(e).__name__}: {e}") from None
         elif not os.path.exists(os.path.join(path, single)):
             continue
         sd = {}
         for name in files:
-            sd.update(read_weights_file(os.path.join(path, name)))
+            sd.update(read_weights_file(os.path.join(path, str(name))))
         return sd
     raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or sharded index in {path}")
 
 
 def read_weights_file(file):
-    if file.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(file)
-    return torch.load(file, map_location='cpu', weights_only=True)
+    """The tensors of one weights file, by name."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"the weights file {file} is missing")
+    try:
+        if file.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(file)
+        else:
+            sd = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip errors alike; torch's advice (weights_only=False) is unsafe
+        raise ValueError(f"cannot read the weights file {file} ({type(e).__name__}): it is damaged (cut short?) "
+                         f"or no weights file; copy or download it again") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{file} holds no state dict (names -> tensors)")
+    return sd
 
 
 UNUSED_OFFICIAL_WEIGHTS = ('adapter.weight',)  # the official PonderingLM code makes nn.Linear(2H, H) and never uses it

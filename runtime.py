@@ -4,10 +4,13 @@ What every script of nanoPonder shares at run time, in one place:
 - user errors: UserError is the one exception type for a mistake the user can act on; run_cli() turns it into
   one `error: ...` line on stderr and the exit code below (under torchrun only rank 0 prints);
 - the device and the precision: resolve_device, resolve_dtype (ONE rule for 'auto') and autocast;
-- files that are never half-written: atomic_write, and remove_stale_temp_files for the leftovers of a kill;
-  DirectoryLock, so that one run owns its out_dir;
+- files that are never half-written: atomic_write (write_result for a script's results, check_output_file before
+  the work that makes them), and remove_stale_temp_files for the leftovers of a kill; DirectoryLock, so that one
+  run owns its out_dir;
 - the training checkpoint (train.py writes it; sample.py, eval.py and the experiments read it): Checkpoint,
-  the only code that knows its keys and its format version.
+  the only code that knows its keys and its format version;
+- what --init_from names (a checkpoint, a Hugging Face directory, a hub id), by ONE rule decided by what is on
+  disk: resolve_init_from, and load_init_from / load_hf_model to load it.
 
 Exit codes of every script:
     0    done
@@ -22,8 +25,10 @@ Exit codes of every script:
 import os
 import re
 import sys
+import tempfile
+import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 
@@ -142,11 +147,17 @@ def autocast(device_type, dtype):
 TEMP_SUFFIX = re.compile(r'\.tmp(\d+)$')
 
 
+def temp_path(path):
+    """The temp file beside path that this process writes before renaming it to path (name.tmpPID: what
+    remove_stale_temp_files recognises once the process is gone)."""
+    return f"{path}.tmp{os.getpid()}"
+
+
 @contextmanager
 def atomic_write(path, mode='wb'):
     """Open a temp file beside path for writing; on success it is flushed to disk and renamed over path, so a
     reader (or a crash midway) sees the old file or the new one, never half of one. On error it is removed."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -157,6 +168,39 @@ def atomic_write(path, mode='wb'):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextmanager
+def write_result(path, mode='wb'):
+    """atomic_write for a script's results, into a directory made if needed: a write that fails (disk full, file
+    too large) is one line, exit 1, and the file it would have replaced is unchanged."""
+    try:
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        with atomic_write(path, mode) as f:
+            yield f
+    except OSError as e:
+        kept = (f"the earlier {os.path.basename(path)} is unchanged" if os.path.exists(path) else
+                "no partial file is left")
+        raise failure(f"could not write {path}: {e.strerror or one_line(e)}; {kept}") from None
+
+
+def check_output_file(path, option):
+    """Check, before the work whose results go to the file path, that it can be written there: so that an unusable
+    path is one UserError now and not an exception after the work. Nothing is made: a probe file is created and
+    removed in the deepest directory of path that exists. option says where path came from, e.g. '--json'."""
+    if os.path.isdir(path):
+        raise UserError(f"{option}: {path} is a directory: name a file (in it, or elsewhere)")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{option}: cannot write {path}: {existing} is a file, not a directory; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{option}: cannot write {path}: no file can be created in {existing} "
+                        f"({e.strerror or one_line(e)}); choose another path") from None
 
 
 def remove_stale_temp_files(directory):
@@ -227,7 +271,9 @@ class DirectoryLock:
 # -----------------------------------------------------------------------------
 # the training checkpoint
 
-CHECKPOINT_FORMAT = 2  # 1: train.py before the format field (still read); 2: 'format' added, init -> weight_init
+# 1: train.py before the format field (still read); 2: 'format' added, init -> weight_init. Fields added with a
+# default (pretrained, tokenizer) need no new format: older files load without them, older code ignores them.
+CHECKPOINT_FORMAT = 2
 INIT_RENAMED = {'ponder': 'small', 'pythia': 'normal'}  # format 1's init values -> weight_init
 
 
@@ -252,10 +298,21 @@ class Checkpoint:
     best_val_loss: float
     config: dict            # the run's config keys and values (data_dir, ...)
     pretrained: str = None  # the Hugging Face model the run started from, or None
+    # the tokenizer of the data it was trained on, so that it is sampled and scored without that data directory:
+    # {'name', 'eos_token', 'json': the tokenizer.json text (None for gpt2), 'sha256': the data's identity
+    # (meta.json's tokenizer_sha256; None if unknown)}, data.tokenizer_record. None in older checkpoints.
+    tokenizer: dict = None
 
     def save(self, path):
-        with atomic_write(path) as f:
-            torch.save({'format': CHECKPOINT_FORMAT, **asdict(self)}, f)
+        """Write the checkpoint atomically; a failed write (disk full, a file size limit) is one line, exit 1,
+        and the previous file at path is kept (write_result)."""
+        with write_result(path) as f:
+            try:
+                torch.save({'format': CHECKPOINT_FORMAT, **asdict(self)}, f)
+            except RuntimeError as e:  # torch's zip writer reports the file's OSError as its own RuntimeError
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
 
     @classmethod
     def load(cls, path):
@@ -263,9 +320,12 @@ class Checkpoint:
         if not os.path.isfile(path):
             raise UserError(f"no checkpoint at {path}")
         try:
-            raw = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)}") from None
+            with warnings.catch_warnings():  # the unpickler's warnings about a foreign file: the line below says it
+                warnings.simplefilter('ignore')
+                raw = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:  # torch's words are no help here ("KeyError: 101"), its advice unsafe (weights_only=False)
+            raise UserError(f"cannot read {path} as a train.py checkpoint: it is another kind of file, or a "
+                            f"damaged one") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path} is not a train.py checkpoint")
         version = raw.pop('format', 1)
@@ -274,7 +334,7 @@ class Checkpoint:
                             f"({CHECKPOINT_FORMAT}): update nanoPonder (git pull)")
         if version == 1:
             upgrade_format_1(raw)
-        required = {f.name for f in fields(cls) if f.name != 'pretrained'}
+        required = {f.name for f in fields(cls) if f.default is MISSING}
         missing = required - set(raw)
         if missing:
             raise UserError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
@@ -294,3 +354,75 @@ class Checkpoint:
             return GPT.from_state_dict(self.gpt_config(), self.model)
         except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
             raise UserError(f"the checkpoint's weights do not fit its model: {one_line(e)}") from None
+
+
+# -----------------------------------------------------------------------------
+# --init_from: what it names, by one rule for every script
+
+INIT_FROM_CHOICES = ("'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face model directory or a "
+                     "hub id (owner/name)")
+HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?')  # the Hub's names: [owner/]name
+LOCAL_SUFFIXES = ('.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.json')  # a file's name, not a hub id
+
+
+def resolve_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES):
+    """What init_from names, decided by what is on disk: ('checkpoint', path) for 'resume' (out_dir/ckpt.pt) and
+    any existing file (a train.py checkpoint), ('hf', path) for an existing directory (a Hugging Face model), and
+    ('hub', id) for a name that can only be a hub id. An empty name, a missing resume checkpoint, a directory
+    without config.json and a local-looking path that is not there are one UserError each. choices: what
+    init_from may be, for the messages."""
+    if not init_from:
+        raise UserError(f"init_from is empty: pass {choices}")
+    if init_from == 'resume':
+        path = os.path.join(out_dir, 'ckpt.pt')
+        if not os.path.isfile(path):
+            raise UserError(f"init_from=resume reads out_dir/ckpt.pt, and there is no {path}: pass the --out_dir of "
+                            f"a train.py run (or train one: python train.py config/shakespeare_ponder.py), or "
+                            f"another --init_from")
+        return 'checkpoint', path
+    path = os.path.expanduser(init_from)
+    if os.path.isfile(path):
+        hf_dir = os.path.dirname(path) or '.'
+        if path.endswith(('.safetensors', '.bin', '.json')) and os.path.isfile(os.path.join(hf_dir, 'config.json')):
+            raise UserError(f"init_from={init_from} is a file of the Hugging Face model directory {hf_dir}: pass "
+                            f"--init_from={hf_dir}")
+        return 'checkpoint', path
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, 'config.json')):
+            ckpt = os.path.join(init_from, 'ckpt.pt')
+            hint = (f"; it holds a train.py checkpoint: pass --init_from={ckpt} (or --out_dir={init_from} "
+                    f"--init_from=resume)" if os.path.isfile(os.path.join(path, 'ckpt.pt')) else
+                    ": a Hugging Face model directory holds config.json and model.safetensors")
+            raise UserError(f"init_from={init_from} is a directory but no Hugging Face model directory (it has no "
+                            f"config.json){hint}")
+        return 'hf', path
+    parent = os.path.dirname(path)
+    if not HUB_ID.fullmatch(init_from) or init_from.endswith(LOCAL_SUFFIXES) or (parent and os.path.isdir(parent)):
+        raise UserError(f"no such file or directory: {init_from} (init_from takes {choices})")
+    return 'hub', init_from
+
+
+def load_hf_model(source, **overrides):
+    """GPT.from_pretrained(source, **overrides) for a Hugging Face directory or hub id: a download that fails is
+    exit 1 (the run failed), a model this code cannot read exit 2, each one UserError."""
+    from model import GPT, download_from_hub
+    path = source
+    if not os.path.isdir(source):
+        try:
+            path = download_from_hub(source)
+        except RuntimeError as e:
+            raise failure(one_line(e)) from None
+    try:
+        return GPT.from_pretrained(path, **overrides)
+    except (OSError, ValueError) as e:  # a missing or damaged file, a config this model does not compute
+        raise UserError(f"cannot load the Hugging Face model {source}: {one_line(e)}") from None
+
+
+def load_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES):
+    """The model that init_from names (resolve_init_from) -> (model on the CPU in fp32, its Checkpoint or None,
+    the checkpoint file, Hugging Face directory or hub id it came from). Every mistake is one UserError."""
+    kind, source = resolve_init_from(init_from, out_dir, choices)
+    if kind == 'checkpoint':
+        ckpt = Checkpoint.load(source)
+        return ckpt.build_model(), ckpt, source
+    return load_hf_model(source), None, source

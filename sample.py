@@ -10,15 +10,17 @@ Sample from a trained model: a checkpoint of train.py, or a Hugging Face GPT-Neo
     python sample.py --start=FILE:long.txt --truncate=True        # keep the prompt's last tokens that fit
     python sample.py --num_samples=5 > samples.txt                # stdout holds the samples and nothing else
 
-The tokenizer is the checkpoint's own: for --init_from=resume (or a path to a ckpt.pt) the one its training
-data was prepared with (data_dir/tokenizer.json, else meta.json's 'tokenizer'); for a Hugging Face model
-the tokenizer.json beside its weights. --tokenizer=pythia|gpt2|PATH overrides it.
+The tokenizer is the checkpoint's own: for --init_from=resume (or a checkpoint file) the one its training
+data was prepared with, which the checkpoint carries (older checkpoints: their data_dir's tokenizer.json, else
+meta.json's 'tokenizer'); for a Hugging Face model the tokenizer.json beside its weights.
+--tokenizer=pythia|gpt2|PATH overrides it.
 The prompt must fit in the model's context (block_size), the new tokens need not: once the context is full
 the model sees its last part, a window that slides (GPT.generate_stream). Samples go to stdout (streamed
 token by token for a single sample) and nothing else does: notes, the config echo and the throughput (the
 last line) go to stderr. Errors are one `error:` line, exit codes as in runtime.py.
 """
 import functools
+import math
 import os
 import sys
 import time
@@ -26,21 +28,20 @@ import time
 import torch
 
 from data import model_tokenizer, safe_decode
-from model import GPT
-from runtime import Checkpoint, UserError, autocast, failure, one_line, resolve_device, resolve_dtype, run_cli
+from runtime import UserError, autocast, load_init_from, one_line, resolve_device, resolve_dtype, run_cli
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a path to a ckpt.pt, or a Hugging Face hub id or directory
+init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face directory or hub id
 out_dir = 'out'         # where init_from='resume' looks for ckpt.pt
 tokenizer = ''          # '' = the checkpoint's own; else pythia | gpt2 | path/to/tokenizer.json
 start = ''              # the prompt, or FILE:path to read it from a file; '' starts from the EOS token
 truncate = False        # a prompt longer than the context: keep its last tokens that fit instead of an error
-num_samples = 1
+num_samples = 1         # samples of the same prompt, separated by a line of dashes
 max_new_tokens = 200    # may exceed the context: the model then sees a sliding window of the text
 temperature = 0.8       # 0 = greedy
 top_k = 200             # keep the top_k most likely tokens; 0 = off
 top_p = 1.0             # nucleus sampling: keep the smallest set with this much probability; 1.0 = off
-seed = 1337
+seed = 1337             # of the sampling
 device = 'auto'         # auto (cuda if available, else cpu) | cpu | cuda | cuda:1 | mps
 dtype = 'auto'          # auto (bfloat16 autocast where supported, else float32) | float32 | bfloat16 | float16
 use_cache = True        # KV cache; False recomputes every token from scratch (the exact, slow reference)
@@ -56,14 +57,14 @@ _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout
 # ----------------------------------------------------------------------------- options
 
 def check_options():
-    for name, value, ok in (('num_samples', num_samples, num_samples >= 1),
-                            ('max_new_tokens', max_new_tokens, max_new_tokens >= 1),
-                            ('temperature', temperature, temperature >= 0),
-                            ('top_k', top_k, top_k >= 0),
-                            ('top_p', top_p, 0 < top_p <= 1)):
-        if not ok:
-            raise UserError(f"{name}={value} is out of range (num_samples, max_new_tokens >= 1; temperature, "
-                            f"top_k >= 0; 0 < top_p <= 1)")
+    for name, value, ok, rule in (('num_samples', num_samples, num_samples >= 1, '>= 1'),
+                                  ('max_new_tokens', max_new_tokens, max_new_tokens >= 1, '>= 1'),
+                                  ('temperature', temperature, 0 <= temperature < math.inf,
+                                   'finite and >= 0 (0 = greedy)'),
+                                  ('top_k', top_k, top_k >= 0, '>= 0 (0 = off)'),
+                                  ('top_p', top_p, 0 < top_p <= 1, 'in (0, 1] (1 = off)')):
+        if not ok:  # nan fails every comparison
+            raise UserError(f"{name}={value} is out of range: {name} must be {rule}")
     if stream not in (None, True, False):
         raise UserError(f"stream must be True, False or None (auto), got {stream!r}")
     if n_jacobi is not None and (not isinstance(n_jacobi, int) or isinstance(n_jacobi, bool) or n_jacobi < 0):
@@ -71,39 +72,6 @@ def check_options():
     if jacobi_tol is not None and (isinstance(jacobi_tol, bool) or not isinstance(jacobi_tol, (int, float))
                                    or jacobi_tol < 0):
         raise UserError(f"jacobi_tol must be a number >= 0 (or None for fixed passes), got {jacobi_tol!r}")
-
-
-# ----------------------------------------------------------------------------- the model
-
-def checkpoint_path():
-    """The ckpt.pt to resume from, or None when init_from names a Hugging Face model."""
-    if init_from == 'resume':
-        return os.path.join(out_dir, 'ckpt.pt')
-    if init_from.endswith('.pt'):
-        return init_from
-    return None
-
-
-def load_model():
-    """-> (model, Checkpoint or None). Loading errors become one UserError line."""
-    path = checkpoint_path()
-    if path is not None:
-        if not os.path.isfile(path):
-            raise UserError(f"no checkpoint at {path}: train one first (e.g. python train.py "
-                            f"config/shakespeare_ponder.py, then --out_dir=out-shakespeare-ponder here) or pass "
-                            f"--init_from=a Hugging Face model")
-        ckpt = Checkpoint.load(path)
-        return ckpt.build_model(), ckpt
-    local = os.path.isdir(init_from)
-    if not local and (init_from.startswith(('.', '/')) or init_from.count('/') > 1):
-        raise UserError(f"init_from={init_from}: no such directory (a hub id looks like owner/name)")
-    try:
-        return GPT.from_pretrained(init_from), None
-    except (ValueError, OSError) as e:  # a config or weights this model.py does not read, a missing file
-        raise UserError(f"could not load {init_from}: {one_line(e)}") from None
-    except RuntimeError as e:  # torch could not read the weights, or the hub download failed (exit code 1)
-        message = f"could not load {init_from}: {one_line(e)}"
-        raise (UserError(message) if local else failure(message)) from None
 
 
 # ----------------------------------------------------------------------------- the prompt
@@ -210,8 +178,8 @@ def main():
     device_type = torch.device(dev).type
     ctx = autocast(device_type, resolve_dtype(dtype, device_type))
     torch.manual_seed(seed)
-    model, ckpt = load_model()
-    tok = model_tokenizer(init_from, ckpt, tokenizer)
+    model, ckpt, source = load_init_from(init_from, out_dir)
+    tok = model_tokenizer(source, ckpt, tokenizer)
     prompt = encode_prompt(tok, read_prompt(), model.config)
     model.eval().to(dev)
     if compile:

@@ -296,7 +296,8 @@ def run_main(monkeypatch, **config):
 
 
 @pytest.mark.parametrize('config,match', [
-    (dict(init_from='/no/such/ckpt.pt'), 'no checkpoint'), (dict(init_from='/no/such/dir'), 'no such directory'),
+    (dict(init_from='/no/such/ckpt.pt'), 'no such file or directory: /no/such/ckpt.pt'),
+    (dict(init_from='/no/such/dir'), 'no such file or directory: /no/such/dir'),
     (dict(thoughts='magic'), 'thoughts must be'), (dict(jacobi_tols=(-1,)), 'jacobi_tols'),
     (dict(stride=-1), 'out of range')])
 def test_mistakes_are_user_errors(monkeypatch, tmp_path, config, match):
@@ -325,8 +326,10 @@ def test_config_reads_every_official_key():
     thoughts = config_from_hf({**base, **OFFICIAL_KEYS, 'ponderinglm': False, 'num_latent_thoughts': 2,
                                'random_jacobi_iterations': False, 'num_jacobi_iterations': 4})
     assert (thoughts.n_thoughts, thoughts.n_ponder, thoughts.jacobi_train_range) == (2, 0, (4, 4))
-    with pytest.raises(ValueError, match='recurrent_model'):
-        config_from_hf({**base, 'recurrent_model': True})
+    # recurrent_model is the official loader's "pondering on" switch: it changes nothing; interpolation would
+    assert config_from_hf({**base, 'recurrent_model': True, 'num_latent_thoughts': 1}).n_thoughts == 1
+    with pytest.raises(ValueError, match='interpolation'):
+        config_from_hf({**base, 'interpolation': True})
 
 
 def test_v1_checkpoint_with_the_official_adapter_loads(tmp_path, capsys):
