@@ -4,22 +4,25 @@ prepare_data.py writes and train.py, sample.py and eval.py read, and the batches
 
 A data directory holds {train,val}.bin (MiniPile also test.bin): every document's ids followed by the EOS id,
 concatenated, as uint16; and meta.json:
-    dataset, source, tokenizer ('pythia', 'gpt2' or an absolute tokenizer.json path), tokenizer_file
-    ('tokenizer.json', a copy inside the directory, or null for gpt2), vocab_size, eos_id, eos_token,
-    dtype ('uint16'), tokens {split: count}, documents {split: count}.
+    dataset, source, tokenizer ('pythia', 'gpt2', 'bpe:N' or an absolute tokenizer.json path), tokenizer_file
+    ('tokenizer.json', a copy inside the directory, or null for gpt2), tokenizer_sha256 (the tokenizer's
+    identity, Tokenizer.sha256), vocab_size, eos_id, eos_token, dtype ('uint16'), tokens {split: count},
+    documents {split: count}.
 
     from data import load_tokenizer, data_dir_tokenizer, read_tokens, TrainBatches
     tok = data_dir_tokenizer('data/shakespeare')       # the tokenizer that data was made with
     ids = np.memmap('data/shakespeare/val.bin', dtype=np.uint16, mode='r')
 """
+import hashlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
 import torch
 
-from runtime import UserError, atomic_write, failure, one_line
+from runtime import UserError, failure, one_line, temp_path
 
 PYTHIA_REPO = 'EleutherAI/pythia-70m'
 MAX_VOCAB = 2 ** 16  # ids are stored as uint16
@@ -30,12 +33,19 @@ TOKEN_DTYPE = np.uint16
 
 
 class Tokenizer:
-    """encode(text) -> list[int] and decode(ids) -> str, plus name, eos_id, vocab_size and path
-    (the tokenizer.json it came from, None for gpt2)."""
+    """encode(text) -> list[int] and decode(ids) -> str, plus name, eos_id, vocab_size, path (the tokenizer.json
+    it came from; None for gpt2 and for one a checkpoint carries) and json_text (that tokenizer.json's text; None
+    for gpt2)."""
 
-    def __init__(self, name, encode, decode, eos_id, vocab_size, path=None):
+    def __init__(self, name, encode, decode, eos_id, vocab_size, path=None, json_text=None):
         self.name, self.eos_id, self.vocab_size, self.path = name, eos_id, vocab_size, path
-        self.encode, self.decode = encode, decode
+        self.encode, self.decode, self.json_text = encode, decode, json_text
+
+    @property
+    def sha256(self):
+        """Its identity: sha256 of its tokenizer.json (the file's bytes), or of its name for gpt2 (no file)."""
+        text = self.json_text if self.json_text is not None else self.name
+        return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
     def __repr__(self):
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -73,25 +83,32 @@ def pythia_tokenizer_path():
 
 
 def load_tokenizer_json(path, name, eos_token='<|endoftext|>'):
-    from tokenizers import Tokenizer as HFTokenizer
     try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-        spec = json.loads(text)
+        with open(path, 'rb') as f:
+            text = f.read().decode('utf-8')  # bytes, not text mode: the text must be the file's bytes (sha256)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read tokenizer {path}: {one_line(e)}") from None
+    return tokenizer_from_json(text, name, eos_token, path)
+
+
+def tokenizer_from_json(text, name, eos_token='<|endoftext|>', path=None):
+    """A Tokenizer from the text of a tokenizer.json: the file at path, or (path None) the copy a checkpoint carries."""
+    from tokenizers import Tokenizer as HFTokenizer
+    where = path or f"{name} (the checkpoint's copy)"
+    try:
+        spec = json.loads(text)
     except ValueError as e:
-        raise UserError(f"tokenizer {path} is not valid JSON ({one_line(e)}): it should be a Hugging Face "
+        raise UserError(f"tokenizer {where} is not valid JSON ({one_line(e)}): it should be a Hugging Face "
                         f"tokenizer.json") from None
     if not isinstance(spec, dict) or 'model' not in spec:
-        raise UserError(f"{path} is JSON but not a Hugging Face tokenizer.json (it has no 'model' entry)")
+        raise UserError(f"{where} is JSON but not a Hugging Face tokenizer.json (it has no 'model' entry)")
     try:
         tok = HFTokenizer.from_str(text)  # the text as read: no second serialization of a 2 MB file
     except Exception as e:
-        raise UserError(f"{path} is not a tokenizer the tokenizers library can read: {one_line(e)}") from None
+        raise UserError(f"{where} is not a tokenizer the tokenizers library can read: {one_line(e)}") from None
     eos_id = tok.token_to_id(eos_token)
     if eos_id is None:
-        raise UserError(f"tokenizer {path} has no {eos_token} token; name its end-of-document token with "
+        raise UserError(f"tokenizer {where} has no {eos_token} token; name its end-of-document token with "
                         f"--eos_token=...")
     # the largest id + 1, not the number of entries: added tokens may leave gaps
     vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
@@ -99,7 +116,7 @@ def load_tokenizer_json(path, name, eos_token='<|endoftext|>'):
     # skip_special_tokens=False: decode must give back everything (special tokens included)
     return Tokenizer(name, lambda text: tok.encode(text, add_special_tokens=False).ids,
                      lambda ids: tok.decode([int(i) for i in ids], skip_special_tokens=False), eos_id, vocab_size,
-                     path)
+                     path, text)
 
 
 def load_gpt2_tokenizer():
@@ -150,11 +167,10 @@ def bpe_size(spec):
     return n
 
 
-def train_bpe(texts, vocab_size, eos_token='<|endoftext|>'):
+def train_bpe(texts, vocab_size, path, eos_token='<|endoftext|>'):
     """A byte-level BPE with exactly vocab_size ids (eos_token = 0, the 256 bytes, then the merges) trained on texts
-    (an iterable of strings); saved as a tokenizer.json in a temp file, which the caller copies where it belongs.
+    (an iterable of strings); saved as a tokenizer.json at path, which the caller chooses and removes on failure.
     Byte-level: every text round-trips exactly, whatever its characters."""
-    import tempfile
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
     bpe = HFTokenizer(models.BPE())
@@ -163,8 +179,6 @@ def train_bpe(texts, vocab_size, eos_token='<|endoftext|>'):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer)
-    fd, path = tempfile.mkstemp(suffix='-tokenizer.json')
-    os.close(fd)
     bpe.save(path)
     tok = load_tokenizer_json(path, f'bpe:{vocab_size}', eos_token)
     if tok.vocab_size != vocab_size:  # too little text to learn that many merges
@@ -173,12 +187,18 @@ def train_bpe(texts, vocab_size, eos_token='<|endoftext|>'):
     return tok
 
 
+def data_tokenizer_file(data_dir, meta):
+    """The tokenizer.json copy of a data directory, or None (gpt2 has none: meta's tokenizer_file is null)."""
+    path = os.path.join(data_dir, meta.get('tokenizer_file', 'tokenizer.json') or '')
+    return path if os.path.isfile(path) else None
+
+
 def data_dir_tokenizer(data_dir):
     """The tokenizer a prepared data directory was made with: its tokenizer.json copy, else meta's 'tokenizer'."""
     meta = read_meta(data_dir)
     eos = meta.get('eos_token', '<|endoftext|>')  # prepare_data's --eos_token, if it was changed
-    tok_file = os.path.join(data_dir, meta.get('tokenizer_file') or 'tokenizer.json')
-    if os.path.isfile(tok_file):
+    tok_file = data_tokenizer_file(data_dir, meta)
+    if tok_file:
         tok = load_tokenizer(tok_file, eos)
         tok.name = meta.get('tokenizer', tok.name)
         return tok
@@ -186,6 +206,45 @@ def data_dir_tokenizer(data_dir):
         raise UserError(f"cannot tell the tokenizer of {data_dir}: no tokenizer.json, and no meta.json naming one; "
                         f"pass --tokenizer=pythia|gpt2|path/to/tokenizer.json")
     return load_tokenizer(meta['tokenizer'], eos)
+
+
+def tokenizer_record(data_dir, meta):
+    """What a checkpoint keeps of its data's tokenizer (Checkpoint.tokenizer), to be used without data_dir."""
+    path, json_text = data_tokenizer_file(data_dir, meta), None
+    if path:
+        try:
+            with open(path, 'rb') as f:
+                json_text = f.read().decode('utf-8')
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read tokenizer {path}: {one_line(e)}") from None
+    return {'name': meta.get('tokenizer'), 'eos_token': meta.get('eos_token', '<|endoftext|>'), 'json': json_text,
+            'sha256': meta['tokenizer_sha256']}
+
+
+def tokenizer_mismatch(ckpt, data_dir, meta):
+    """Why data_dir's ids are not the ones the checkpoint was trained on (another tokenizer), or None (the same
+    tokenizer, or one of them unknown: data or a checkpoint from before they recorded it)."""
+    ours, theirs = (ckpt.tokenizer or {}).get('sha256'), meta.get('tokenizer_sha256')
+    if not ours or not theirs or ours == theirs:
+        return None
+    return (f"{data_dir} was prepared with another tokenizer ({meta.get('tokenizer')}, sha256 {theirs[:12]}) than "
+            f"the checkpoint's training data ({ckpt.tokenizer.get('name')}, sha256 {ours[:12]})")
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer of a train.py checkpoint's training data: the copy it carries, else (a checkpoint saved
+    before they carried one) its data directory's."""
+    kept = ckpt.tokenizer
+    if kept and kept.get('json') is not None:
+        return tokenizer_from_json(kept['json'], kept['name'], kept['eos_token'])
+    if kept and kept.get('name') == 'gpt2':  # no file to keep: the name is all of it
+        return load_tokenizer('gpt2')
+    data_dir = checkpoint_data_dir(ckpt)
+    if not os.path.isdir(data_dir):
+        raise UserError(f"the checkpoint carries no tokenizer (it was saved by an older train.py) and its data_dir "
+                        f"{data_dir} is gone: pass --tokenizer=PATH (the tokenizer.json it was trained with, or a "
+                        f"data directory prepared with it; or pythia, gpt2)")
+    return data_dir_tokenizer(data_dir)
 
 
 def checkpoint_data_dir(ckpt):
@@ -218,12 +277,12 @@ def hub_tokenizer_path(repo_id):
 
 def model_tokenizer(init_from, ckpt=None, override=''):
     """The tokenizer that goes with a model: override (pythia | gpt2 | a path) if given; for a train.py
-    checkpoint the one its training data was prepared with; for a Hugging Face model (directory or hub id)
-    the tokenizer.json beside its weights."""
+    checkpoint the one its training data was prepared with (checkpoint_tokenizer); for a Hugging Face model
+    (directory or hub id) the tokenizer.json beside its weights."""
     if override:
         return load_tokenizer(override)
     if ckpt is not None:
-        return data_dir_tokenizer(checkpoint_data_dir(ckpt))
+        return checkpoint_tokenizer(ckpt)
     path = os.path.join(init_from, 'tokenizer.json') if os.path.isdir(init_from) else hub_tokenizer_path(init_from)
     if path is None or not os.path.isfile(path):
         raise UserError(f"no tokenizer.json beside the weights of {init_from}; pass --tokenizer=pythia "
@@ -240,12 +299,21 @@ def safe_decode(tok, ids):
 # -----------------------------------------------------------------------------
 # the data directory: meta.json and the token files
 
+def prepare_command(data_dir):
+    """The prepare_data.py command that writes data_dir: data/<dataset>[-bpe<N>] is its default out_dir for the
+    datasets it downloads; any other directory is an --out_dir."""
+    m = re.fullmatch(r'data/(minipile|shakespeare)(?:-bpe(\d+))?', os.path.normpath(data_dir).replace(os.sep, '/'))
+    if not m:
+        return f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={data_dir}"
+    return f"python prepare_data.py --dataset={m[1]}" + (f" --tokenizer=bpe:{m[2]}" if m[2] else '')
+
+
 def read_meta(data_dir):
     """meta.json of a prepared data directory, checked."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isdir(data_dir):
-        raise UserError(f"data_dir {data_dir!r} does not exist: make it with prepare_data.py "
-                        f"(e.g. python prepare_data.py --dataset=shakespeare) or pass --data_dir=...")
+        raise UserError(f"data_dir {data_dir!r} does not exist: make it with `{prepare_command(data_dir)}`, "
+                        f"or pass --data_dir=... of a prepared one")
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing: a data directory holds train.bin, val.bin and meta.json "
                         f"from prepare_data.py")
@@ -257,30 +325,47 @@ def read_meta(data_dir):
         raise UserError(f"cannot read vocab_size from {path}: {type(e).__name__}: {one_line(e)}") from None
     if meta.get('dtype', 'uint16') != 'uint16':
         raise UserError(f"{path} says dtype {meta['dtype']!r}; the token files must be uint16")
+    if 'tokenizer_sha256' not in meta:  # a meta.json from before it recorded it: as Tokenizer.sha256 would be
+        tok_file = data_tokenizer_file(data_dir, meta)
+        identity = b'gpt2' if meta.get('tokenizer') == 'gpt2' else None
+        if tok_file:
+            with open(tok_file, 'rb') as f:
+                identity = f.read()
+        meta['tokenizer_sha256'] = hashlib.sha256(identity).hexdigest() if identity else None
     return meta
 
 
-def write_meta(data_dir, meta):
-    with atomic_write(os.path.join(data_dir, 'meta.json'), 'w') as f:
-        json.dump(meta, f, indent=2)
-        f.write('\n')
+def write_temp(path, chunks):
+    """Write the bytes of chunks (an iterable) to path's temp file (runtime.temp_path), flushed to disk, and return
+    its name: the caller renames it into place. A failed write removes it and raises OSError naming path."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, 'wb') as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):  # e.g. File too large: its filename is None, or the temp file's
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+    return tmp
 
 
 def write_token_file(ids_iter, path):
-    """Write the concatenated ids (arrays or lists) of ids_iter to a temp file beside path; return
+    """Write the concatenated ids (arrays or lists) of ids_iter to path's temp file (write_temp); return
     (temp path, tokens, documents). The caller renames it into place once every split is written."""
-    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    n_tokens = n_docs = 0
-    try:
-        with open(tmp, 'wb') as f:
-            for ids in ids_iter:
-                f.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
-                n_tokens += len(ids)
-                n_docs += 1
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp, n_tokens, n_docs
+    counts = [0, 0]  # tokens, documents
+
+    def chunks():
+        for ids in ids_iter:
+            counts[0] += len(ids)
+            counts[1] += 1
+            yield np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
+    tmp = write_temp(path, chunks())
+    return tmp, counts[0], counts[1]
 
 
 def split_path(data_dir, split):
@@ -297,6 +382,12 @@ def split_path(data_dir, split):
 def read_tokens(data_dir, split):
     """All ids of a split as a read-only uint16 memmap."""
     return np.memmap(split_path(data_dir, split), dtype=TOKEN_DTYPE, mode='r')
+
+
+def max_token_id(path):
+    """The largest id in a (non-empty) token file. A scan at memory speed (0.04 s per GB from the page cache,
+    measured): cheap enough to check every id against a model's vocabulary before each training run."""
+    return int(np.memmap(path, dtype=TOKEN_DTYPE, mode='r').max())
 
 
 # -----------------------------------------------------------------------------

@@ -9,36 +9,40 @@ Tokenize a corpus into flat uint16 token files for training (each document's ids
     python prepare_data.py --dataset=text --input='books/**/*.txt' --tokenizer=gpt2 --num_proc=4
     python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512   # 512-id BPE of the train split -> data/shakespeare-bpe512
 
-Writes out_dir/{train,val}.bin (MiniPile also test.bin) and meta.json, the data directory that data.py
-describes and reads (data.data_dir_tokenizer(out_dir) gives back the tokenizer).
+Writes out_dir/{train,val}.bin (MiniPile also test.bin), tokenizer.json and meta.json, the data directory that
+data.py describes and reads (data.data_dir_tokenizer(out_dir) gives back the tokenizer). An out_dir that already
+holds prepared data is refused unless --overwrite=True; every file is written to a temp file first and none is
+replaced until all are complete, so a failed run (a bad input, a full disk, Ctrl-C) leaves the old data as it was.
 
 --dataset=text: --input is a .txt file, a directory (all *.txt below it) or a glob; each file is one
 document and a val_fraction of the documents is held out (of a single file: its tail, cut at a line).
 """
 import glob
+import json
 import os
 import random
-import shutil
 import urllib.request
 
 import numpy as np
 from tqdm import tqdm
 
-from data import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe, write_meta, write_token_file
-from runtime import UserError, atomic_write, failure, one_line, run_cli
+from data import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe, write_temp, write_token_file
+from runtime import UserError, failure, one_line, remove_stale_temp_files, run_cli, temp_path
 
 # -----------------------------------------------------------------------------
 dataset = 'minipile'    # minipile | shakespeare | text
 input = ''              # text: file, directory or glob of .txt files; shakespeare: a local copy (no download)
 tokenizer = 'pythia'    # pythia | gpt2 | path/to/tokenizer.json | bpe:N (train a byte-level BPE of N ids on train)
 out_dir = ''            # default: data/<dataset> (data/<dataset>-bpe<N> with --tokenizer=bpe:N)
-val_fraction = 0.1      # text/shakespeare: share of the documents (or of a single text) held out for val
+val_fraction = 0.1      # text/shakespeare: share (0 < f <= 0.5) of the documents (or of a single text) held out for val
 seed = 1337             # which documents go to val
-num_proc = min(8, os.cpu_count() or 1)
+num_proc = min(8, os.cpu_count() or 1)  # processes that tokenize (>= 1)
 eos_token = '<|endoftext|>'  # tokenizer.json tokenizers: the token that ends every document
+overwrite = False       # replace the prepared data already in out_dir
 # -----------------------------------------------------------------------------
 
 MINIPILE = 'JeanKaddour/minipile'
+DATA_FILES = ('train.bin', 'val.bin', 'test.bin', 'meta.json')  # what makes a directory hold prepared data
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 
@@ -178,17 +182,6 @@ def encode_hf_dataset(ds, encoder, num_proc, desc):
         yield from batch['ids']
 
 
-def copy_tokenizer(tok, out_dir):
-    """Copy a tokenizer.json into out_dir so the data directory is self-contained."""
-    if tok.path is None:
-        return None
-    dest = os.path.join(out_dir, 'tokenizer.json')
-    if not (os.path.exists(dest) and os.path.samefile(tok.path, dest)):
-        with open(tok.path, 'rb') as src, atomic_write(dest) as f:
-            shutil.copyfileobj(src, f)
-    return 'tokenizer.json'
-
-
 def read_splits(dataset, input, tokenizer, val_fraction, seed):
     """-> (source, {split: list of texts, or a Hugging Face dataset}). Local input is read whole here, so that
     bad input fails before anything in out_dir is touched; MiniPile is loaded by the caller, after the
@@ -211,26 +204,51 @@ def train_texts(splits):
     return (text for batch in train.iter(batch_size=1024) for text in batch['text'])  # a Hugging Face dataset
 
 
-def write_splits(splits, tok, out_dir, num_proc, eos_token):
-    """Tokenize every split into out_dir/{split}.bin; -> {split: (tokens, documents)}. Each split goes to a temp
-    file first, and no real file is replaced until all of them are complete."""
+def write_splits(splits, tok, out_dir, num_proc, eos_token, temps):
+    """Tokenize every split into the temp file of out_dir/{split}.bin, added to temps (final path -> temp file);
+    -> {split: (tokens, documents)}."""
     encoder = DocumentEncoder(tok, eos_token)
-    written = {}  # split -> (tmp file, tokens, documents)
-    try:
-        for name, docs in splits.items():
-            ids = (encode_texts(docs, encoder, num_proc, name) if isinstance(docs, list)
-                   else encode_hf_dataset(docs, encoder, num_proc, name))
-            written[name] = write_token_file(ids, os.path.join(out_dir, f'{name}.bin'))
-    except BaseException:
-        for tmp, _, _ in written.values():
-            os.unlink(tmp)
-        raise
+    counts = {}
+    for name, docs in splits.items():
+        ids = (encode_texts(docs, encoder, num_proc, name) if isinstance(docs, list)
+               else encode_hf_dataset(docs, encoder, num_proc, name))
+        path = os.path.join(out_dir, f'{name}.bin')
+        try:
+            temps[path], n_tokens, n_docs = write_token_file(ids, path)
+        finally:
+            ids.close()  # its progress bar (and process pool) end now: before an error line, not after it
+        counts[name] = (n_tokens, n_docs)
+    return counts
+
+
+def replace_data(out_dir, temps):
+    """Rename the complete temp files into place, meta.json last; the files of an earlier preparation that this one
+    does not write (a test.bin, a tokenizer.json) go, so that nothing of the old data is read as the new's."""
     meta_path = os.path.join(out_dir, 'meta.json')
     if os.path.exists(meta_path):
-        os.remove(meta_path)  # until the new meta.json lands, the old one must not vouch for new bins
-    for name, (tmp, _, _) in written.items():
-        os.replace(tmp, os.path.join(out_dir, f'{name}.bin'))
-    return {name: (n_tokens, n_docs) for name, (_, n_tokens, n_docs) in written.items()}
+        os.remove(meta_path)  # until the new meta.json lands, the old one must not vouch for new files
+    for name in DATA_FILES + ('tokenizer.json',):
+        path = os.path.join(out_dir, name)
+        if path not in temps and os.path.exists(path):
+            os.remove(path)
+    for path, tmp in temps.items():  # in the order written: meta.json is the last
+        os.replace(tmp, path)
+
+
+def check_out_dir(out_dir, overwrite):
+    """Before any work: out_dir is (or can be made) a directory to write in, holding no prepared data unless
+    overwrite."""
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or '.'
+    if not os.path.isdir(existing):
+        raise UserError(f"out_dir={out_dir}: {existing} is a file, not a directory; choose another --out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={out_dir}: cannot write in {existing} (permission denied); choose another --out_dir")
+    held = [name for name in DATA_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if held and not overwrite:
+        raise UserError(f"{out_dir} already holds prepared data ({', '.join(held)}): choose another --out_dir, or "
+                        f"pass --overwrite=True to replace it")
 
 
 def default_out_dir(dataset, tokenizer):
@@ -240,47 +258,66 @@ def default_out_dir(dataset, tokenizer):
 
 
 def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1, seed=1337, num_proc=1,
-            eos_token='<|endoftext|>'):
+            eos_token='<|endoftext|>', overwrite=False):
     """Read, tokenize and write one dataset (arguments as the config globals above);
     return the meta dict also written to out_dir/meta.json."""
     if dataset not in ('minipile', 'shakespeare', 'text'):
         raise UserError(f"unknown dataset '{dataset}' (expected minipile, shakespeare or text)")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if not 0 < val_fraction <= 0.5:  # beyond half, train would be the smaller split (and a BPE learns from it)
+        raise UserError(f"val_fraction must be above 0 and at most 0.5 (the share held out for val; train gets the "
+                        f"rest), got {val_fraction}")
+    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+        raise UserError(f"num_proc must be a whole number >= 1 (the processes that tokenize), got {num_proc!r}")
     n_bpe = bpe_size(tokenizer)
+    out_dir = out_dir or default_out_dir(dataset, tokenizer)
+    check_out_dir(out_dir, overwrite)
     source, splits = read_splits(dataset, input, tokenizer, val_fraction, seed)
-    if dataset == 'minipile':
-        splits = minipile_splits() if n_bpe else None  # a BPE must see the train text first
-    tok = train_bpe(train_texts(splits), n_bpe, eos_token) if n_bpe else load_tokenizer(tokenizer, eos_token)
-    print(f"tokenizer: {tok.name} (vocab_size {tok.vocab_size}, eos_id {tok.eos_id})")
+    tok = None if n_bpe else load_tokenizer(tokenizer, eos_token)  # before MiniPile's download: quick checks first
     if splits is None:
         splits = minipile_splits()
-    out_dir = out_dir or default_out_dir(dataset, tokenizer)
     os.makedirs(out_dir, exist_ok=True)
-    counts = write_splits(splits, tok, out_dir, num_proc, eos_token)
-    meta = {
-        'dataset': dataset,
-        'source': source,
-        'tokenizer': tok.name,
-        'tokenizer_file': copy_tokenizer(tok, out_dir),
-        'vocab_size': tok.vocab_size,
-        'eos_id': tok.eos_id,
-        'eos_token': eos_token,
-        'dtype': 'uint16',
-        'tokens': {name: n for name, (n, _) in counts.items()},
-        'documents': {name: d for name, (_, d) in counts.items()},
-    }
-    write_meta(out_dir, meta)
-    if n_bpe:
-        os.remove(tok.path)  # the trained BPE's temp file: its copy now lives in out_dir
+    remove_stale_temp_files(out_dir)  # what a killed preparation left
+    tok_path, meta_path = os.path.join(out_dir, 'tokenizer.json'), os.path.join(out_dir, 'meta.json')
+    temps = {}  # final path -> its complete temp file (runtime.temp_path naming)
+    try:
+        if n_bpe:  # trained on the train split only, saved straight to its temp file
+            temps[tok_path] = temp_path(tok_path)
+            tok = train_bpe(train_texts(splits), n_bpe, temps[tok_path], eos_token)
+        elif tok.json_text is not None:  # a copy, so that the data directory is self-contained
+            temps[tok_path] = write_temp(tok_path, [tok.json_text.encode('utf-8')])
+        print(f"tokenizer: {tok.name} (vocab_size {tok.vocab_size}, eos_id {tok.eos_id})")
+        counts = write_splits(splits, tok, out_dir, num_proc, eos_token, temps)
+        meta = {
+            'dataset': dataset,
+            'source': source,
+            'tokenizer': tok.name,
+            'tokenizer_file': 'tokenizer.json' if tok.json_text is not None else None,
+            'tokenizer_sha256': tok.sha256,
+            'vocab_size': tok.vocab_size,
+            'eos_id': tok.eos_id,
+            'eos_token': eos_token,
+            'dtype': 'uint16',
+            'tokens': {name: n for name, (n, _) in counts.items()},
+            'documents': {name: d for name, (_, d) in counts.items()},
+        }
+        temps[meta_path] = write_temp(meta_path, [(json.dumps(meta, indent=2) + '\n').encode('utf-8')])
+    except BaseException as e:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if isinstance(e, OSError):  # a failed write (disk full, file too large): write_temp named the file
+            raise failure(f"could not write {e.filename}: {e.strerror or one_line(e)}; nothing in {out_dir} was "
+                          f"replaced") from None
+        raise
+    replace_data(out_dir, temps)
     return meta
 
 
 def main():
     try:
-        meta = prepare(dataset, input, tokenizer, out_dir, val_fraction, seed, num_proc, eos_token)
-    except OSError as e:  # e.g. out_dir not writable, disk full
-        raise UserError(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
+        meta = prepare(dataset, input, tokenizer, out_dir, val_fraction, seed, num_proc, eos_token, overwrite)
+    except OSError as e:  # making out_dir or renaming into it failed (check_out_dir found it usable)
+        raise failure(f"could not write {e.filename or out_dir}: {e.strerror or one_line(e)}") from None
     for name, n in meta['tokens'].items():
         print(f"{name}: {n:,} tokens in {meta['documents'][name]:,} documents")
     print(f"wrote {out_dir or default_out_dir(dataset, tokenizer)}")

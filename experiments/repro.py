@@ -261,7 +261,8 @@ def chosen_seeds():
 
 
 def prepare_data():
-    """Tiny Shakespeare with a 512-id BPE of its train split, unless data_dir already holds it."""
+    """Tiny Shakespeare with a 512-id BPE of its train split, unless data_dir already holds prepared data
+    (check_inputs checks that it is this; prepare_data.py refuses to replace other data)."""
     if os.path.isfile(os.path.join(data_dir, 'meta.json')):
         return
     cmd = [sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--dataset=shakespeare', '--tokenizer=bpe:512',
@@ -277,7 +278,10 @@ def check_inputs():
     if not os.path.isfile(config):
         raise UserError(f"config file not found: {config}")
     prepare_data()
-    read_meta(data_dir)
+    made_with = read_meta(data_dir).get('tokenizer')
+    if made_with != 'bpe:512':  # data prepared for something else: the runs would not be this experiment's
+        raise UserError(f"{data_dir} holds data of tokenizer {made_with}, not the experiment's bpe:512: pass another "
+                        f"--data_dir (repro.py prepares it there)")
     read_tokens(data_dir, 'train')
     read_tokens(data_dir, 'val')
 

@@ -1,4 +1,5 @@
 """prepare_data.py on generated text with a tiny byte-level BPE tokenizer trained here (no network, no ../shared)."""
+import hashlib
 import json
 import os
 import random
@@ -10,7 +11,7 @@ import pytest
 
 from data import data_dir_tokenizer, load_tokenizer
 from prepare_data import split_at_line, split_documents
-from runtime import UserError
+from runtime import TEMP_SUFFIX, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +49,7 @@ def read_documents(out_dir, split, tok):
 
 
 def assert_no_temp_files(out_dir):
-    assert not [f for f in os.listdir(out_dir) if f.startswith('.') or f.endswith('.tmp')]
+    assert not [f for f in os.listdir(out_dir) if f.startswith('.') or f.endswith('.tmp') or TEMP_SUFFIX.search(f)]
 
 
 def test_load_tokenizer(tokenizer_json):
@@ -93,7 +94,8 @@ def test_directory_of_documents(tmp_path, tokenizer_json, make_text):
     assert len(val) == 3 and sorted(train + val) == sorted(docs)  # lossless, each document exactly once
     assert meta == {
         'dataset': 'text', 'source': str(tmp_path / 'corpus'), 'tokenizer': tokenizer_json,
-        'tokenizer_file': 'tokenizer.json', 'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>',
+        'tokenizer_file': 'tokenizer.json',
+        'tokenizer_sha256': hashlib.sha256(open(tokenizer_json, 'rb').read()).hexdigest(), 'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>',
         'dtype': 'uint16',
         'tokens': {s: os.path.getsize(out / f'{s}.bin') // 2 for s in ('train', 'val')},
         'documents': {'train': 9, 'val': 3}}
@@ -113,7 +115,8 @@ def test_single_file_and_glob(tmp_path, tokenizer_json, make_text):
     assert train + val == text and train.endswith('\n') and 0.8 < len(train) / len(text) < 0.95
     assert json.loads((out / 'meta.json').read_text())['documents'] == {'train': 1, 'val': 1}
 
-    r = prepare('--dataset=text', f'--input={tmp_path / "*.txt"}', f'--tokenizer={tokenizer_json}', f'--out_dir={out}')
+    r = prepare('--dataset=text', f'--input={tmp_path / "*.txt"}', f'--tokenizer={tokenizer_json}', f'--out_dir={out}',
+                '--overwrite=True')  # the same data again, into the same directory
     assert r.returncode == 0, r.stderr
     assert read_documents(out, 'train', tok) == [train]
     assert_no_temp_files(out)
@@ -155,7 +158,7 @@ def test_bad_input_is_one_error_line(case, bad_inputs, tmp_path, tokenizer_json)
     (out / 'train.bin').write_bytes(b'previous')
     if not any(a.startswith('--tokenizer=') for a in args):
         args = args + [f'--tokenizer={tokenizer_json}']
-    r = prepare(*args, f'--out_dir={out}')
+    r = prepare(*args, f'--out_dir={out}', '--overwrite=True')  # even allowed to replace it, a bad input keeps it
     lines = r.stderr.splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), r.stderr
     assert message in lines[0]

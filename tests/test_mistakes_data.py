@@ -1,0 +1,196 @@
+"""The data and the checkpoint's identity, as a user meets them: a checkpoint carries its tokenizer (it samples
+after its data directory moved), data of another tokenizer is refused by eval.py and by a resume, and
+prepare_data.py refuses to replace prepared data, checks its options up front and names the file a failed write
+was for. Each mistake is one `error:` line with the documented exit code, and no file that was there changes.
+
+    python -m pytest tests/test_mistakes_data.py -q
+"""
+import hashlib
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runtime import TEMP_SUFFIX
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only cost
+WORDS_A = ['the', 'king', 'queen', 'of', 'ponder', 'token', 'café', 'line\n']
+WORDS_B = ['alpha', 'beta', 'gamma', 'delta', 'x', 'y', '日本語\n']
+TRAIN = ['--model=', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--vocab_size=320',
+         '--batch_size=2', '--gradient_accumulation_steps=1', '--eval_interval=2', '--eval_iters=1', '--log_interval=1',
+         '--warmup_iters=1', '--n_thoughts=0', '--device=cpu', '--dtype=float32', '--compile=False']
+
+
+def run(script, *args, env=ENV, **kwargs):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=180, **kwargs)
+
+
+def checksums(*dirs):
+    """{path: sha256} of every file under dirs: what must not change."""
+    return {os.path.join(d, f): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest()
+            for top in dirs for d, _, files in os.walk(top) for f in files}
+
+
+def assert_one_error(r, code, *words):
+    lines = r.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith('error:')]
+    assert r.returncode == code and len(errors) == 1 and lines[-1] == errors[0], r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, tiny_tokenizer, make_text):
+    """A 2-iteration run on data prepared with tokenizer A, whose data directory was then moved away; and data of
+    tokenizer B. -> {'ckpt', 'data_a' (the moved data), 'data_b', 'corpus'}."""
+    from prepare_data import prepare
+    root = tmp_path_factory.mktemp('identity')
+    corpus = root / 'corpus.txt'
+    corpus.write_text(make_text(random.Random(0), WORDS_A, 2000), encoding='utf-8')
+    for name, words in (('data_a', WORDS_A), ('data_b', WORDS_B)):
+        prepare('text', input=str(corpus), tokenizer=tiny_tokenizer(words), out_dir=str(root / name), num_proc=1)
+    r = run('train.py', *TRAIN, '--max_iters=2', f'--data_dir={root / "data_a"}', f'--out_dir={root / "out"}')
+    assert r.returncode == 0, r.stderr[-3000:]
+    os.rename(root / 'data_a', root / 'moved')
+    return {'ckpt': root / 'out' / 'ckpt.pt', 'data_a': root / 'moved', 'data_b': root / 'data_b', 'corpus': corpus}
+
+
+def variant(trained, path, keep_tokenizer=True, data_dir=None):
+    """A copy of the trained checkpoint at path: without its tokenizer (as an older train.py saved them) and/or
+    recording another data_dir."""
+    raw = torch.load(trained['ckpt'], weights_only=True)
+    if not keep_tokenizer:
+        del raw['tokenizer']
+    if data_dir is not None:
+        raw['config']['data_dir'] = str(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(raw, path)
+    return path
+
+
+def test_a_checkpoint_samples_after_its_data_moved(trained):
+    """Its own tokenizer copy needs no data directory (older checkpoints, without one, use their data's:
+    test_eval.py's checkpoints are such)."""
+    r = run('sample.py', f'--init_from={trained["ckpt"]}', '--device=cpu', '--dtype=float32', '--max_new_tokens=8',
+            '--num_samples=1', '--start=the king')
+    assert r.returncode == 0 and r.stdout.startswith('the king') and 'error' not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize('script', ['sample.py', 'eval.py', 'export_hf.py'])
+def test_an_older_checkpoint_without_its_data_names_the_tokenizer_option(script, trained, tmp_path):
+    ckpt = variant(trained, tmp_path / 'run' / 'old.pt', keep_tokenizer=False, data_dir=tmp_path / 'gone')
+    before = checksums(tmp_path)
+    r = run(script, f'--init_from={ckpt}', *([f'--out={tmp_path / "hf"}'] if script == 'export_hf.py' else []))
+    assert_one_error(r, 2, 'carries no tokenizer', str(tmp_path / 'gone'), 'is gone', '--tokenizer=PATH')
+    assert checksums(tmp_path) == before and not (tmp_path / 'hf').exists()
+
+
+@pytest.mark.parametrize('case', ['its own data_dir was re-prepared', '--data_dir of another tokenizer'])
+def test_eval_refuses_data_of_another_tokenizer(case, trained, tmp_path):
+    if case == '--data_dir of another tokenizer':
+        ckpt, extra = variant(trained, tmp_path / 'run' / 'ckpt.pt'), [f'--data_dir={trained["data_b"]}']
+    else:  # the checkpoint's recorded data_dir now holds tokenizer B's data
+        ckpt, extra = variant(trained, tmp_path / 'run' / 'ckpt.pt', data_dir=trained['data_b']), []
+    before = checksums(tmp_path, trained['data_b'])
+    r = run('eval.py', f'--init_from={ckpt}', '--device=cpu', *extra)
+    assert_one_error(r, 2, str(trained['data_b']), 'another tokenizer', 'ids that mean other text', '--data_dir=DIR',
+                     '--text=FILE')
+    assert checksums(tmp_path, trained['data_b']) == before
+
+
+@pytest.mark.parametrize('data, code', [('data_b', 2), ('data_a', 0)])
+def test_resume_refuses_data_of_another_tokenizer(data, code, trained, tmp_path):
+    """Onto tokenizer B's data: refused before training, the checkpoint unchanged. Onto its own data, moved: fine."""
+    shutil.copy(trained['ckpt'], tmp_path / 'ckpt.pt')
+    before = checksums(tmp_path)
+    r = run('train.py', *TRAIN, '--max_iters=3', '--init_from=resume', f'--data_dir={trained[data]}',
+            f'--out_dir={tmp_path}')
+    if code:
+        assert_one_error(r, code, str(trained['data_b']), 'another tokenizer', 'resuming would train on ids',
+                         'start a new run')
+        assert checksums(tmp_path) == before
+    else:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 3
+
+
+# ----------------------------------------------------------------------------- prepare_data.py
+
+def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))  # the tokenizer.json fits, train.bin does not
+
+
+@pytest.mark.parametrize('case, args, code, words', [
+    ('into prepared data', [], 2, ['already holds prepared data', 'train.bin, val.bin, meta.json',
+                                   '--overwrite=True']),
+    ('num_proc < 1', ['--overwrite=True', '--num_proc=-3'], 2, ['num_proc must be', '>= 1', '-3']),
+    ('val_fraction near 1', ['--overwrite=True', '--val_fraction=0.9999'], 2,
+     ['val_fraction must be', 'at most 0.5', 'train gets the rest', '0.9999']),
+    ('file too large', ['--overwrite=True'], 1, ['could not write', 'train.bin', 'File too large', 'nothing in']),
+    ('BPE too large', ['--overwrite=True', '--tokenizer=bpe:5000'], 2, ['only enough distinct pairs']),
+])
+def test_prepare_data_mistakes_keep_the_data(case, args, code, words, trained, tmp_path):
+    """Into a directory holding prepared data: refused, or (--overwrite=True) a bad option or a failed write
+    leaves every file as it was, and no temp file here or in TMPDIR (a failed BPE used to leave one there)."""
+    data, tmp = tmp_path / 'data', tmp_path / 'tmp'
+    shutil.copytree(trained['data_a'], data)
+    tmp.mkdir()
+    before = checksums(data)
+    r = run('prepare_data.py', '--dataset=text', f'--input={trained["corpus"]}', f'--out_dir={data}',
+            f'--tokenizer={data / "tokenizer.json"}', *args, env={**ENV, 'TMPDIR': str(tmp)},
+            preexec_fn=limit_file_size if case == 'file too large' else None)
+    assert_one_error(r, code, *words)
+    if case == 'file too large':
+        assert f"could not write {data / 'train.bin'}:" in r.stderr
+    assert checksums(data) == before and os.listdir(tmp) == []
+
+
+def test_prepare_data_refuses_an_out_dir_that_is_a_file(trained, tmp_path):
+    (tmp_path / 'f').write_text('mine')
+    r = run('prepare_data.py', '--dataset=text', f'--input={trained["corpus"]}', f'--out_dir={tmp_path / "f" / "d"}',
+            f'--tokenizer={trained["data_a"]}')
+    assert_one_error(r, 2, f'{tmp_path / "f"} is a file, not a directory', '--out_dir')
+    assert os.listdir(tmp_path) == ['f'] and (tmp_path / 'f').read_text() == 'mine'
+
+
+def test_token_files_use_the_temp_naming_that_stale_cleanup_knows(trained, tmp_path):
+    """write_token_file writes name.tmpPID (runtime.temp_path), and the next prepare_data.py run removes what a
+    killed one left; --overwrite=True replaces the data and its meta.json records the new tokenizer."""
+    from data import read_meta, write_token_file
+    seen = []
+
+    def ids():
+        yield [1, 2, 3]
+        seen.extend(os.listdir(tmp_path))
+    tmp, n_tokens, n_docs = write_token_file(ids(), str(tmp_path / 'train.bin'))
+    assert (n_tokens, n_docs) == (3, 1) and seen == [os.path.basename(tmp)]
+    assert TEMP_SUFFIX.search(seen[0]).group(1) == str(os.getpid()) and seen[0].startswith('train.bin.tmp')
+
+    data = tmp_path / 'data'
+    shutil.copytree(trained['data_a'], data)
+    (data / 'train.bin.tmp4194999').write_bytes(b'left by a killed run')  # no such process (above pid_max)
+    r = run('prepare_data.py', '--dataset=text', f'--input={trained["corpus"]}', f'--out_dir={data}',
+            f'--tokenizer={trained["data_b"]}', '--overwrite=True')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(data)) == ['meta.json', 'tokenizer.json', 'train.bin', 'val.bin']
+    assert read_meta(str(data))['tokenizer_sha256'] == read_meta(str(trained['data_b']))['tokenizer_sha256']
+
+
+def test_an_older_meta_json_gets_its_identity_from_its_tokenizer_json(trained, tmp_path):
+    """meta.json from before tokenizer_sha256: read_meta computes it, so old data is checked like new data."""
+    import json
+
+    from data import read_meta
+    shutil.copytree(trained['data_b'], tmp_path / 'old')
+    meta = json.loads((tmp_path / 'old' / 'meta.json').read_text())
+    del meta['tokenizer_sha256']
+    (tmp_path / 'old' / 'meta.json').write_text(json.dumps(meta))
+    assert read_meta(str(tmp_path / 'old'))['tokenizer_sha256'] == read_meta(str(trained['data_b']))['tokenizer_sha256']
