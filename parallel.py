@@ -14,6 +14,7 @@ either way: full_state() gathers the model and AdamW state to rank 0 in the layo
 torch.optim, so a run resumes at another world size or under the other parallelism (load_optimizer_state).
 """
 import gc
+import inspect
 import os
 
 import torch
@@ -78,10 +79,13 @@ def wrap(model, parallelism, device, dtype):
         return model.to(device)
     device_type = device.split(':')[0]
     if parallelism == 'ddp':
-        # the rope tables are the only buffers and every rank computes the same ones: no need to broadcast;
+        # the rope tables are the only buffers and every rank computes the same ones: no need to broadcast them
+        # in every forward (torch 2.13 renamed broadcast_buffers, now a FutureWarning, to forward_sync_buffers);
         # gradients live in DDP's all-reduce buckets instead of beside them (4 bytes per parameter less)
+        no_sync = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters
+                   else 'broadcast_buffers')
         return DDP(model.to(device), device_ids=[device] if device_type == 'cuda' else None,
-                   broadcast_buffers=False, gradient_as_bucket_view=True)
+                   gradient_as_bucket_view=True, **{no_sync: False})
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))

@@ -14,7 +14,7 @@ import sys
 
 from tqdm import tqdm
 
-from runtime import atomic_write
+from runtime import failure, write_result
 
 
 class RunLog:
@@ -28,13 +28,13 @@ class RunLog:
         self.out_dir, self.log_interval, self.wandb = out_dir, log_interval, wandb
         self.path = os.path.join(out_dir, 'metrics.jsonl')
         self.entries = read_metrics(self.path, resumed_at) if resumed_at is not None else []
-        with atomic_write(self.path, 'w') as f:
+        with write_result(self.path, 'w') as f:
             f.writelines(json_line(e) for e in self.entries)
         self.total, self.warmup = run.total_iters, run.warmup
         self.window_time, self.window_iters = 0.0, 0  # training time and iterations since the last log line
         self.no_matplotlib = False
         self.bar = None
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and terminal_has_size():
             self.bar = tqdm(total=run.total_iters, initial=run.iter_num, dynamic_ncols=True, unit='it', file=sys.stdout)
 
     def say(self, text):
@@ -51,8 +51,11 @@ class RunLog:
 
     def record(self, entry):
         self.entries.append(entry)
-        with open(self.path, 'a') as f:
-            f.write(json_line(entry))
+        try:
+            with open(self.path, 'a') as f:
+                f.write(json_line(entry))
+        except OSError as e:  # disk full: a cut last line is skipped by read_metrics, the earlier ones are intact
+            raise failure(f"could not write {self.path}: {e.strerror or e}; its earlier lines are kept") from None
         if self.wandb:
             self.wandb.log({k: v for k, v in entry.items() if k != 'iter' and v is not None}, step=entry['iter'])
         if 'val_loss' in entry:
@@ -104,16 +107,21 @@ class RunLog:
             ax.plot(*zip(*train), label='train', alpha=0.7)
         if val:
             ax.plot(*zip(*val), 'o-', label='val')
+        title = os.path.basename(os.path.abspath(self.out_dir))
         settled = [loss for it, loss in train + val if it > max(self.warmup, 0.05 * self.total)]
         if len(settled) >= 2 and max(settled) > min(settled):
             lo, hi = min(settled), max(settled)
-            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.25 * (hi - lo))
+            top = hi + 0.25 * (hi - lo)
+            ax.set_ylim(lo - 0.05 * (hi - lo), top)
+            above = [loss for _, loss in train + val if loss > top]
+            if above:  # say what the range leaves out, or the curve seems to start lower than it did
+                title += f" ({len(above)} early points above the top, up to {max(above):.2f})"
         ax.set_xlabel('iteration')
         ax.set_ylabel('loss (nats/token)')
-        ax.set_title(os.path.basename(os.path.abspath(self.out_dir)))
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-        with atomic_write(os.path.join(self.out_dir, 'loss.png')) as f:
+        with write_result(os.path.join(self.out_dir, 'loss.png')) as f:
             fig.savefig(f, format='png', dpi=100)
         plt.close(fig)
 
@@ -123,6 +131,16 @@ class RunLog:
                 self.bar.close()
             except (BrokenPipeError, OSError):
                 pass
+
+
+def terminal_has_size():
+    """Whether stdout's terminal reports its size. One that reports 0 columns or rows (some containers and serial
+    consoles) gets no visible tqdm bar at all, so it gets the plain lines of a log file instead."""
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 class SilentLog:

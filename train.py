@@ -3,7 +3,8 @@ Train a GPT-NeoX (Pythia) language model: vanilla, with PonderLM-2 latent though
 One process on a CPU or GPU, or several GPUs and nodes with DDP or FSDP2 (parallel.py). The defaults are the
 headline run: PonderLM-2 with one thought per token (K=1) on pythia-70m, one epoch of MiniPile.
 
-    python prepare_data.py --dataset=shakespeare && python train.py config/shakespeare_ponder.py  # minutes, CPU
+    python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512 && python train.py config/shakespeare_ponder.py
+        # minutes on a CPU: the config reads data/shakespeare-bpe512, which that command writes
     python train.py config/pythia70m_ponder.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/pythia70m_ponder.py   # 8 GPUs, same global batch
     python train.py config/pythia70m_ponder.py --batch_size=4 --gradient_accumulation_steps=32  # less memory
@@ -19,7 +20,8 @@ headline run: PonderLM-2 with one thought per token (K=1) on pythia-70m, one epo
 gradient_accumulation_steps counts micro-batches over all processes: with N GPUs each does 1/N of them.
 Several nodes: README.md, "Beyond one GPU". A memory plan per GPU is printed before training (memplan.py).
 An out_dir belongs to one run: a new run into an out_dir that holds a checkpoint stops with an error
-(resume it, or --overwrite=True), and a lock file (out_dir/train.lock) refuses a second concurrent run.
+(resume it, or --overwrite=True: the old run's files go once the new run has passed its checks), and a lock
+file (out_dir/train.lock) refuses a second concurrent run.
 Ctrl-C or SIGTERM saves out_dir/ckpt.pt at the end of the current iteration, then exits with 130 or 143
 (torchrun kills its workers 30 s after a Ctrl-C; checkpoints are written atomically, so the previous one
 survives that). Exit codes: runtime.py.
@@ -34,28 +36,28 @@ from dataclasses import asdict, fields
 import torch
 import torch.distributed as dist
 
-from data import TrainBatches, ValBatches, open_blocks
+from data import TrainBatches, ValBatches, max_token_id, open_blocks, tokenizer_mismatch, tokenizer_record
 from memplan import plan_memory
 from model import GPT, GPTConfig
 from parallel import (PARALLELISMS, all_ranks_agree, clip_gradients, full_state, gather_dtype, load_optimizer_state,
                       local_tensors, set_gradient_sync, setup_distributed, teardown_distributed, wrap)
 from runlog import RunLog, SilentLog
-from runtime import (Checkpoint, DirectoryLock, UserError, atomic_write, autocast, failure, one_line,
-                     remove_stale_temp_files, resolve_device, resolve_dtype, run_cli)
+from runtime import (Checkpoint, DirectoryLock, UserError, autocast, failure, load_hf_model, one_line,
+                     remove_stale_temp_files, resolve_device, resolve_dtype, resolve_init_from, run_cli, write_result)
 
 # -----------------------------------------------------------------------------
 # config: plain globals, overridden by config files and --key=value (configurator.py)
 # I/O
-out_dir = 'out'
+out_dir = 'out'                 # the run's directory: ckpt.pt, best.pt, metrics.jsonl, loss.png
 eval_interval = 500             # iterations between evaluations (each may save a checkpoint)
 eval_iters = 40                 # val batches per evaluation and process
-log_interval = 10
+log_interval = 10               # iterations between log lines
 always_save_checkpoint = True   # save ckpt.pt at every evaluation, not only on a new best val loss
 init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt) or a Hugging Face model name/directory
 overwrite = False               # let a new run replace the run already in out_dir
-wandb_log = False
-wandb_project = 'nanoPonder'
-wandb_run_name = 'pythia70m-ponder'
+wandb_log = False               # also log to Weights & Biases (pip install wandb)
+wandb_project = 'nanoPonder'    # its project ...
+wandb_run_name = 'pythia70m-ponder'  # ... and run name
 # data
 data_dir = 'data/minipile'      # train.bin, val.bin, meta.json from prepare_data.py
 batch_size = 8                  # micro-batch of one process, in sequences
@@ -66,8 +68,8 @@ max_iters = 0                   # iterations; 0 -> from num_epochs
 # model
 model = 'pythia-70m'            # a Pythia preset (pythia-14m ... pythia-2.8b), or '' to give the shape below
 n_layer = 0                     # 0 -> the preset's; > 0 overrides it (needed with model='')
-n_head = 0
-n_embd = 0
+n_head = 0                      # 0 -> the preset's
+n_embd = 0                      # 0 -> the preset's
 vocab_size = 50304              # must be >= the data's vocab_size (meta.json)
 n_thoughts = 1                  # PonderLM-2: K latent thoughts per token (0 = off)
 n_jacobi = 3                    # PonderLM-2: Jacobi passes in evaluation
@@ -78,23 +80,23 @@ scale_embeds = True             # scale input embeddings (sqrt(2.5 H) with thoug
 weight_init = 'small'           # 'small' (the papers') or 'normal' (normal(0, 0.02), stock Pythia): model.py
 # AdamW
 learning_rate = 1e-3            # peak
-weight_decay = 0.01
-beta1 = 0.9
-beta2 = 0.95
-eps = 1e-8
+weight_decay = 0.01             # on matmul and embedding weights, not on biases and LayerNorms
+beta1 = 0.9                     # AdamW: decay of the gradients' running mean
+beta2 = 0.95                    # AdamW: decay of their running square
+eps = 1e-8                      # AdamW's denominator guard
 grad_clip = 1.0                 # max gradient norm; 0 disables clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr_ratio * learning_rate
 warmup_ratio = 0.01             # warmup as a share of max_iters ...
 warmup_iters = 0                # ... unless this is > 0
 lr_decay_iters = 0              # end of the cosine; 0 -> max_iters
-min_lr_ratio = 0.1
+min_lr_ratio = 0.1              # the learning rate at the end of the cosine, as a share of the peak
 # system
 device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                  # 'auto' (runtime.resolve_dtype), 'float32', 'bfloat16', 'float16'
 compile = True                  # torch.compile each Block (a minute of compiling, then faster steps)
 activation_checkpointing = False  # recompute each Block in backward: activations of ~1 layer instead of all
 parallelism = 'ddp'             # with several processes (torchrun): 'ddp' (replicas) or 'fsdp' (shards): parallel.py
-seed = 1337
+seed = 1337                     # the initial weights, the data order and the Jacobi passes R
 _config_keys = [k for k, v in globals().items()
                 if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, type(None)))]
 # -----------------------------------------------------------------------------
@@ -137,17 +139,35 @@ def jacobi_passes(seed, iteration, lo, hi):
 # -----------------------------------------------------------------------------
 # checks before anything is loaded
 
+MAX_ITERS = 10 ** 12  # more than any run does (30 years at 1,000 iterations a second); beyond it, a typo
+# the data order and the Jacobi passes R seed a generator with seed * 1_000_003 + epoch or iteration: an int64
+MAX_SEED = (2 ** 63 - 1 - MAX_ITERS) // 1_000_003
+
+
 def check_config():
     """Every config value that can be wrong, checked up front: one UserError naming the key and its range."""
-    for name in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_interval', 'eval_iters', 'log_interval'):
+    for name in _config_keys:  # inf (--weight_decay=1e999) or nan would only surface as a divergence
+        if isinstance(globals()[name], float) and not math.isfinite(globals()[name]):
+            raise UserError(f"{name} must be a finite number, got {globals()[name]}")
+    for name in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_interval', 'eval_iters',
+                 'log_interval', 'vocab_size'):
         if globals()[name] < 1:
             raise UserError(f"{name} must be >= 1, got {globals()[name]}")
     for name in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_layer', 'n_head', 'n_embd', 'num_epochs',
-                 'warmup_ratio', 'min_lr_ratio', 'grad_clip', 'weight_decay'):
+                 'grad_clip', 'weight_decay'):
         if not globals()[name] >= 0:  # `not >=` also catches nan
             raise UserError(f"{name} must be >= 0, got {globals()[name]}")
+    for name in ('warmup_ratio', 'min_lr_ratio'):  # shares: of the run, of the peak learning rate
+        if not 0 <= globals()[name] <= 1:
+            raise UserError(f"{name} must be in [0, 1], got {globals()[name]}")
     if max_iters == 0 and num_epochs == 0:
         raise UserError("max_iters and num_epochs are both 0: set one of them")
+    if max_iters > MAX_ITERS:
+        raise UserError(f"max_iters must be <= {MAX_ITERS:.0e} (30 years at 1,000 iterations a second), "
+                        f"got {max_iters:.3g}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed must be in [0, {MAX_SEED:,}] (seed * 1_000_003 + iteration seeds the data order and "
+                        f"the Jacobi passes, and must fit in 63 bits), got {seed}")
     if not 0 < learning_rate < math.inf:
         raise UserError(f"learning_rate must be > 0, got {learning_rate}")
     for name in ('beta1', 'beta2'):
@@ -155,8 +175,10 @@ def check_config():
             raise UserError(f"{name} must be in [0, 1), got {globals()[name]}")
     if not 0 < eps < 1:
         raise UserError(f"eps must be in (0, 1), got {eps}")
-    if len(tuple(jacobi_train_range)) != 2 or not 0 <= jacobi_train_range[0] <= jacobi_train_range[1]:
-        raise UserError(f"jacobi_train_range must be (lo, hi) with 0 <= lo <= hi, got {jacobi_train_range!r}")
+    r = tuple(jacobi_train_range)  # (GPTConfig checks it too, for library users; this is the command's message)
+    if not (len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r) and 0 <= r[0] <= r[1]):
+        raise UserError(f"jacobi_train_range must be (lo, hi), two whole numbers with 0 <= lo <= hi, "
+                        f"got {jacobi_train_range!r}")
     if not out_dir.strip():
         raise UserError("out_dir is empty: name a directory for the checkpoints, e.g. --out_dir=out")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -170,11 +192,13 @@ def check_config():
 
 
 def check_out_dir_is_free():
-    """A new run (scratch or from a Hugging Face model) must not silently replace a run already in out_dir."""
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
-        raise UserError(f"{out_dir} already holds a run ({ckpt_path}): continue it with --init_from=resume, "
-                        f"choose another --out_dir, or pass --overwrite=True to start over in it")
+    """A new run (scratch or from a Hugging Face model) must not silently replace a run already in out_dir: its
+    ckpt.pt, or a best.pt alone (a run whose ckpt.pt was moved away still has its best model here)."""
+    held = [os.path.join(out_dir, name) for name in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, name))]
+    if init_from != 'resume' and held and not overwrite:
+        how = "continue it with --init_from=resume, " if held[0].endswith('ckpt.pt') else ''
+        raise UserError(f"{out_dir} already holds a run ({held[0]}): {how}choose another --out_dir, or pass "
+                        f"--overwrite=True to start over in it")
 
 
 # -----------------------------------------------------------------------------
@@ -242,6 +266,15 @@ def check_resume_matches(ckpt, path):
     return saved
 
 
+def check_resume_data(ckpt, meta):
+    """The data a run resumes on must be tokenized as the data it was trained on (else the same ids mean other
+    text). An old checkpoint or data directory that does not record its tokenizer cannot be checked."""
+    mismatch = tokenizer_mismatch(ckpt, data_dir, meta)
+    if mismatch:
+        raise UserError(f"{mismatch}: resuming would train on ids that mean other text; resume on data prepared "
+                        f"with the run's tokenizer, or start a new run in another out_dir")
+
+
 def build_model(ckpt_path, data_vocab):
     """-> (raw_model on the CPU, Checkpoint or None, pretrained name or None), per init_from."""
     torch.manual_seed(seed)  # every rank builds the same initial weights
@@ -255,16 +288,49 @@ def build_model(ckpt_path, data_vocab):
         pretrained = ckpt.pretrained
     elif init_from == 'scratch':
         raw_model, pretrained = GPT(config_from_globals()), None
-    else:
-        try:
-            raw_model, pretrained = GPT.from_pretrained(init_from, **method_settings()), init_from
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise UserError(f"cannot load init_from={init_from!r} (not 'scratch', 'resume' or a loadable Hugging "
-                            f"Face model): {type(e).__name__}: {one_line(e)}") from None
+    else:  # a Hugging Face model, by the rule of every script (runtime.resolve_init_from)
+        kind, source = resolve_init_from(init_from, out_dir, "'scratch', 'resume' (out_dir/ckpt.pt), a Hugging Face "
+                                                             "model directory or a hub id (owner/name)")
+        if kind == 'checkpoint':
+            raise UserError(f"init_from={init_from} is a file, taken for a train.py checkpoint: train.py starts "
+                            f"from 'scratch' or a Hugging Face model, and goes on with a run by --init_from=resume "
+                            f"(with the --out_dir that holds its ckpt.pt)")
+        raw_model, pretrained = load_hf_model(source, **method_settings()), init_from
     if raw_model.config.vocab_size < data_vocab:
         raise UserError(f"the data's vocabulary ({data_vocab} ids, {data_dir}/meta.json) is larger than the "
                         f"model's vocab_size {raw_model.config.vocab_size}: raise vocab_size")
     return raw_model, ckpt, pretrained
+
+
+# what a resume may change, but then no longer goes on as the uninterrupted run would have
+EXACT_RESUME_KEYS = ('seed', 'learning_rate', 'min_lr_ratio', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
+
+
+def resume_notes(saved):
+    """A note naming what this command changes against saved, the config of the run that made the checkpoint."""
+    changed = [f"{k} {globals()[k]!r} (the checkpoint's run: {saved[k]!r})"
+               for k in EXACT_RESUME_KEYS if k in saved and saved[k] != globals()[k]]
+    if 'batch_size' in saved and 'gradient_accumulation_steps' in saved:
+        was, now = saved['batch_size'] * saved['gradient_accumulation_steps'], batch_size * gradient_accumulation_steps
+        if was != now:
+            changed.append(f"a global batch of {now} sequences (the checkpoint's run: {was})")
+    if not changed:
+        return []
+    why = " (the seed draws the data order and the Jacobi passes R)" if saved.get('seed', seed) != seed else ''
+    return [f"note: resuming with {', '.join(changed)}: not an exact resume, the run goes on differently from the "
+            f"uninterrupted one{why}"]
+
+
+def check_token_ids(blocks, model_vocab, meta):
+    """Every id in the token files needs a row of the model's embedding: one beyond it is an IndexError (a device
+    assert on CUDA) at the batch that holds it, maybe hours in. meta.json's vocab_size is checked against the model
+    in build_model; this catches token files that do not match their meta.json."""
+    for b in blocks:
+        top = max_token_id(b.path)
+        if top >= model_vocab:
+            raise UserError(f"{b.path} holds token id {top}, but the model's vocab_size is {model_vocab} (and "
+                            f"{data_dir}/meta.json says {meta['vocab_size']}): the token files do not match their "
+                            f"meta.json; prepare the data again with prepare_data.py")
 
 
 def make_optimizer(raw_model, fused):
@@ -306,8 +372,14 @@ class Run:
         self.ctx = autocast(device_type, self.ptdtype)
         self.accum = gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
         self.open_data(device_str)
+        self.data_tokenizer = tokenizer_record(data_dir, self.meta)  # read once; every checkpoint carries it
         self.ckpt_path, self.best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
         self.raw_model, ckpt, self.pretrained = build_model(self.ckpt_path, self.meta['vocab_size'])
+        check_token_ids((self.train_batches.blocks, self.val_batches.blocks), self.raw_model.config.vocab_size,
+                        self.meta)
+        self.notes = resume_notes(ckpt.config or {}) if ckpt is not None else []
+        if ckpt is not None:
+            check_resume_data(ckpt, self.meta)
         self.raw_model.activation_checkpointing = activation_checkpointing
         if compile:
             self.raw_model.compile_blocks()  # per Block: the same graphs for every number of thought passes
@@ -337,6 +409,9 @@ class Run:
     def plan_schedule(self):
         self.tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
         self.total_iters = max_iters or max(1, round(num_epochs * self.train_batches.iters_per_epoch))
+        if self.total_iters > MAX_ITERS:
+            raise UserError(f"num_epochs={num_epochs:g} is {self.total_iters:.3g} iterations of this data, more than "
+                            f"{MAX_ITERS:.0e} (30 years at 1,000 iterations a second): lower num_epochs")
         self.warmup = warmup_iters or round(warmup_ratio * self.total_iters)
         self.decay_end = lr_decay_iters or self.total_iters
 
@@ -433,6 +508,7 @@ class Run:
                        optimizer=optimizer_state, scaler=self.scaler.state_dict(), iter_num=self.iter_num,
                        data_state={'epoch': self.epoch, 'position': self.position}, rng=rng,
                        best_val_loss=self.best_val_loss, config=config_dict(), pretrained=self.pretrained,
+                       tokenizer=self.data_tokenizer,
                        ).save(self.ckpt_path)
             if also_best:
                 link_best(self.ckpt_path, self.best_path)
@@ -451,7 +527,7 @@ def link_best(ckpt_path, best_path):
     try:
         os.link(ckpt_path, tmp)
     except OSError:
-        with open(ckpt_path, 'rb') as src, atomic_write(best_path) as dst:
+        with open(ckpt_path, 'rb') as src, write_result(best_path) as dst:
             dst.write(src.read())
         return
     os.replace(tmp, best_path)
@@ -478,7 +554,18 @@ def summary(run):
         f"{run.raw_model.flops_per_token(training=False):.3g} eval; device {run.device}, "
         f"{str(run.ptdtype).removeprefix('torch.')}, compile={compile}, parallelism: "
         f"{parallelism if run.distributed else 'none (one process)'}",
-        plan.summary()]
+        plan.summary()] + schedule_notes(run) + run.notes
+
+
+def schedule_notes(run):
+    """What a schedule that is legal but probably not meant does (a smoke test's short run may mean it)."""
+    if run.warmup >= run.total_iters:
+        return [f"note: the warmup ({run.warmup} iterations) is as long as the run ({run.total_iters}) or longer: "
+                f"the learning rate never reaches its peak {learning_rate:g} and never decays"]
+    if run.decay_end <= run.warmup:
+        return [f"note: lr_decay_iters={lr_decay_iters} is not after the warmup ({run.warmup} iterations): the "
+                f"learning rate drops from the warmup straight to {learning_rate * min_lr_ratio:g}"]
+    return []
 
 
 def describe_method(config):
@@ -518,11 +605,29 @@ def claim_out_dir(master, distributed):
     return lock
 
 
+RUN_FILES = ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'loss.png')  # what a run writes into its out_dir
+
+
+def remove_previous_run():
+    """--overwrite=True starts over: all of the old run's files go, not only the ckpt.pt that the first save
+    replaces (a stop before the first new best would leave the old best.pt beside the new run). -> their names."""
+    removed = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    for name in removed:
+        os.remove(os.path.join(out_dir, name))
+    return removed
+
+
 def train(distributed, rank, world_size, device_str):
     """Train until total_iters or a stop signal; returns the exit code (0, or 130 / 143 after a signal)."""
+    made_out_dir = rank == 0 and not os.path.exists(out_dir)
     lock = claim_out_dir(rank == 0, distributed)
     try:
         run = Run(distributed, rank, world_size, device_str)
+        if run.master and overwrite and init_from != 'resume':  # only now: a command that fails its checks keeps them
+            removed = remove_previous_run()
+            if removed:
+                run.notes.append(f"note: --overwrite=True: removed the previous run's {', '.join(removed)} "
+                                 f"from {out_dir}")
         log = None
         if run.master:
             log = RunLog(out_dir, run, log_interval, run.start_iter if init_from == 'resume' else None, start_wandb())
@@ -538,6 +643,8 @@ def train(distributed, rank, world_size, device_str):
     finally:
         if lock:
             lock.release()
+            if made_out_dir and not os.listdir(out_dir):  # a command that failed its checks leaves no empty out_dir
+                os.rmdir(out_dir)
 
 
 def start_wandb():

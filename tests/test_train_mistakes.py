@@ -2,7 +2,9 @@
 train.py never loses what the user has, and every mistake is one line: each case runs the exact command, expects one
 `error:` line and its exit code, and checks (checksums before and after) that the files already there are unchanged.
 Also: Ctrl-C with stdout piped into a process that has exited still saves, the lock refuses a second run, stale temp
-files and locks of killed runs are cleaned up, and a log written to a file has a plain line per log_interval.
+files and locks of killed runs are cleaned up, a full disk during a save keeps the checkpoints (exit 1),
+--overwrite=True leaves none of the old run's files, and a log written to a file (or to a terminal that reports no
+size) has a plain line per log_interval.
 """
 import os
 import signal
@@ -49,6 +51,14 @@ def assert_one_error(r, code, *needles):
     (['--dtype=float8'], ['dtype']),
     (['--out_dir='], ['out_dir is empty']),
     (['--jacobi_train_range=(3,1)'], ['jacobi_train_range']),
+    (["--jacobi_train_range=('a','b')"], ['jacobi_train_range', 'two whole numbers']),
+    (['--jacobi_train_range=(1.5,2)'], ['jacobi_train_range', 'two whole numbers']),  # was torch.randint's TypeError
+    (['--seed=100000000000000000000'], ['seed must be in [0, ', '63 bits']),
+    (['--vocab_size=-5'], ['vocab_size', '>= 1']),
+    (['--min_lr_ratio=5', '--warmup_ratio=3'], ['warmup_ratio', '[0, 1]']),
+    (['--weight_decay=1e999'], ['weight_decay', 'finite', 'inf']),
+    (['--max_iters=1e20'], ['max_iters', '<= 1e+12']),
+    (['--max_iters=0', '--num_epochs=1e15'], ['num_epochs', 'iterations', 'lower num_epochs']),
 ])
 def test_bad_values_are_one_line_exit_2_and_touch_nothing(finished, args, needles):
     before = checksums(finished / 'out')
@@ -63,6 +73,18 @@ def test_out_dir_that_is_a_file(tmp_path):
     r = run_train(tmp_path, '--max_iters=2', check=False)
     assert_one_error(r, 2, 'is a file')
     assert (tmp_path / 'out').read_text() == 'my notes'
+
+
+def test_a_best_pt_alone_is_a_run_and_a_failed_command_leaves_no_empty_out_dir(finished, tmp_path):
+    """A run whose ckpt.pt was moved away still has its best model: a new run into it is refused as for ckpt.pt.
+    A new out_dir that a command made before failing its checks (here: ids beyond vocab_size) is removed again."""
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'best.pt').write_bytes((finished / 'out' / 'ckpt.pt').read_bytes())
+    r = run_train(tmp_path, '--max_iters=2', data_dir=finished / 'data', check=False)
+    assert_one_error(r, 2, 'already holds a run', 'best.pt', '--overwrite=True')
+    assert digest(tmp_path / 'out' / 'best.pt') == digest(finished / 'out' / 'ckpt.pt')
+    r = run_train(tmp_path, '--max_iters=2', '--vocab_size=8', data_dir=finished / 'data', out='new', check=False)
+    assert r.returncode == 2 and not (tmp_path / 'new').exists(), r.stderr[-2000:]
 
 
 def test_a_new_run_does_not_replace_a_finished_one(finished, tmp_path):
@@ -169,15 +191,16 @@ def test_loss_plot_range_ignores_the_first_steps(tmp_path):
     log = RunLog(str(tmp_path), FakeRun(), log_interval=1)
     seen = {}
     original_close = plt.close
-    plt.close = lambda fig: seen.setdefault('ylim', fig.axes[0].get_ylim())
+    plt.close = lambda fig: seen.setdefault('ylim', (fig.axes[0].get_ylim(), fig.axes[0].get_title()))
     try:
         for it in range(1, 101):
             log.record({'iter': it, 'loss': 11.0 if it < 3 else 3.0 - it / 100})
         log.record({'iter': 100, 'val_loss': 2.5})
     finally:
         plt.close = original_close
-    lo, hi = seen['ylim']
+    (lo, hi), title = seen['ylim']
     assert lo < 2.5 and 2.9 < hi < 4  # not stretched up to 11
+    assert '2 early points above the top, up to 11.00' in title  # and it says what it leaves out
     assert (tmp_path / 'loss.png').stat().st_size > 0
 
 
@@ -205,3 +228,108 @@ def test_a_checkpoint_from_a_newer_format_is_one_line(finished, tmp_path):
     torch.save(ckpt, tmp_path / 'out' / 'ckpt.pt')
     r = run_train(tmp_path, '--max_iters=8', '--init_from=resume', data_dir=finished / 'data', check=False)
     assert_one_error(r, 2, 'format 99', 'update nanoPonder')
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_training(finished, tmp_path):
+    """A train.bin whose ids do not fit its meta.json (here: the model's vocab_size) was an IndexError at the first
+    batch that held one; now one line before training, naming the file and the id."""
+    import numpy as np
+    data = tmp_path / 'data'
+    data.mkdir()
+    for name in ('meta.json', 'val.bin'):
+        (data / name).write_bytes((finished / 'data' / name).read_bytes())
+    ids = np.fromfile(finished / 'data' / 'train.bin', dtype=np.uint16)
+    ids[1500] = 200  # >= VOCAB (128), which meta.json and the model have
+    ids.tofile(data / 'train.bin')
+    before = checksums(data)
+    r = run_train(tmp_path, '--max_iters=2', check=False)
+    assert_one_error(r, 2, f"{data / 'train.bin'} holds token id 200", "vocab_size is 128", 'prepare the data again')
+    assert checksums(data) == before
+    assert not (tmp_path / 'out' / 'ckpt.pt').exists()
+
+
+def copy_of_run(src, out):
+    """A copy of the run in src at out, with a best.pt (a run whose first evaluation stayed best has none)."""
+    out.mkdir()
+    for name in os.listdir(src):
+        (out / name).write_bytes((src / name).read_bytes())
+    if not (out / 'best.pt').exists():
+        (out / 'best.pt').write_bytes((out / 'ckpt.pt').read_bytes())
+    return out
+
+
+def test_a_full_disk_during_a_save_keeps_the_checkpoints(finished, tmp_path):
+    """A file size limit (ulimit -f; Python ignores SIGXFSZ, so the write fails with EFBIG, as on a full disk)
+    that the checkpoint does not fit: one line, exit 1, ckpt.pt and best.pt as they were, no temp file. The same
+    resume changes the seed and asks for a warmup longer than the run: a note for each."""
+    out = copy_of_run(finished / 'out', tmp_path / 'out')
+    kept = {name: digest(out / name) for name in ('ckpt.pt', 'best.pt')}
+    assert (out / 'ckpt.pt').stat().st_size > 200 * 1024  # (what the limit below must refuse)
+    cmd = [sys.executable, 'train.py', *TINY, f"--data_dir={finished / 'data'}", f'--out_dir={out}', '--max_iters=7',
+           '--eval_interval=100', '--init_from=resume', '--seed=7', '--warmup_iters=10']
+    r = subprocess.run(['bash', '-c', 'ulimit -f 100 && exec "$@"', 'bash', *cmd], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=180)  # 100 KB: metrics.jsonl and loss.png fit
+    assert_one_error(r, 1, f"could not write {out / 'ckpt.pt'}", 'File too large', 'unchanged')
+    assert {name: digest(out / name) for name in kept} == kept
+    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'loss.png', 'metrics.jsonl']  # no temp file, no lock
+    notes = [line for line in r.stdout.splitlines() if line.startswith('note:')]
+    assert any('seed 7' in n and '1337' in n and 'not an exact resume' in n for n in notes), r.stdout[-2000:]
+    assert any('warmup (10 iterations)' in n and 'never reaches its peak' in n for n in notes), r.stdout[-2000:]
+
+
+def test_overwrite_removes_the_old_run_even_when_stopped_at_once(finished, tmp_path):
+    """--overwrite=True, then SIGTERM before the new run's first evaluation saves: only the new run's files."""
+    out = copy_of_run(finished / 'out', tmp_path / 'out')
+    old_png = digest(out / 'loss.png')
+    cmd = [sys.executable, 'train.py', *TINY, f"--data_dir={finished / 'data'}", f'--out_dir={out}',
+           '--max_iters=100000', '--eval_interval=100000', '--overwrite=True']
+    stdout = open(tmp_path / 'stdout', 'w+')
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and 'iter 2/100000' not in (tmp_path / 'stdout').read_text():
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err[-2000:]
+    assert 'removed the previous run' in (tmp_path / 'stdout').read_text()
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'loss.png', 'metrics.jsonl']  # the old best.pt is gone
+    iters = load_ckpt(out / 'ckpt.pt')['iter_num']
+    train, val = metrics(out)
+    assert [i for i, _ in train] == list(range(1, iters + 1)) and [i for i, _ in val] == [0]  # the new run's only
+    assert digest(out / 'loss.png') != old_png
+
+
+def test_a_terminal_that_reports_no_size_gets_plain_lines(tmp_path, monkeypatch, capsys):
+    """0 columns and rows (some containers, serial consoles): tqdm would draw nothing at all."""
+    import runlog
+
+    class FakeRun:
+        total_iters, warmup, iter_num = 10, 1, 0
+
+    monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
+    monkeypatch.setattr(sys.stdout, 'fileno', lambda: 1)
+    monkeypatch.setattr(runlog.os, 'get_terminal_size', lambda fd: os.terminal_size((0, 0)))
+    log = runlog.RunLog(str(tmp_path), FakeRun(), log_interval=1)
+    assert log.bar is None
+    log.say('a plain line')
+    assert capsys.readouterr().out == 'a plain line\n'
+    monkeypatch.setattr(runlog.os, 'get_terminal_size', lambda fd: os.terminal_size((80, 24)))
+    log = runlog.RunLog(str(tmp_path), FakeRun(), log_interval=1)
+    assert log.bar is not None  # a terminal with a size keeps its bar
+    log.close()
+
+
+def test_the_newcomer_commands_make_what_the_configs_read():
+    """train.py's docstring, its missing-data error and the README quick start give the prepare_data.py command
+    that writes the data_dir the shakespeare configs read."""
+    from data import prepare_command
+    assert prepare_command('data/shakespeare-bpe512') == ('python prepare_data.py --dataset=shakespeare '
+                                                          '--tokenizer=bpe:512')
+    assert prepare_command('data/minipile') == 'python prepare_data.py --dataset=minipile'
+    assert prepare_command('/elsewhere/mine').endswith('--out_dir=/elsewhere/mine')
+    docs = (ROOT / 'train.py').read_text() + (ROOT / 'README.md').read_text()
+    for config in ('shakespeare_ponder.py', 'shakespeare_vanilla.py'):
+        scratch = {}
+        exec((ROOT / 'config' / config).read_text(), scratch)
+        assert prepare_command(scratch['data_dir']) in docs, config
+    assert 'prepare_data.py --dataset=shakespeare &&' not in docs
