@@ -31,26 +31,27 @@ import torch
 
 from memplan import measure_training_peak, plan_memory
 from model import GPT, Attention, GPTConfig, method_settings
-from runtime import UserError, atomic_write, autocast, failure, resolve_device, resolve_dtype, run_cli
+from runtime import (UserError, autocast, check_output_file, failure, resolve_device, resolve_dtype, run_cli,
+                     write_result)
 
 # -----------------------------------------------------------------------------
 # model
 model = 'pythia-70m'  # a Pythia size (as train.py's model=), or '' for the explicit n_layer / n_head / n_embd
-n_layer = 6
-n_head = 8
-n_embd = 512
-vocab_size = 50304
+n_layer = 6  # with model='' (or overriding the preset's)
+n_head = 8  # likewise
+n_embd = 512  # likewise
+vocab_size = 50304  # Pythia's padded vocabulary
 block_size = 1024  # training sequence length
-batch_size = 8
-methods = 'vanilla,ponderlm2-k1,ponderlm2-k2,ponderlm1-n3'
+batch_size = 8  # training sequences per step
+methods = 'vanilla,ponderlm2-k1,ponderlm2-k2,ponderlm1-n3'  # comma-separated method names (model.py)
 n_jacobi = 3  # PonderLM-2's R in training; fixed here, where train.py draws it from a range
 # decoding, batch 1, greedy
-prompt_len = 32
+prompt_len = 32  # prompt tokens
 new_tokens = 256  # with the KV cache
 new_tokens_uncached = 32  # without it every step recomputes the sequence (PonderLM-2: with exact thoughts)
 # measurement
-warmup = 2
-repeats = 5
+warmup = 2  # untimed runs of each measurement first
+repeats = 5  # timed runs: the table gives their median and spread
 device = 'auto'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (CUDA) autocast; auto: bf16 where CUDA has it, else fp32
 threads = 0  # CPU threads for torch, 0 = its default; 1 avoids thrashing when other jobs share the cores
@@ -58,7 +59,7 @@ compare_compile = True  # also time the training step with each Block torch.comp
 compare_checkpointing = True  # also time it with activation checkpointing (train.py's activation_checkpointing)
 check_memory = True  # also check memplan.py's plan of a training step against its measured peak
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
-seed = 1337
+seed = 1337  # of the random weights and inputs
 json = ''  # path for every figure as JSON
 task = ''  # internal: 'method:variant' makes this process the child that measures that one thing
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
@@ -100,13 +101,15 @@ def model_config(name):
 def check_config():
     """Everything the children would trip over, checked once up front. Returns the method names."""
     names = parse_methods(methods)
-    for key, value in (('batch_size', batch_size), ('block_size', block_size), ('repeats', repeats),
-                       ('prompt_len', prompt_len), ('new_tokens', new_tokens),
-                       ('new_tokens_uncached', new_tokens_uncached)):
-        if value < 1:
-            raise UserError(f"{key} must be >= 1, got {value}")
-    if warmup < 0 or n_jacobi < 0 or threads < 0:
-        raise UserError("warmup, n_jacobi and threads must be >= 0")
+    # the model's shape keys too, also where a preset makes n_layer / n_head / n_embd unused: torch's words for
+    # a zero or negative size come late, from a child
+    for key in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size', 'batch_size', 'repeats', 'prompt_len',
+                'new_tokens', 'new_tokens_uncached'):
+        if globals()[key] < 1:
+            raise UserError(f"{key} must be >= 1, got {globals()[key]}")
+    for key in ('warmup', 'n_jacobi', 'threads'):
+        if globals()[key] < 0:
+            raise UserError(f"{key} must be >= 0, got {globals()[key]}")
     if prompt_len + max(new_tokens, new_tokens_uncached) > block_size:
         raise UserError(f"prompt_len ({prompt_len}) + new_tokens ({max(new_tokens, new_tokens_uncached)}) "
                         f"exceeds block_size {block_size}")
@@ -521,9 +524,7 @@ def memory_table(out, cuda):
 
 
 def write_json(path, payload):
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_write(path, 'w') as f:  # a reader never sees half a file
+    with write_result(path, 'w') as f:  # a reader never sees half a file
         jsonlib.dump(payload, f, indent=2)
 
 
@@ -535,6 +536,8 @@ def failed(out):
 
 def bench_all():
     names = check_config()
+    if json:
+        check_output_file(json, '--json')  # now, not after minutes of measuring
     dev, device_type, ptdtype = device_and_dtype()
     if threads:
         torch.set_num_threads(threads)  # the children do the same; here it is for the machine line

@@ -5,9 +5,9 @@ Command-line configuration, nanoGPT style. A script defines its config as plain 
 
 and the command line overrides them, in order:
 
-    python train.py config/pythia70m.py --batch_size=8 --learning_rate=3e-4 --compile=false
-    python train.py --betas=(0.9,0.95) --out_dir=out/run1
-    python train.py --help      # lists the known keys with their current values
+    python train.py config/pythia70m_ponder.py --batch_size=8 --learning_rate=3e-4 --compile=false
+    python train.py --jacobi_train_range='(2,4)' --out_dir=out/run1   # quoted: (, [ and * are the shell's
+    python train.py --help      # lists the known keys, each with its current value and its comment
 
 An argument without `--` is a config file, exec'd into a scratch namespace; every name it sets must be a
 known key (it may import modules and use `_private` helper names freely). `--key=value` sets one key; the
@@ -15,7 +15,7 @@ value is parsed with ast.literal_eval, falling back to the raw string for str ke
 type of the current value (an int may set a float, true/false in any case set a bool, a key whose default
 is None takes anything). Mistakes print one `error: ...` line on stderr and exit with status 2 (under
 torchrun only rank 0 prints). The keys that were set are echoed as `config: key = value` on stdout, or on
-stderr where the script sets `_config_echo = 'stderr'` (sample.py: its stdout is the samples).
+stderr where the script sets `_config_echo = 'stderr'` (sample.py, eval.py: their stdout is their product).
 
 Known keys are the script's public globals holding plain config values (bool, int, float, str, None,
 tuple, list, dict): modules, functions, classes, `_names` and UPPER_CASE constants are not config. Tests import this file and
@@ -25,8 +25,10 @@ _namespace_before = dict(globals())  # when exec'd: the script's names, to put b
 import ast
 import builtins
 import difflib
+import io
 import os
 import sys
+import tokenize
 import types
 
 _CONFIG_TYPES = (bool, int, float, str, type(None), tuple, list, dict)
@@ -97,6 +99,14 @@ def one_line(text):
 
 def read_config_file(path, known):
     """Exec a config file into a scratch namespace and return the config keys it sets."""
+    if os.path.isdir(path):
+        try:
+            files = sorted(n for n in os.listdir(path) if n.endswith('.py'))
+            held = f"in it: {', '.join(files[:3])}{', ...' if len(files) > 3 else ''}" if files else "it holds none"
+        except OSError as e:
+            held = f"it cannot be listed: {e.strerror}"
+        raise ConfigError(f"{path} is a directory, not a config file: name a Python file of key = value lines "
+                          f"({held})")
     if not os.path.isfile(path):
         hint = ' (options are written --key=value)' if '=' in path else ''
         raise ConfigError(f"config file not found: {path}{hint}")
@@ -147,20 +157,47 @@ def apply_overrides(args, namespace):
     return changed
 
 
-def script_docstring(script):
-    try:  # the script's own __doc__ was just replaced by ours, so read it from the file
+def key_comments(tree, source):
+    """{key: its comment} from a script's source: the comment beside each top-level assignment, with the comment
+    lines indented under it that follow (a comment at column 0 is a section heading, not part of it)."""
+    comments = {}  # line number -> (column, text) of each comment
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.start[1], token.string.lstrip('#').strip())
+    lines, found = source.splitlines(), {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, 'target', None)]
+        if len(targets) != 1 or not isinstance(targets[0], ast.Name):
+            continue
+        parts = [comments[n][1] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        n = node.end_lineno + 1
+        while parts and n in comments and comments[n][0] > 0 and lines[n - 1].lstrip().startswith('#'):
+            parts.append(comments[n][1])
+            n += 1
+        if parts:
+            found[targets[0].id] = ' '.join(parts)
+    return found
+
+
+def script_help(script):
+    """(docstring, {key: comment}) of a script, read from its file: its own __doc__ was just replaced by ours."""
+    try:
         with builtins.open(script, encoding='utf-8') as f:
-            return (ast.get_docstring(ast.parse(f.read())) or '').strip()
-    except (OSError, SyntaxError, ValueError):
-        return ''
+            source = f.read()
+        tree = ast.parse(source)
+        return (ast.get_docstring(tree) or '').strip(), key_comments(tree, source)
+    except (OSError, SyntaxError, ValueError, tokenize.TokenError):
+        return '', {}
 
 
 def format_help(namespace, script):
-    doc = script_docstring(script)
+    doc, comments = script_help(script)
     lines = [doc, ''] if doc else []
     lines += [f"usage: python {os.path.basename(script)} [config_file.py ...] [--key=value ...]",
-              "config keys (current values):"]
-    lines += [f"  --{k}={v!r}" for k, v in known_config(namespace).items()]
+              "config keys (current value, what it does):"]
+    settings = [(f"--{k}={v!r}", comments.get(k, '')) for k, v in known_config(namespace).items()]
+    width = min(max((len(s) for s, _ in settings), default=0), 40)  # a long value does not push every comment
+    lines += [f"  {s:<{width}}  {c}".rstrip() for s, c in settings]
     return '\n'.join(lines)
 
 
