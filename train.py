@@ -392,6 +392,7 @@ class Run:
         if ckpt is not None:
             self.restore(ckpt, device_type)
         self.start_iter = self.iter_num
+        self.best_saved_loss = self.best_val_loss  # the val loss of best.pt (a resumed run's best was saved)
         self.epoch, self.position = self.train_batches.normalize(self.epoch, self.position)
         # a resumed run does not redo the evaluation at its checkpoint's iteration: that one is already in its log
         self.evaluated_at = self.saved_at = self.start_iter if init_from == 'resume' else None
@@ -491,7 +492,11 @@ class Run:
                         'tokens': self.iter_num * self.tokens_per_iter})
         # a checkpoint at iteration start_iter would only repeat the starting point
         if self.iter_num > self.start_iter and (improved or always_save_checkpoint or self.iter_num >= self.total_iters):
-            self.save(also_best=improved)
+            # best.pt is the best of the checkpoints saved: the unsaved start (iteration 0) may have been the best
+            best = val_loss < self.best_saved_loss or not os.path.exists(self.best_path)
+            self.save(also_best=best)
+            if best:
+                self.best_saved_loss = val_loss
 
     def save(self, also_best=False):
         """Every rank: out_dir/ckpt.pt (and best.pt), one file written atomically by rank 0 with the whole

@@ -6,6 +6,7 @@ files and locks of killed runs are cleaned up, a full disk during a save keeps t
 --overwrite=True leaves none of the old run's files, and a log written to a file (or to a terminal that reports no
 size) has a plain line per log_interval.
 """
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,13 @@ def finished(tmp_path_factory):
     make_data(tmp / 'data')
     run_train(tmp, '--max_iters=6', '--eval_interval=3')
     return tmp
+
+
+def test_best_pt_is_the_best_saved_checkpoint(finished):
+    """Even when the unsaved start (iteration 0) had the lowest val loss, best.pt is the best of the saved ones."""
+    val = {e['iter']: e['val_loss'] for e in map(json.loads, open(finished / 'out' / 'metrics.jsonl')) if 'val_loss' in e}
+    saved = {it: loss for it, loss in val.items() if it > 0}
+    assert load_ckpt(finished / 'out' / 'best.pt')['iter_num'] == min(saved, key=saved.get)
 
 
 def checksums(out_dir):
@@ -249,12 +257,10 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_training(finished, t
 
 
 def copy_of_run(src, out):
-    """A copy of the run in src at out, with a best.pt (a run whose first evaluation stayed best has none)."""
+    """A copy of the run in src (ckpt.pt, best.pt, metrics.jsonl, loss.png) at out."""
     out.mkdir()
     for name in os.listdir(src):
         (out / name).write_bytes((src / name).read_bytes())
-    if not (out / 'best.pt').exists():
-        (out / 'best.pt').write_bytes((out / 'ckpt.pt').read_bytes())
     return out
 
 
