@@ -194,3 +194,14 @@ def test_an_older_meta_json_gets_its_identity_from_its_tokenizer_json(trained, t
     del meta['tokenizer_sha256']
     (tmp_path / 'old' / 'meta.json').write_text(json.dumps(meta))
     assert read_meta(str(tmp_path / 'old'))['tokenizer_sha256'] == read_meta(str(trained['data_b']))['tokenizer_sha256']
+
+
+def test_a_checkpoint_whose_values_have_the_wrong_types_is_refused_in_one_line(tmp_path):
+    """A crafted file with every key of a checkpoint but a tokenizer that is no dict: refused on load, not later."""
+    import torch
+    from runtime import Checkpoint, UserError
+    raw = {'format': 2, 'model_args': {}, 'model': {}, 'optimizer': {}, 'scaler': {}, 'iter_num': 0,
+           'data_state': {}, 'rng': {}, 'best_val_loss': 1.0, 'config': {}, 'tokenizer': 'not a dict'}
+    torch.save(raw, tmp_path / 'ckpt.pt')
+    with pytest.raises(UserError, match='not a train.py checkpoint .tokenizer not a dict'):
+        Checkpoint.load(str(tmp_path / 'ckpt.pt'))
