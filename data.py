@@ -209,14 +209,12 @@ def data_dir_tokenizer(data_dir):
 
 
 def tokenizer_record(data_dir, meta):
-    """What a checkpoint keeps of its data's tokenizer (Checkpoint.tokenizer), to be used without data_dir."""
-    path, json_text = data_tokenizer_file(data_dir, meta), None
-    if path:
-        try:
-            with open(path, 'rb') as f:
-                json_text = f.read().decode('utf-8')
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read tokenizer {path}: {one_line(e)}") from None
+    """What a checkpoint keeps of its data's tokenizer (Checkpoint.tokenizer), to be used without data_dir: 'json'
+    is None when the data directory's tokenizer cannot be loaded (gpt2 has no file: its name is all of it)."""
+    try:
+        json_text = data_dir_tokenizer(data_dir).json_text
+    except UserError:  # e.g. a BPE's tokenizer.json deleted from the data: the caller says what that means
+        json_text = None
     return {'name': meta.get('tokenizer'), 'eos_token': meta.get('eos_token', '<|endoftext|>'), 'json': json_text,
             'sha256': meta['tokenizer_sha256']}
 
@@ -240,11 +238,16 @@ def checkpoint_tokenizer(ckpt):
     if kept and kept.get('name') == 'gpt2':  # no file to keep: the name is all of it
         return load_tokenizer('gpt2')
     data_dir = checkpoint_data_dir(ckpt)
+    why = "its data had no tokenizer.json" if kept else "it was saved by an older train.py"
     if not os.path.isdir(data_dir):
-        raise UserError(f"the checkpoint carries no tokenizer (it was saved by an older train.py) and its data_dir "
-                        f"{data_dir} is gone: pass --tokenizer=PATH (the tokenizer.json it was trained with, or a "
-                        f"data directory prepared with it; or pythia, gpt2)")
-    return data_dir_tokenizer(data_dir)
+        raise UserError(f"the checkpoint carries no tokenizer ({why}) and its data_dir {data_dir} is gone: pass "
+                        f"--tokenizer=PATH (the tokenizer.json it was trained with, or a data directory prepared "
+                        f"with it; or pythia, gpt2)")
+    try:
+        return data_dir_tokenizer(data_dir)
+    except UserError as e:
+        raise UserError(f"the checkpoint carries no tokenizer ({why}), and its data_dir's: {e}; pass "
+                        f"--tokenizer=PATH (the tokenizer.json it was trained with; or pythia, gpt2)") from None
 
 
 def checkpoint_data_dir(ckpt):
@@ -311,6 +314,9 @@ def prepare_command(data_dir):
 def read_meta(data_dir):
     """meta.json of a prepared data directory, checked."""
     path = os.path.join(data_dir, 'meta.json')
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir!r} is a file, not a data directory: pass --data_dir=... of a directory "
+                        f"that prepare_data.py made")
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir {data_dir!r} does not exist: make it with `{prepare_command(data_dir)}`, "
                         f"or pass --data_dir=... of a prepared one")
@@ -325,6 +331,10 @@ def read_meta(data_dir):
         raise UserError(f"cannot read vocab_size from {path}: {type(e).__name__}: {one_line(e)}") from None
     if meta.get('dtype', 'uint16') != 'uint16':
         raise UserError(f"{path} says dtype {meta['dtype']!r}; the token files must be uint16")
+    eos_id = meta.get('eos_id', 0)
+    if not 1 <= meta['vocab_size'] < MAX_VOCAB or not (isinstance(eos_id, int) and 0 <= eos_id < meta['vocab_size']):
+        raise UserError(f"{path} says vocab_size {meta['vocab_size']} and eos_id {eos_id!r}: it needs 1 <= vocab_size "
+                        f"< {MAX_VOCAB} and 0 <= eos_id < vocab_size; prepare the data again with prepare_data.py")
     if 'tokenizer_sha256' not in meta:  # a meta.json from before it recorded it: as Tokenizer.sha256 would be
         tok_file = data_tokenizer_file(data_dir, meta)
         identity = b'gpt2' if meta.get('tokenizer') == 'gpt2' else None
@@ -372,6 +382,8 @@ def split_path(data_dir, split):
     """data_dir/split.bin, checked to be a whole uint16 file."""
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.isfile(path):
+        if split not in ('train', 'val'):  # only MiniPile comes with a test split
+            raise UserError(f"{data_dir} has no {split} split ({path} is missing): use --split=val")
         raise UserError(f"{path} is missing: data_dir must hold train.bin, val.bin and meta.json from prepare_data.py")
     size = os.path.getsize(path)
     if size % 2:

@@ -621,13 +621,12 @@ def model_tokenizer_name(tok):
 
 
 def check_options():
-    for key, value, ok in (('block_size', block_size, block_size >= 0), ('stride', stride, stride >= 0),
-                           ('batch_size', batch_size, batch_size >= 1), ('max_windows', max_windows, max_windows >= 0),
-                           ('max_jacobi', max_jacobi, max_jacobi >= 0), ('num_fewshot', num_fewshot, num_fewshot >= 0),
-                           ('limit', limit, limit >= 0), ('max_gen_toks', max_gen_toks, max_gen_toks >= 1)):
-        if not ok:
-            raise UserError(f"{key}={value} is out of range (block_size, stride, max_windows, max_jacobi, num_fewshot, "
-                            f"limit >= 0; batch_size, max_gen_toks >= 1)")
+    for key, lowest in (('block_size', 0), ('stride', 0), ('batch_size', 1), ('max_windows', 0), ('max_jacobi', 0),
+                        ('num_fewshot', 0), ('limit', 0), ('max_gen_toks', 1)):
+        if globals()[key] < lowest:
+            raise UserError(f"{key} must be >= {lowest}, got {globals()[key]}")
+    if task_dir and not os.path.isdir(task_dir):
+        raise UserError(f"task_dir {task_dir!r} is not a directory: it names a folder of lm-eval task YAMLs")
     if thoughts not in THOUGHT_MODES:
         raise UserError(f"thoughts must be one of {', '.join(THOUGHT_MODES)}, got {thoughts!r}")
     for key, value in (('n_jacobi', n_jacobi), ('jacobi_tol', jacobi_tol)):
@@ -677,8 +676,14 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
               'rows': rows}
     write_json(path + '.json', report)
     written = [path + '.json']
-    if cfg.n_thoughts and plot_jacobi(rows, path + '_jacobi.png', f"{name}: {cfg.method_label}, {source}"):
-        written.append(path + '_jacobi.png')
+    if cfg.n_thoughts:
+        try:
+            plotted = plot_jacobi(rows, path + '_jacobi.png', f"{name}: {cfg.method_label}, {source}")
+        except UserError as e:  # the JSON is written: say so, and that a plot left in place is an older one's
+            raise UserError(f"{e} (an earlier evaluation's plot, if any); the new results are in {path}.json",
+                            e.exit_code) from None
+        if plotted:
+            written.append(plotted)
     print(f"wrote {', '.join(written)}", file=sys.stderr)
     return report
 

@@ -133,8 +133,10 @@ def method_settings(name):
     """GPTConfig fields of a method name (see GPTConfig.method): 'ponderlm2-k2' -> {'n_thoughts': 2}."""
     m = METHOD_RE.fullmatch(name.strip().lower())
     if not m:
-        raise ValueError(f"unknown method {name!r}; use vanilla, ponderlm2-kK or ponderlm1-nN "
-                         f"(e.g. ponderlm2-k1, ponderlm1-n3)")
+        zero = re.fullmatch(r'ponderlm2-k0+|ponderlm1-n0+', name.strip().lower())
+        what = f"method {name!r} has K or N 0 (none at all is 'vanilla')" if zero else f"unknown method {name!r}"
+        raise ValueError(f"{what}; use vanilla, ponderlm2-kK or ponderlm1-nN with K, N >= 1 (e.g. ponderlm2-k1, "
+                         f"ponderlm1-n3)")
     return {'n_thoughts': int(m.group(1) or 0), 'n_ponder': int(m.group(2) or 0)}
 
 

@@ -275,6 +275,7 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
     tok = None if n_bpe else load_tokenizer(tokenizer, eos_token)  # before MiniPile's download: quick checks first
     if splits is None:
         splits = minipile_splits()
+    made = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temp_files(out_dir)  # what a killed preparation left
     tok_path, meta_path = os.path.join(out_dir, 'tokenizer.json'), os.path.join(out_dir, 'meta.json')
@@ -305,6 +306,8 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
+        if made and not os.listdir(out_dir):  # a new directory that would stay empty
+            os.rmdir(out_dir)
         if isinstance(e, OSError):  # a failed write (disk full, file too large): write_temp named the file
             raise failure(f"could not write {e.filename}: {e.strerror or one_line(e)}; nothing in {out_dir} was "
                           f"replaced") from None

@@ -183,6 +183,9 @@ def check_config():
         raise UserError("out_dir is empty: name a directory for the checkpoints, e.g. --out_dir=out")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir {out_dir!r} is a file, not a directory: choose another --out_dir")
+    if os.path.realpath(out_dir) == os.path.realpath(data_dir):  # prepare_data.py --overwrite would then mix them
+        raise UserError(f"out_dir is the data_dir ({data_dir}): a run's files go in a directory of their own; "
+                        f"choose another --out_dir")
     if parallelism not in PARALLELISMS:
         raise UserError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {parallelism!r}")
     device_type = resolve_device(device).split(':')[0]
@@ -378,6 +381,10 @@ class Run:
         check_token_ids((self.train_batches.blocks, self.val_batches.blocks), self.raw_model.config.vocab_size,
                         self.meta)
         self.notes = resume_notes(ckpt.config or {}) if ckpt is not None else []
+        if self.data_tokenizer['json'] is None and self.data_tokenizer['name'] != 'gpt2':  # gpt2: its name is all
+            self.notes.append(f"note: the tokenizer of {data_dir} cannot be loaded (meta.json's tokenizer: "
+                              f"{self.data_tokenizer['name']}, no tokenizer.json), so the checkpoints carry none: "
+                              f"sample.py, eval.py and export_hf.py will need --tokenizer=PATH")
         if ckpt is not None:
             check_resume_data(ckpt, self.meta)
         self.raw_model.activation_checkpointing = activation_checkpointing
@@ -610,7 +617,8 @@ def claim_out_dir(master, distributed):
     return lock
 
 
-RUN_FILES = ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'loss.png')  # what a run writes into its out_dir
+# what a run writes into its out_dir, and the results eval.py writes beside its checkpoint by default
+RUN_FILES = ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'loss.png', 'eval.json', 'eval_jacobi.png', 'eval_tasks.json')
 
 
 def remove_previous_run():
@@ -681,6 +689,10 @@ def train_loop(run, log):
         log.say(f"stopped by {_stop_signal.name if _stop_signal else 'a signal to another rank'} at iteration "
                 f"{run.iter_num}; saved {run.ckpt_path}: go on with --init_from=resume")
         return 128 + (_stop_signal or signal.SIGTERM)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    if run.start_iter >= run.total_iters:  # a resume of a finished run: say so instead of "saved"
+        log.say(f"nothing to train: {run.ckpt_path} is at iteration {run.start_iter}, the schedule ends at "
+                f"{run.total_iters}; raise --max_iters (or num_epochs) to go on")
+        return 0
     log.say(f"done: {run.iter_num} iterations, best val loss {run.best_val_loss:.4f}; saved {run.ckpt_path}")
     return 0
 

@@ -124,6 +124,7 @@ def test_json_echoes_the_config_under_its_keys(run):
 @pytest.mark.parametrize('args,message', [
     (['--model=pythia-3m'], "unknown preset 'pythia-3m'"),
     (['--methods=vanilla,ponderlm3'], "unknown method 'ponderlm3'"),
+    (['--methods=ponderlm2-k0'], "method 'ponderlm2-k0' has K or N 0"),
     (['--prompt_len=30'], 'exceeds block_size'),
     (['--preset=pythia-14m'], "unknown config key 'preset'"),  # renamed model=, as train.py says
     (['--dtype=float16'], 'needs CUDA'),

@@ -299,7 +299,7 @@ def run_main(monkeypatch, **config):
     (dict(init_from='/no/such/ckpt.pt'), 'no such file or directory: /no/such/ckpt.pt'),
     (dict(init_from='/no/such/dir'), 'no such file or directory: /no/such/dir'),
     (dict(thoughts='magic'), 'thoughts must be'), (dict(jacobi_tols=(-1,)), 'jacobi_tols'),
-    (dict(stride=-1), 'out of range')])
+    (dict(stride=-1), 'stride must be >= 0, got -1')])
 def test_mistakes_are_user_errors(monkeypatch, tmp_path, config, match):
     with pytest.raises(ev.UserError, match=match):
         run_main(monkeypatch, out=str(tmp_path / 'x'), **config)

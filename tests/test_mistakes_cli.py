@@ -159,7 +159,8 @@ def test_a_full_disk_while_writing_the_plot_is_one_line_and_keeps_the_old_plot(e
     out, _ = evaluated
     before = checksums(out)
     r = run('eval.py', f'--init_from={run_dir / "ckpt.pt"}', f'--out={out}', *EVAL, shell_prefix='ulimit -f 20')
-    assert_one_error(r, 1, f'could not write {out / "eval_jacobi.png"}', 'the earlier eval_jacobi.png is unchanged')
+    assert_one_error(r, 1, f'could not write {out / "eval_jacobi.png"}', 'the earlier eval_jacobi.png is unchanged',
+                     f'the new results are in {out / "eval"}.json')
     assert checksums(out)['eval_jacobi.png'] == before['eval_jacobi.png']
     assert sorted(os.listdir(out)) == sorted(before)  # no temp file left
 

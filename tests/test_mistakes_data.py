@@ -6,6 +6,7 @@ was for. Each mistake is one `error:` line with the documented exit code, and no
     python -m pytest tests/test_mistakes_data.py -q
 """
 import hashlib
+import json
 import os
 import random
 import resource
@@ -205,3 +206,51 @@ def test_a_checkpoint_whose_values_have_the_wrong_types_is_refused_in_one_line(t
     torch.save(raw, tmp_path / 'ckpt.pt')
     with pytest.raises(UserError, match='not a train.py checkpoint .tokenizer not a dict'):
         Checkpoint.load(str(tmp_path / 'ckpt.pt'))
+
+
+def test_a_failed_prepare_into_a_new_directory_leaves_none(trained, tmp_path):
+    data = tmp_path / 'new'
+    r = run('prepare_data.py', '--dataset=text', f'--input={trained["corpus"]}', f'--out_dir={data}',
+            f'--tokenizer={trained["data_a"] / "tokenizer.json"}', preexec_fn=limit_file_size)
+    assert_one_error(r, 1, f"could not write {data / 'train.bin'}", 'File too large')
+    assert os.listdir(tmp_path) == []
+
+
+def test_data_without_its_tokenizer_json_is_said_at_training_and_at_sampling(trained, tmp_path):
+    """meta.json names a BPE whose tokenizer.json is gone: training says the checkpoints carry no tokenizer, and
+    sampling that checkpoint names --tokenizer=PATH, which then works."""
+    data = tmp_path / 'data'
+    shutil.copytree(trained['data_a'], data)
+    os.remove(data / 'tokenizer.json')
+    meta = json.loads((data / 'meta.json').read_text())
+    (data / 'meta.json').write_text(json.dumps({**meta, 'tokenizer': 'bpe:300'}))  # as prepare_data names a BPE
+    r = run('train.py', *TRAIN, '--max_iters=2', f'--data_dir={data}', f'--out_dir={tmp_path / "out"}')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'cannot be loaded' in r.stdout and 'will need --tokenizer=PATH' in r.stdout, r.stdout[-3000:]
+    sample = ['sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=3', '--device=cpu', '--dtype=float32']
+    assert_one_error(run(*sample), 2, 'carries no tokenizer', 'its data had no tokenizer.json', '--tokenizer=PATH')
+    r = run(*sample, f'--tokenizer={trained["data_a"] / "tokenizer.json"}')
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize('script, args, words', [
+    ('train.py', ['--data_dir=FILE'], ['is a file, not a data directory']),
+    ('train.py', ['--data_dir=DATA', '--out_dir=DATA'], ['out_dir is the data_dir', 'another --out_dir']),
+    ('train.py', ['--data_dir=BADEOS'], ['eos_id 99999', '0 <= eos_id < vocab_size']),
+    ('eval.py', ['--split=test'], ['has no test split', '--split=val']),
+    ('eval.py', ['--tasks=my_task', '--task_dir=MISSING'], ["task_dir", 'is not a directory']),
+])
+def test_data_and_task_paths_are_said_truthfully(script, args, words, trained, tmp_path):
+    data, bad_eos = tmp_path / 'data', tmp_path / 'bad_eos'
+    shutil.copytree(trained['data_a'], data)
+    shutil.copytree(trained['data_a'], bad_eos)
+    meta = json.loads((bad_eos / 'meta.json').read_text())
+    (bad_eos / 'meta.json').write_text(json.dumps({**meta, 'eos_id': 99999}))
+    (tmp_path / 'file').write_text('mine')
+    names = {'FILE': tmp_path / 'file', 'DATA': data, 'BADEOS': bad_eos, 'MISSING': tmp_path / 'missing'}
+    args = [a.split('=')[0] + '=' + str(names[a.split('=')[1]]) if a.split('=')[1] in names else a for a in args]
+    before = checksums(tmp_path)
+    common = TRAIN + ['--max_iters=2', f'--out_dir={tmp_path / "out"}'] if script == 'train.py' else \
+        [f'--init_from={trained["ckpt"]}', f'--data_dir={data}', '--device=cpu', f'--out={tmp_path / "res"}']
+    assert_one_error(run(script, *common, *args), 2, *words)
+    assert checksums(tmp_path) == before

@@ -83,6 +83,14 @@ def test_out_dir_that_is_a_file(tmp_path):
     assert (tmp_path / 'out').read_text() == 'my notes'
 
 
+def test_a_resume_of_a_finished_run_says_there_is_nothing_to_train(finished):
+    before = checksums(finished / 'out')
+    r = run_train(finished, '--max_iters=4', '--init_from=resume', check=False)  # the checkpoint is at 6
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'nothing to train' in r.stdout and 'iteration 6' in r.stdout and 'saved' not in r.stdout.splitlines()[-1]
+    assert checksums(finished / 'out') == before
+
+
 def test_a_best_pt_alone_is_a_run_and_a_failed_command_leaves_no_empty_out_dir(finished, tmp_path):
     """A run whose ckpt.pt was moved away still has its best model: a new run into it is refused as for ckpt.pt.
     A new out_dir that a command made before failing its checks (here: ids beyond vocab_size) is removed again."""
@@ -286,6 +294,7 @@ def test_a_full_disk_during_a_save_keeps_the_checkpoints(finished, tmp_path):
 def test_overwrite_removes_the_old_run_even_when_stopped_at_once(finished, tmp_path):
     """--overwrite=True, then SIGTERM before the new run's first evaluation saves: only the new run's files."""
     out = copy_of_run(finished / 'out', tmp_path / 'out')
+    (out / 'eval.json').write_text('{}')  # eval.py's results of the old model, beside its checkpoint
     old_png = digest(out / 'loss.png')
     cmd = [sys.executable, 'train.py', *TINY, f"--data_dir={finished / 'data'}", f'--out_dir={out}',
            '--max_iters=100000', '--eval_interval=100000', '--overwrite=True']
