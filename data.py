@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from runtime import UserError, failure, one_line, temp_path
+from runtime import UserError, failure, one_line, temp_file, temp_path
 
 PYTHIA_REPO = 'EleutherAI/pythia-70m'
 MAX_VOCAB = 2 ** 16  # ids are stored as uint16
@@ -345,37 +345,16 @@ def read_meta(data_dir):
     return meta
 
 
-def write_temp(path, chunks):
-    """Write the bytes of chunks (an iterable) to path's temp file (runtime.temp_path), flushed to disk, and return
-    its name: the caller renames it into place. A failed write removes it and raises OSError naming path."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, 'wb') as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # e.g. File too large: its filename is None, or the temp file's
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
-    return tmp
-
-
 def write_token_file(ids_iter, path):
-    """Write the concatenated ids (arrays or lists) of ids_iter to path's temp file (write_temp); return
+    """Write the concatenated ids (arrays or lists) of ids_iter to path's temp file (runtime.temp_file); return
     (temp path, tokens, documents). The caller renames it into place once every split is written."""
-    counts = [0, 0]  # tokens, documents
-
-    def chunks():
+    n_tokens = n_docs = 0
+    with temp_file(path) as f:
         for ids in ids_iter:
-            counts[0] += len(ids)
-            counts[1] += 1
-            yield np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
-    tmp = write_temp(path, chunks())
-    return tmp, counts[0], counts[1]
+            f.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+            n_tokens += len(ids)
+            n_docs += 1
+    return temp_path(path), n_tokens, n_docs
 
 
 def split_path(data_dir, split):

@@ -885,11 +885,14 @@ def hf_config(config, eos_id=0):
 
 
 def write_whole(path, data):
-    """Write bytes to a temp file, then rename it to path: a reader sees the old file or the new one, never half."""
+    """Write bytes to a temp file, flushed to disk, then rename it to path: a reader (or a crash) sees the old file or
+    the new one, never half."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, 'wb') as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

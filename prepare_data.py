@@ -26,8 +26,9 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from data import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe, write_temp, write_token_file
-from runtime import UserError, failure, one_line, remove_stale_temp_files, run_cli, temp_path
+from data import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe, write_token_file
+from runtime import (UserError, check_output_dir, failure, one_line, remove_stale_temp_files, run_cli, temp_file,
+                     temp_path)
 
 # -----------------------------------------------------------------------------
 dataset = 'minipile'    # minipile | shakespeare | text
@@ -238,13 +239,7 @@ def replace_data(out_dir, temps):
 def check_out_dir(out_dir, overwrite):
     """Before any work: out_dir is (or can be made) a directory to write in, holding no prepared data unless
     overwrite."""
-    existing = out_dir
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing) or '.'
-    if not os.path.isdir(existing):
-        raise UserError(f"out_dir={out_dir}: {existing} is a file, not a directory; choose another --out_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"out_dir={out_dir}: cannot write in {existing} (permission denied); choose another --out_dir")
+    check_output_dir(out_dir, '--out_dir')
     held = [name for name in DATA_FILES if os.path.exists(os.path.join(out_dir, name))]
     if held and not overwrite:
         raise UserError(f"{out_dir} already holds prepared data ({', '.join(held)}): choose another --out_dir, or "
@@ -285,7 +280,9 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
             temps[tok_path] = temp_path(tok_path)
             tok = train_bpe(train_texts(splits), n_bpe, temps[tok_path], eos_token)
         elif tok.json_text is not None:  # a copy, so that the data directory is self-contained
-            temps[tok_path] = write_temp(tok_path, [tok.json_text.encode('utf-8')])
+            with temp_file(tok_path) as f:
+                f.write(tok.json_text.encode('utf-8'))
+            temps[tok_path] = temp_path(tok_path)
         print(f"tokenizer: {tok.name} (vocab_size {tok.vocab_size}, eos_id {tok.eos_id})")
         counts = write_splits(splits, tok, out_dir, num_proc, eos_token, temps)
         meta = {
@@ -301,14 +298,16 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
             'tokens': {name: n for name, (n, _) in counts.items()},
             'documents': {name: d for name, (_, d) in counts.items()},
         }
-        temps[meta_path] = write_temp(meta_path, [(json.dumps(meta, indent=2) + '\n').encode('utf-8')])
+        with temp_file(meta_path, 'w') as f:
+            f.write(json.dumps(meta, indent=2) + '\n')
+        temps[meta_path] = temp_path(meta_path)
     except BaseException as e:
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
         if made and not os.listdir(out_dir):  # a new directory that would stay empty
             os.rmdir(out_dir)
-        if isinstance(e, OSError):  # a failed write (disk full, file too large): write_temp named the file
+        if isinstance(e, OSError):  # a failed write (disk full, file too large): temp_file named the file
             raise failure(f"could not write {e.filename}: {e.strerror or one_line(e)}; nothing in {out_dir} was "
                           f"replaced") from None
         raise

@@ -154,19 +154,34 @@ def temp_path(path):
 
 
 @contextmanager
-def atomic_write(path, mode='wb'):
-    """Open a temp file beside path for writing; on success it is flushed to disk and renamed over path, so a
-    reader (or a crash midway) sees the old file or the new one, never half of one. On error it is removed."""
+def temp_file(path, mode='wb'):
+    """Open path's temp file (temp_path) for writing; on success it is flushed to disk and left complete, for the
+    caller to rename into place (several files can then replace their old versions together). On error it is
+    removed, and an OSError names path (a full disk's error names no file, or the temp file)."""
     tmp = temp_path(path)
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+@contextmanager
+def atomic_write(path, mode='wb'):
+    """Write path through its temp file (temp_file), renamed over path once complete: a reader (or a crash midway)
+    sees the old file or the new one, never half of one."""
+    with temp_file(path, mode) as f:
+        yield f
+    try:
+        os.replace(temp_path(path), path)
+    except BaseException:
+        os.remove(temp_path(path))
         raise
 
 
@@ -186,20 +201,27 @@ def write_result(path, mode='wb'):
 
 def check_output_file(path, option):
     """Check, before the work whose results go to the file path, that it can be written there: so that an unusable
-    path is one UserError now and not an exception after the work. Nothing is made: a probe file is created and
-    removed in the deepest directory of path that exists. option says where path came from, e.g. '--json'."""
+    path is one UserError now and not an exception after the work. option says where path came from, e.g. '--json'."""
     if os.path.isdir(path):
         raise UserError(f"{option}: {path} is a directory: name a file (in it, or elsewhere)")
-    existing = os.path.dirname(os.path.abspath(path))
+    check_output_dir(os.path.dirname(os.path.abspath(path)), option, path)
+
+
+def check_output_dir(directory, option, wanted=None):
+    """Check that files can be written in directory, which may not exist yet: its deepest existing ancestor must be
+    a directory where a probe file can be created (and is removed; nothing is made). wanted: the path that the
+    messages name (default directory)."""
+    wanted = wanted or directory
+    existing = os.path.abspath(directory)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"{option}: cannot write {path}: {existing} is a file, not a directory; choose another path")
+        raise UserError(f"{option}: cannot write {wanted}: {existing} is a file, not a directory; choose another path")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"{option}: cannot write {path}: no file can be created in {existing} "
+        raise UserError(f"{option}: cannot write {wanted}: no file can be created in {existing} "
                         f"({e.strerror or one_line(e)}); choose another path") from None
 
 
