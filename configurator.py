@@ -217,8 +217,12 @@ def configure(argv, namespace):
         sys.exit(0)
     if talk:  # a script whose stdout is its product (sample.py's text) sets _config_echo = 'stderr'
         echo = sys.stderr if namespace.get('_config_echo') == 'stderr' else sys.stdout
-        for key, value in changed.items():
-            print(f"config: {key} = {value!r}", file=echo)
+        try:
+            for key, value in changed.items():
+                print(f"config: {key} = {value!r}", file=echo)
+        except BrokenPipeError:  # `| head -3` has read its lines and gone (unbuffered output meets it here): the
+            # script goes on; its writes (and the exit's flush) go to /dev/null instead of failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), echo.fileno())
     return changed
 
 

@@ -360,7 +360,8 @@ class Checkpoint:
         missing = required - set(raw)
         if missing:
             raise UserError(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))})")
-        mistyped = [f.name for f in fields(cls) if f.type is dict and not isinstance(raw.get(f.name, {}), (dict, type(None)))]
+        mistyped = [f.name for f in fields(cls)
+                    if f.type is dict and not isinstance(raw.get(f.name, {}), (dict, type(None)))]
         if mistyped:  # a crafted or foreign file: its values would fail later with Python's words
             raise UserError(f"{path} is not a train.py checkpoint ({', '.join(mistyped)} not a dict)")
         return cls(**{f.name: raw.get(f.name) for f in fields(cls)})

@@ -197,7 +197,7 @@ def check_config():
 def check_out_dir_is_free():
     """A new run (scratch or from a Hugging Face model) must not silently replace a run already in out_dir: its
     ckpt.pt, or a best.pt alone (a run whose ckpt.pt was moved away still has its best model here)."""
-    held = [os.path.join(out_dir, name) for name in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, name))]
+    held = [path for path in (os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')) if os.path.exists(path)]
     if init_from != 'resume' and held and not overwrite:
         how = "continue it with --init_from=resume, " if held[0].endswith('ckpt.pt') else ''
         raise UserError(f"{out_dir} already holds a run ({held[0]}): {how}choose another --out_dir, or pass "

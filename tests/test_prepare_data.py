@@ -95,7 +95,8 @@ def test_directory_of_documents(tmp_path, tokenizer_json, make_text):
     assert meta == {
         'dataset': 'text', 'source': str(tmp_path / 'corpus'), 'tokenizer': tokenizer_json,
         'tokenizer_file': 'tokenizer.json',
-        'tokenizer_sha256': hashlib.sha256(open(tokenizer_json, 'rb').read()).hexdigest(), 'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>',
+        'tokenizer_sha256': hashlib.sha256(open(tokenizer_json, 'rb').read()).hexdigest(),
+        'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>',
         'dtype': 'uint16',
         'tokens': {s: os.path.getsize(out / f'{s}.bin') // 2 for s in ('train', 'val')},
         'documents': {'train': 9, 'val': 3}}

@@ -29,7 +29,8 @@ def finished(tmp_path_factory):
 
 def test_best_pt_is_the_best_saved_checkpoint(finished):
     """Even when the unsaved start (iteration 0) had the lowest val loss, best.pt is the best of the saved ones."""
-    val = {e['iter']: e['val_loss'] for e in map(json.loads, open(finished / 'out' / 'metrics.jsonl')) if 'val_loss' in e}
+    entries = map(json.loads, open(finished / 'out' / 'metrics.jsonl'))
+    val = {e['iter']: e['val_loss'] for e in entries if 'val_loss' in e}
     saved = {it: loss for it, loss in val.items() if it > 0}
     assert load_ckpt(finished / 'out' / 'best.pt')['iter_num'] == min(saved, key=saved.get)
 
@@ -146,6 +147,18 @@ def test_a_killed_run_leaves_nothing_that_blocks_the_next(tmp_path):
     assert {'ckpt.pt', 'loss.png', 'metrics.jsonl'} <= set(os.listdir(out)) <= {'best.pt', 'ckpt.pt', 'loss.png',
                                                                               'metrics.jsonl'}  # lock released
     assert load_ckpt(out / 'ckpt.pt')['iter_num'] == 3
+
+
+def test_the_config_echo_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`python train.py ... | true` with unbuffered output: the reader is gone before the config echo is written.
+    The script goes on to its own verdict (here the one error line of a missing data_dir), not a BrokenPipeError."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd = [sys.executable, 'train.py', *TINY, f'--data_dir={tmp_path / "none"}', f'--out_dir={tmp_path / "out"}']
+    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, 'PYTHONUNBUFFERED': '1'}, stdout=write_end, stderr=subprocess.PIPE,
+                       text=True, timeout=120)
+    os.close(write_end)
+    assert_one_error(r, 2, 'does not exist')
 
 
 def test_ctrl_c_saves_even_when_the_pipe_reader_is_gone(tmp_path):
