@@ -83,25 +83,18 @@ THOUGHT_MODES = ('exact', 'jacobi')
 # -----------------------------------------------------------------------------
 # the model
 
-def checkpoint_file(init_from, out_dir):
-    """The train.py checkpoint that init_from names, or None for a Hugging Face model (runtime.resolve_init_from)."""
-    kind, source = resolve_init_from(init_from, out_dir)
-    return source if kind == 'checkpoint' else None
-
-
 def load_model(init_from, out_dir='out', tokenizer_override=''):
     """-> (model on the CPU in fp32, its tokenizer, the Checkpoint or None). Every mistake is one UserError."""
     model, ckpt, source = load_init_from(init_from, out_dir)
     return model, model_tokenizer(source, ckpt, tokenizer_override), ckpt
 
 
-def results_path(init_from, out_dir, out):
-    """Where results go, without extension."""
+def results_path(init_from, ckpt_file, out):
+    """Where results go, without extension; ckpt_file: the train.py checkpoint init_from names, or None."""
     if out:  # a directory gets DIR/eval.json, not a hidden DIR/.json
         return os.path.join(out, 'eval') if out.endswith(('/', os.sep)) or os.path.isdir(out) else out
-    path = checkpoint_file(init_from, out_dir)
-    if path is not None:
-        return os.path.join(os.path.dirname(os.path.abspath(path)), 'eval')
+    if ckpt_file is not None:
+        return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), 'eval')
     return 'eval-' + os.path.basename(os.path.normpath(init_from))
 
 
@@ -690,13 +683,15 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
 
 def main():
     check_options()
-    path = results_path(init_from, out_dir, out)
+    kind, source = resolve_init_from(init_from, out_dir)  # (load_model reads it by the same rule)
+    ckpt_file = source if kind == 'checkpoint' else None
+    path = results_path(init_from, ckpt_file, out)
     check_output_file(path + ('_tasks.json' if tasks else '.json'), '--out')  # now, not after the evaluation
     device_name = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, torch.device(device_name).type)
     torch.manual_seed(seed)
     model, tok, ckpt = load_model(init_from, out_dir, tokenizer)
-    name = checkpoint_file(init_from, out_dir) or init_from
+    name = ckpt_file or init_from
     if tasks:
         return run_tasks(model, tok, device_name, dtype, path, name)
     model.to(device_name).eval()
