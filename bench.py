@@ -29,10 +29,11 @@ import time
 
 import torch
 
-from memplan import measure_training_peak, plan_memory
-from model import GPT, Attention, GPTConfig, method_settings
-from runtime import (UserError, autocast, check_output_file, failure, resolve_device, resolve_dtype, run_cli,
-                     write_result)
+from model import GPT, Attention, GPTConfig
+from nanoponder.cost import estimate_mfu, flops_per_token, measure_training_peak, plan_memory
+from nanoponder.methods import method_fields
+from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure, resolve_device,
+                                resolve_dtype, run_cli, write_json)
 
 # -----------------------------------------------------------------------------
 # model
@@ -81,15 +82,13 @@ def parse_methods(text):
 
 def check_method(name):
     try:
-        method_settings(name)
+        method_fields(name)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def model_config(name):
-    # jacobi_train_range=(R, R) so that flops_per_token(training=True) and estimate_mfu count the R we run
-    overrides = dict(block_size=block_size, vocab_size=vocab_size, n_jacobi=n_jacobi,
-                     jacobi_train_range=(n_jacobi, n_jacobi), **method_settings(name))
+    overrides = dict(block_size=block_size, vocab_size=vocab_size, n_jacobi=n_jacobi, **method_fields(name))
     try:
         if model:
             return GPTConfig.preset(model, **overrides)
@@ -184,7 +183,7 @@ def measure(name, variant):
         Attention.set_backend(gpt, 'sdpa')  # 'auto' (main) runs flash-attn where it can
     gpt.activation_checkpointing = variant == 'checkpoint'
     if variant == 'compile':
-        gpt.compile_blocks()  # per Block, as train.py: the same graphs for every R
+        compile_blocks(gpt)  # per Block, as train.py: the same graphs for every R
     result = measure_training(gpt, variant, ctx, dev)
     if device_type != 'cuda':
         result['base_mem_mib'] = base_mib
@@ -221,9 +220,9 @@ def measure_training(gpt, variant, ctx, dev):
         result['peak_mem_mib'] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result['peak_mem_mib'] = rss_mib()
-    result['flops_per_token'] = gpt.flops_per_token(training=True)
+    result['flops_per_token'] = flops_per_token(gpt.config, n_jacobi, training=True)
     tokens_per_s = batch_size * block_size / statistics.median(result['step_s'])
-    result['mfu'] = gpt.estimate_mfu(tokens_per_s) if device_type == 'cuda' else None
+    result['mfu'] = estimate_mfu(gpt.config, tokens_per_s, n_jacobi) if device_type == 'cuda' else None
     return result  # the optimizer's state goes with it: decoding runs without
 
 
@@ -233,8 +232,9 @@ def measure_memory(name, dev, ptdtype):
     config = model_config(name)
     result = {}
     for key, checkpointing in (('plain', False), ('checkpointing', True)):
-        plan = plan_memory(config, batch_size, block_size, dtype=ptdtype, activation_checkpointing=checkpointing)
-        measured = measure_training_peak(config, batch_size, block_size, dtype=ptdtype, device=dev,
+        plan = plan_memory(config, batch_size, block_size, n_jacobi=n_jacobi, dtype=ptdtype,
+                           activation_checkpointing=checkpointing)
+        measured = measure_training_peak(config, batch_size, block_size, n_jacobi=n_jacobi, dtype=ptdtype, device=dev,
                                          activation_checkpointing=checkpointing)
         result[key] = {'plan_mib': plan.total / 2**20, 'measured_mib': None if measured is None else measured / 2**20}
     return result
@@ -523,11 +523,6 @@ def memory_table(out, cuda):
              "the rise of the peak RSS over a step, in a process whose malloc returns freed blocks at once."))
 
 
-def write_json(path, payload):
-    with write_result(path, 'w') as f:  # a reader never sees half a file
-        jsonlib.dump(payload, f, indent=2)
-
-
 def failed(out):
     return [f"{name} ({variant})" for name, e in out.items()
             for variant, part in [('main', e)] + [(v, e.get(v, {})) for v in VARIANTS if v != 'main']
@@ -546,7 +541,7 @@ def bench_all():
     report(info, out, flash)
     if json:
         config = {k: globals()[k] for k in CONFIG_KEYS if k != 'task'}
-        config['method_settings'] = {name: method_settings(name) for name in names}
+        config['method_settings'] = {name: method_fields(name) for name in names}
         config['attention'] = 'flash-attn' if flash else 'sdpa'
         write_json(json, {'machine': info, 'config': config, 'methods': out})
         print(f"\nwrote {json}")

@@ -37,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import data_dir_tokenizer, checkpoint_data_dir, model_tokenizer, read_meta, read_tokens, tokenizer_mismatch
-from model import sample
-from runtime import (UserError, autocast, check_output_file, failure, load_init_from, one_line, resolve_device,
-                     resolve_dtype, resolve_init_from, run_cli, write_result)
+from model import settled
+from nanoponder.checkpoint import load_init_from, resolve_init_from
+from nanoponder.data import read_meta, read_tokens
+from nanoponder.runtime import (UserError, autocast, check_output_file, failure, one_line, resolve_device,
+                                resolve_dtype, run_cli, write_json, write_result)
+from nanoponder.tokenizer import checkpoint_data_dir, data_dir_tokenizer, model_tokenizer, tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
 # config: plain globals, overridden by config files and --key=value (configurator.py)
@@ -112,10 +114,15 @@ def next_token_logits(model, idx, mode='exact', n_jacobi=None, jacobi_tol=None):
     if not model.config.n_thoughts:
         return model(idx)[0]
     if mode == 'exact':
-        return model.embed_out(model.exact_thoughts(idx)[1])
+        return model.sequential_logits(idx)
     if jacobi_tol is not None:
-        return model.embed_out(model.think(idx, None, tol=jacobi_tol))
+        return model.embed_out(model.think(idx, exact_passes(model, idx), stop=settled(jacobi_tol)))
     return model(idx, n_jacobi=n_jacobi)[0]
+
+
+def exact_passes(model, idx):
+    """The Jacobi passes after which every thought of idx (B, T) is exact: K(T-1), the bound of adaptive Jacobi."""
+    return model.config.n_thoughts * (idx.size(1) - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -219,12 +226,12 @@ def score_thought_batch(model, x, y, totals, max_r, tols, with_exact):
     computes what r passes predict), the convergence of the thoughts, adaptive Jacobi, and the exact thoughts."""
     z_exact = None
     if with_exact:
-        z_exact, h = model.exact_thoughts(x)  # (B, T, K, C), (B, T, C)
+        h, z_exact = model.sequential(x, model.new_caches(x.size(0), x.size(1), x.device))  # (B, T, C), (B, T, K, C)
         totals.add('exact', nats(model.embed_out(h), y))
         totals.exact_sq += square(z_exact)
     previous = []
 
-    def on_pass(r, z, h):  # z (B, T, K, C): the thoughts after r passes; h (B, T, C) predicts from them
+    def observe(r, z, h):  # z (B, T, K, C): the thoughts after r passes; h (B, T, C) predicts from them
         totals.add(f'R={r}', nats(model.embed_out(h), y))
         totals.size_sq[r] += square(z)
         if previous:
@@ -232,11 +239,12 @@ def score_thought_batch(model, x, y, totals, max_r, tols, with_exact):
         if z_exact is not None:
             totals.dist_sq[r] += square(z - z_exact)
         previous[:] = [z]
+        return False  # all max_r passes
 
-    model.think(x, max_r, on_pass=on_pass)
+    model.think(x, max_r, stop=observe)
     for tol in tols:
-        used = []
-        h = model.think(x, None, tol=tol, on_pass=lambda r, z, h: used.append(r))
+        used, settle = [], settled(tol)
+        h = model.think(x, exact_passes(model, x), stop=lambda r, z, h: used.append(r) or settle(r, z, h))
         totals.add(f'tol={tol:g}', nats(model.embed_out(h), y))
         totals.passes.setdefault(tol, []).append(used[-1])
 
@@ -338,12 +346,6 @@ def plot_jacobi(rows, path, title):
         fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
     return path
-
-
-def write_json(path, obj):
-    with write_result(path, 'w') as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write('\n')
 
 
 # -----------------------------------------------------------------------------
@@ -515,16 +517,10 @@ def lm_eval_class():
         def stream(self, idx, max_new_tokens, temperature):
             """Yield the next token of each row (a list of B ids), max_new_tokens times, through the KV cache.
             The prompt's thoughts: exact (one token at a time, thoughts='exact') or the prefill's Jacobi passes."""
-            model, T = self.model, idx.size(1)
-            if self.thoughts == 'exact':
-                logits, caches = model.prefill_exact(idx, T + max_new_tokens)
-            else:
-                logits, caches = model.prefill(idx, T + max_new_tokens, self.n_jacobi, self.jacobi_tol)
-            for i in range(max_new_tokens):
-                idx_next = sample(logits.float(), temperature)  # (B, 1); temperature 0 is greedy
+            stop = None if self.jacobi_tol is None else settled(self.jacobi_tol)
+            for idx_next, _ in self.model.generate_stream(idx, max_new_tokens, temperature, n_jacobi=self.n_jacobi,
+                                                          stop=stop, exact=self.thoughts == 'exact'):
                 yield idx_next[:, 0].tolist()
-                if i + 1 < max_new_tokens:  # new token i sits at position T + i
-                    logits = model.decode_one(idx_next, T + i, caches)
 
     _lm_class = NanoPonderLM
     return _lm_class

@@ -17,8 +17,10 @@ import os
 import sys
 import tempfile
 
-from data import model_tokenizer
-from runtime import UserError, failure, load_init_from, one_line, run_cli
+from nanoponder.checkpoint import load_init_from
+from nanoponder.hf import read_config, jacobi_train_range_from_hf, save_pretrained
+from nanoponder.runtime import UserError, failure, one_line, run_cli
+from nanoponder.tokenizer import model_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face directory or hub id
@@ -29,7 +31,7 @@ overwrite = False       # write into an out directory that already holds a model
 # -----------------------------------------------------------------------------
 
 
-WRITTEN = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json')  # GPT.save_pretrained's
+WRITTEN = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json')  # hf.save_pretrained's
 NOT_WRITTEN = ('model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')  # other weights
 
 
@@ -48,6 +50,13 @@ def check_out():
                         f"instead of (or with) the new model.safetensors: remove it first, or choose another --out")
 
 
+def jacobi_train_range(ckpt, source):
+    """The range that the model's training drew R from: the run's, or the Hugging Face model's."""
+    if ckpt is not None:
+        return tuple((ckpt.config or {}).get('jacobi_train_range', (2, 4)))
+    return jacobi_train_range_from_hf(read_config(source)) if os.path.isdir(source) else None
+
+
 def main():
     check_out()
     model, ckpt, source = load_init_from(init_from, out_dir)
@@ -60,14 +69,14 @@ def main():
             path = os.path.join(tmp, 'tokenizer.json')
             with open(path, 'wb') as f:
                 f.write(tok.json_text.encode('utf-8'))
-            model.save_pretrained(out, path)
+            save_pretrained(model, out, path, jacobi_train_range=jacobi_train_range(ckpt, source))
     except OSError as e:  # a disk that fills, a file size limit: the run failed (exit 1), like any failed write
         raise failure(f"could not write {out}: {one_line(e)}") from None
     cfg = model.config
     print(f"wrote {out}: {cfg.method_label}, {model.get_num_params(non_embedding=False):,} parameters, "
           f"tokenizer {tok.name}")
     if cfg.n_thoughts or cfg.n_ponder:
-        print(f"note: load it with nanoPonder (GPT.from_pretrained) or the official PonderLM code; stock "
+        print(f"note: load it with nanoPonder (nanoponder.hf.load_pretrained) or the official PonderLM code; stock "
               f"transformers would run it as a plain GPT-NeoX, without its {cfg.method_label}", file=sys.stderr)
 
 

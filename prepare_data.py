@@ -26,9 +26,10 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from data import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe, write_token_file
-from runtime import (UserError, check_output_dir, failure, one_line, remove_stale_temp_files, run_cli, temp_file,
-                     temp_path)
+from nanoponder.data import write_token_file
+from nanoponder.runtime import (UserError, check_output_dir, failure, one_line, remove_stale_temp_files, run_cli,
+                                temp_file, temp_path)
+from nanoponder.tokenizer import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe
 
 # -----------------------------------------------------------------------------
 dataset = 'minipile'    # minipile | shakespeare | text

@@ -27,8 +27,10 @@ import time
 
 import torch
 
-from data import model_tokenizer, safe_decode
-from runtime import UserError, autocast, load_init_from, one_line, resolve_device, resolve_dtype, run_cli
+from model import settled
+from nanoponder.checkpoint import load_init_from
+from nanoponder.runtime import UserError, autocast, one_line, resolve_device, resolve_dtype, run_cli
+from nanoponder.tokenizer import model_tokenizer, safe_decode
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face directory or hub id
@@ -154,10 +156,13 @@ def generate_one(model, prompt, tok, ctx, device_type):
     sync()
     t0 = time.perf_counter()
     passes = []  # the prompt's Jacobi passes (PonderLM-2, cached prefill): the last one reported is their number
+    stop = None
+    if jacobi_tol is not None:
+        settle = settled(jacobi_tol)
+        stop = lambda r, z, h: passes.append(r) or settle(r, z, h)  # noqa: E731
     with ctx:
         for idx_next, _ in model.generate_stream(idx, max_new_tokens, temperature, top_k or None,
-                                                 top_p if top_p < 1 else None, use_cache, n_jacobi, jacobi_tol,
-                                                 on_pass=lambda r, z, h: passes.append(r)):
+                                                 top_p if top_p < 1 else None, use_cache, n_jacobi, stop):
             new.append(idx_next.item())  # .item() waits for the GPU: the timing below needs no extra sync
             if printer:
                 printer.add(new[-1])

@@ -36,14 +36,17 @@ from dataclasses import asdict, fields
 import torch
 import torch.distributed as dist
 
-from data import TrainBatches, ValBatches, max_token_id, open_blocks, tokenizer_mismatch, tokenizer_record
-from memplan import plan_memory
 from model import GPT, GPTConfig
-from parallel import (PARALLELISMS, all_ranks_agree, clip_gradients, full_state, gather_dtype, load_optimizer_state,
-                      local_tensors, set_gradient_sync, setup_distributed, teardown_distributed, wrap)
-from runlog import RunLog, SilentLog
-from runtime import (Checkpoint, DirectoryLock, UserError, autocast, failure, load_hf_model, one_line,
-                     remove_stale_temp_files, resolve_device, resolve_dtype, resolve_init_from, run_cli, write_result)
+from nanoponder.checkpoint import Checkpoint, load_hf_model, model_from_weights, resolve_init_from
+from nanoponder.cost import flops_per_token, plan_memory
+from nanoponder.data import TrainBatches, ValBatches, max_token_id, open_blocks
+from nanoponder.parallel import (PARALLELISMS, all_ranks_agree, clip_gradients, full_state, gather_dtype,
+                                 load_optimizer_state, local_tensors, set_gradient_sync, setup_distributed,
+                                 teardown_distributed, wrap)
+from nanoponder.runlog import RunLog, SilentLog
+from nanoponder.runtime import (DirectoryLock, UserError, autocast, failure, one_line, remove_stale_temp_files,
+                                compile_blocks, resolve_device, resolve_dtype, run_cli, write_result)
+from nanoponder.tokenizer import tokenizer_mismatch, tokenizer_record
 
 # -----------------------------------------------------------------------------
 # config: plain globals, overridden by config files and --key=value (configurator.py)
@@ -250,8 +253,8 @@ def make_config(**kwargs):
 
 def method_settings():
     """The GPTConfig fields this config sets on any model, also one loaded from Hugging Face."""
-    return {'block_size': block_size, 'n_thoughts': n_thoughts, 'n_jacobi': n_jacobi,
-            'jacobi_train_range': tuple(jacobi_train_range), 'n_ponder': n_ponder, 'ponder_multiply': ponder_multiply}
+    return {'block_size': block_size, 'n_thoughts': n_thoughts, 'n_jacobi': n_jacobi, 'n_ponder': n_ponder,
+            'ponder_multiply': ponder_multiply}
 
 
 def check_resume_matches(ckpt, path):
@@ -287,7 +290,7 @@ def build_model(ckpt_path, data_vocab):
             raise UserError(f"init_from=resume but there is no checkpoint {ckpt_path}: train once with "
                             f"--init_from=scratch --out_dir={out_dir} (it saves ckpt.pt at each evaluation)")
         ckpt = Checkpoint.load(ckpt_path)
-        raw_model = GPT.from_state_dict(check_resume_matches(ckpt, ckpt_path), ckpt.model)
+        raw_model = model_from_weights(check_resume_matches(ckpt, ckpt_path), ckpt.model)
         pretrained = ckpt.pretrained
     elif init_from == 'scratch':
         raw_model, pretrained = GPT(config_from_globals()), None
@@ -306,7 +309,7 @@ def build_model(ckpt_path, data_vocab):
 
 
 # what a resume may change, but then no longer goes on as the uninterrupted run would have
-EXACT_RESUME_KEYS = ('seed', 'learning_rate', 'min_lr_ratio', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
+EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'learning_rate', 'min_lr_ratio', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
 
 
 def resume_notes(saved):
@@ -374,6 +377,7 @@ class Run:
         self.ptdtype = resolve_dtype(dtype, device_type)
         self.ctx = autocast(device_type, self.ptdtype)
         self.accum = gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
+        self.mean_jacobi = sum(jacobi_train_range) / 2  # the mean R of training: its FLOPs per token
         self.open_data(device_str)
         self.data_tokenizer = tokenizer_record(data_dir, self.meta)  # read once; every checkpoint carries it
         self.ckpt_path, self.best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
@@ -389,7 +393,7 @@ class Run:
             check_resume_data(ckpt, self.meta)
         self.raw_model.activation_checkpointing = activation_checkpointing
         if compile:
-            self.raw_model.compile_blocks()  # per Block: the same graphs for every number of thought passes
+            compile_blocks(self.raw_model)  # per Block: the same graphs for every number of thought passes
         self.net = wrap(self.raw_model, parallelism, device_str, self.ptdtype)  # fsdp: raw_model is now sharded
         self.eval_net = getattr(self.net, 'module', self.net)  # DDP's module: evaluation needs no gradient sync
         self.optimizer = make_optimizer(self.raw_model, fused=device_type == 'cuda')
@@ -446,7 +450,7 @@ class Run:
             group['lr'] = lr
         R = None
         if self.raw_model.config.n_thoughts:
-            R = jacobi_passes(seed, self.iter_num, *self.raw_model.config.jacobi_train_range)
+            R = jacobi_passes(seed, self.iter_num, *jacobi_train_range)
         next_epoch, next_position = self.train_batches.next_iteration(self.epoch, self.position)
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accum):
@@ -549,8 +553,9 @@ def summary(run):
     """The run in a few lines, printed before training."""
     config, blocks = run.raw_model.config, run.train_batches.blocks
     source = f"{run.pretrained} (its architecture)" if run.pretrained else model or 'custom'
-    plan = plan_memory(config, batch_size, block_size, dtype=run.ptdtype, parallelism=parallelism,
-                       world_size=run.world_size, grad_accum=run.accum, activation_checkpointing=activation_checkpointing,
+    plan = plan_memory(config, batch_size, block_size, n_jacobi=max(jacobi_train_range), dtype=run.ptdtype,
+                       parallelism=parallelism, world_size=run.world_size, grad_accum=run.accum,
+                       activation_checkpointing=activation_checkpointing,
                        gather_dtype=gather_dtype(parallelism, run.device, run.ptdtype))
     return [
         f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {describe_method(config)}; "
@@ -562,8 +567,8 @@ def summary(run):
         f"schedule: {run.total_iters:,} iterations ({run.total_iters / run.train_batches.iters_per_epoch:.2f} epochs, "
         f"{human(run.total_iters * run.tokens_per_iter)} tokens), lr {learning_rate:g}, warmup {run.warmup}, cosine to "
         f"{learning_rate * min_lr_ratio:g} at {run.decay_end}" + (f"; resuming at {run.start_iter}" if run.start_iter else ''),
-        f"FLOPs/token: {run.raw_model.flops_per_token(training=True):.3g} training, "
-        f"{run.raw_model.flops_per_token(training=False):.3g} eval; device {run.device}, "
+        f"FLOPs/token: {flops_per_token(config, run.mean_jacobi, training=True):.3g} training, "
+        f"{flops_per_token(config, training=False):.3g} eval; device {run.device}, "
         f"{str(run.ptdtype).removeprefix('torch.')}, compile={compile}, parallelism: "
         f"{parallelism if run.distributed else 'none (one process)'}",
         plan.summary()] + schedule_notes(run) + run.notes
@@ -582,7 +587,7 @@ def schedule_notes(run):
 
 def describe_method(config):
     if config.n_thoughts:
-        lo, hi = config.jacobi_train_range
+        lo, hi = jacobi_train_range
         return f"{config.method_label}, R in {lo}..{hi} in training, {config.n_jacobi} in eval"
     return config.method_label
 

@@ -35,10 +35,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
-from data import read_meta, read_tokens  # noqa: E402
-from model import GPT, method_settings  # noqa: E402
-from runlog import read_metrics  # noqa: E402
-from runtime import Checkpoint, UserError, atomic_write, failure, run_cli  # noqa: E402
+from model import GPT  # noqa: E402
+from nanoponder.checkpoint import Checkpoint  # noqa: E402
+from nanoponder.cost import flops_per_token  # noqa: E402
+from nanoponder.data import read_meta, read_tokens  # noqa: E402
+from nanoponder.methods import method_fields  # noqa: E402
+from nanoponder.runlog import read_metrics  # noqa: E402
+from nanoponder.runtime import UserError, atomic_write, failure, run_cli  # noqa: E402
 
 # the runs: name -> (method, extra train.py overrides, what sets it apart from its method's label),
 # most expensive first so two workers finish together. vanilla-flops gets its iterations from flops_matched_iters.
@@ -69,7 +72,7 @@ trained_only = False    # report the runs of runs x seeds that are already train
 def run_overrides(name):
     """train.py overrides of one run, beyond the config file and train_args."""
     method, extra, _ = RUNS[name]
-    args = [f'--{key}={value}' for key, value in method_settings(method).items()] + extra
+    args = [f'--{key}={value}' for key, value in method_fields(method).items()] + extra
     if max_iters:
         args.append(f'--max_iters={max_iters}')
     if name == 'vanilla-flops':  # more iterations, evaluated as often relative to its length
@@ -94,13 +97,13 @@ def training_flops_per_token(args):
     import train
     train.__dict__.update(run_settings(args))  # this process never trains: train's globals are a scratch pad
     with torch.device('meta'):  # the shapes alone: no weights to allocate
-        return GPT(train.config_from_globals()).flops_per_token(training=True)
+        return flops_per_token(train.config_from_globals(), sum(train.jacobi_train_range) / 2, training=True)
 
 
 def flops_matched_iters(base_iters):
     """Iterations of vanilla that cost the training FLOPs of base_iters iterations of PonderLM-2 K=1."""
-    k1 = training_flops_per_token([f'--{k}={v}' for k, v in method_settings('ponderlm2-k1').items()])
-    vanilla = training_flops_per_token([f'--{k}={v}' for k, v in method_settings('vanilla').items()])
+    k1 = training_flops_per_token([f'--{k}={v}' for k, v in method_fields('ponderlm2-k1').items()])
+    vanilla = training_flops_per_token([f'--{k}={v}' for k, v in method_fields('vanilla').items()])
     return round(base_iters * k1 / vanilla)
 
 
@@ -170,7 +173,8 @@ def evaluate(name, seed, out_dir, seconds):
     cfg = ckpt.gpt_config()
     with torch.device('meta'):  # the shapes alone: no weights to allocate
         shapes = GPT(cfg)
-    flops, params = shapes.flops_per_token(training=True), shapes.get_num_params()
+    R = sum(ckpt.config.get('jacobi_train_range', (2, 4))) / 2  # the run's mean R
+    flops, params = flops_per_token(cfg, R, training=True), shapes.get_num_params()
     note = RUNS[name][2]
     jacobi, exact = eval_losses(out_dir)
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size

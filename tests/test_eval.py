@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from data import load_tokenizer
-from model import GPT, GPTConfig, config_from_hf, relative_change
-from runtime import Checkpoint
+from model import GPT, GPTConfig, relative_change, settled
+from nanoponder.checkpoint import Checkpoint
+from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained, read_config, save_pretrained
+from nanoponder.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
@@ -91,11 +92,11 @@ def test_adaptive_jacobi_tolerance_zero_is_exact_and_a_huge_one_is_one_pass(K):
     model = randomize(tiny(n_thoughts=K), std=0.5)
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(K))
     bound = K * (idx.size(1) - 1)
-    zero, huge = [], []  # the r of every on_pass call: the last is the number of passes used
+    zero, huge = [], []  # the r of every stop call: the last is the number of passes used
     with torch.no_grad():
         exact = model.sequential_logits(idx)
-        at_zero = model.embed_out(model.think(idx, None, tol=0.0, on_pass=lambda r, z, h: zero.append(r)))
-        one = model.embed_out(model.think(idx, None, tol=1e30, on_pass=lambda r, z, h: huge.append(r)))
+        at_zero = model.embed_out(model.think(idx, bound, stop=recorded(settled(0.0), zero)))
+        one = model.embed_out(model.think(idx, bound, stop=recorded(settled(1e30), huge)))
         fixed_one, _ = model(idx, n_jacobi=1)
     used_at_zero, used_huge = zero[-1], huge[-1]
     assert 1 <= used_at_zero <= bound and used_huge == 1
@@ -111,14 +112,13 @@ def test_generate_prefill_with_a_jacobi_tolerance():
         exact = model.sequential_logits(prompt)[:, -1]
         one, _ = model(prompt, n_jacobi=1)
     passes = []
-    (_, at_zero), = model.generate_stream(prompt, 1, temperature=0, jacobi_tol=0.0,
-                                          on_pass=lambda r, z, h: passes.append(r))
-    (_, huge), = model.generate_stream(prompt, 1, temperature=0, jacobi_tol=1e30)
+    (_, at_zero), = model.generate_stream(prompt, 1, temperature=0, stop=recorded(settled(0.0), passes))
+    (_, huge), = model.generate_stream(prompt, 1, temperature=0, stop=settled(1e30))
     torch.testing.assert_close(at_zero, exact, atol=1e-5, rtol=1e-5)
     assert 1 <= passes[-1] <= prompt.size(1) - 1
     torch.testing.assert_close(huge, one[:, -1], atol=1e-5, rtol=1e-5)  # one pass: not exact, as the next line shows
     assert (huge - exact).abs().max() > 1e-3
-    assert torch.equal(model.generate(prompt, 6, temperature=0, jacobi_tol=0.0),
+    assert torch.equal(model.generate(prompt, 6, temperature=0, stop=settled(0.0)),
                        model.generate(prompt, 6, temperature=0, n_jacobi=prompt.size(1) - 1))
 
 
@@ -140,12 +140,20 @@ def test_sample_py_jacobi_tol_zero_samples_with_exact_prompt_thoughts(tmp_path, 
     assert 'Jacobi passes to settle to jacobi_tol=0' in r.stderr
 
 
-def test_on_pass_reports_what_each_number_of_fixed_passes_computes():
+def recorded(stop, passes):
+    """The stop predicate stop, also appending every r it is called with to passes."""
+    def record(r, z, h):
+        passes.append(r)
+        return stop(r, z, h)
+    return record
+
+
+def test_stop_sees_what_each_number_of_fixed_passes_computes():
     model = randomize(tiny(n_thoughts=2), std=0.5)
     idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     seen = {}
     with torch.no_grad():
-        last = model.think(idx, 5, on_pass=lambda r, z, h: seen.setdefault(r, (z, h)))
+        last = model.think(idx, 5, stop=lambda r, z, h: seen.setdefault(r, (z, h)) and False)
         assert sorted(seen) == list(range(6)) and torch.equal(seen[5][1], last)
         for r in range(6):
             assert torch.equal(seen[r][1], model.think(idx, r))
@@ -158,7 +166,7 @@ def test_exact_thoughts_are_the_sequential_computation_and_a_jacobi_fixed_point(
     model = randomize(tiny(n_thoughts=K), std=0.5)
     idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(K))
     with torch.no_grad():
-        z, h = model.exact_thoughts(idx)  # (B, T, K, C), (B, T, C)
+        h, z = model.sequential(idx, model.new_caches(2, 8, 'cpu'))  # (B, T, C), (B, T, K, C)
         torch.testing.assert_close(model.embed_out(h), model.sequential_logits(idx), atol=1e-5, rtol=1e-5)
         # one more pass over the exact thoughts gives them back: thought j+1 is the output at slot j
         out = model.run_stages([model.embed(idx)] + list(z.unbind(dim=2)))  # (B, T, K+1, C)
@@ -323,9 +331,10 @@ def test_config_reads_every_official_key():
     base = dict(vocab_size=11, num_hidden_layers=1, num_attention_heads=1, hidden_size=8)
     cfg = config_from_hf({**base, **OFFICIAL_KEYS})
     assert (cfg.n_ponder, cfg.ponder_multiply, cfg.scale_embeds, cfg.n_thoughts) == (3, True, True, 0)
-    thoughts = config_from_hf({**base, **OFFICIAL_KEYS, 'ponderinglm': False, 'num_latent_thoughts': 2,
-                               'random_jacobi_iterations': False, 'num_jacobi_iterations': 4})
-    assert (thoughts.n_thoughts, thoughts.n_ponder, thoughts.jacobi_train_range) == (2, 0, (4, 4))
+    official = {**base, **OFFICIAL_KEYS, 'ponderinglm': False, 'num_latent_thoughts': 2,
+                'random_jacobi_iterations': False, 'num_jacobi_iterations': 4}
+    thoughts = config_from_hf(official)
+    assert (thoughts.n_thoughts, thoughts.n_ponder, jacobi_train_range_from_hf(official)) == (2, 0, (4, 4))
     # recurrent_model is the official loader's "pondering on" switch: it changes nothing; interpolation would
     assert config_from_hf({**base, 'recurrent_model': True, 'num_latent_thoughts': 1}).n_thoughts == 1
     with pytest.raises(ValueError, match='interpolation'):
@@ -335,13 +344,13 @@ def test_config_reads_every_official_key():
 def test_v1_checkpoint_with_the_official_adapter_loads(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
     model = randomize(tiny(n_ponder=2, ponder_multiply=True), std=0.1)
-    model.save_pretrained(str(tmp_path))
+    save_pretrained(model, str(tmp_path))
     path = os.path.join(tmp_path, 'model.safetensors')
     sd = load_file(path)
     sd['gpt_neox.adapter.weight'] = torch.zeros(32, 64)  # the official code's unused nn.Linear(2H, H)
     save_file(sd, path, metadata={'format': 'pt'})
     capsys.readouterr()
-    loaded = GPT.from_pretrained(str(tmp_path)).eval()
+    loaded = load_pretrained(str(tmp_path)).eval()
     err = capsys.readouterr().err
     assert err.count('adapter.weight') == 1 and err.startswith('note:')
     idx = torch.randint(0, 97, (2, 9))
@@ -352,13 +361,16 @@ def test_v1_checkpoint_with_the_official_adapter_loads(tmp_path, capsys):
 @pytest.mark.parametrize('kw', [dict(), dict(n_thoughts=2, n_jacobi=4, jacobi_train_range=(1, 5)),
                                 dict(n_ponder=3, ponder_multiply=True), dict(scale_embeds=False)])
 def test_export_round_trips_through_from_pretrained(tmp_path, tokenizer_json, kw):
+    train_range = kw.pop('jacobi_train_range', None)  # a setting of the training run, which the export records
     model = randomize(tiny(vocab_size=300, **kw), std=0.1)
-    model.save_pretrained(str(tmp_path), tokenizer_json)
+    save_pretrained(model, str(tmp_path), tokenizer_json, jacobi_train_range=train_range)
     assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors', 'tokenizer.json',
                                             'tokenizer_config.json']
-    loaded = GPT.from_pretrained(str(tmp_path)).eval()
-    for key in ('n_thoughts', 'n_jacobi', 'jacobi_train_range', 'n_ponder', 'ponder_multiply', 'block_size'):
+    loaded = load_pretrained(str(tmp_path)).eval()
+    for key in ('n_thoughts', 'n_jacobi', 'n_ponder', 'ponder_multiply', 'block_size'):
         assert getattr(loaded.config, key) == getattr(model.config, key), key
+    if train_range:
+        assert jacobi_train_range_from_hf(read_config(str(tmp_path))) == train_range
     idx = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
@@ -370,7 +382,7 @@ def test_exported_vanilla_model_runs_in_stock_transformers(tmp_path, tokenizer_j
     transformers = pytest.importorskip('transformers')
     model = randomize(tiny(vocab_size=300), std=0.3)
     assert model.config.scale_embeds  # the scale must be folded into the exported weights
-    model.save_pretrained(str(tmp_path), tokenizer_json)
+    save_pretrained(model, str(tmp_path), tokenizer_json)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     text = 'the café 🙂 sat on a naïve mat'
@@ -393,7 +405,7 @@ def test_export_script(monkeypatch, tmp_path, tokenizer_json):
     monkeypatch.setattr(export_hf, 'init_from', str(tmp_path / 'ckpt.pt'))
     monkeypatch.setattr(export_hf, 'out', str(tmp_path / 'hf'))
     export_hf.main()
-    loaded = GPT.from_pretrained(str(tmp_path / 'hf'))
+    loaded = load_pretrained(str(tmp_path / 'hf'))
     assert loaded.config.n_thoughts == 1 and torch.equal(loaded.embed_in.weight, model.embed_in.weight)
     assert (tmp_path / 'hf' / 'tokenizer.json').read_bytes() == (tmp_path / 'data' / 'tokenizer.json').read_bytes()
     with pytest.raises(ev.UserError, match='already holds a model'):

@@ -13,9 +13,9 @@ import tempfile
 import pytest
 import torch
 
-from data import load_tokenizer
+from nanoponder.tokenizer import load_tokenizer
 from model import GPT, GPTConfig, sample
-from runtime import Checkpoint
+from nanoponder.checkpoint import Checkpoint
 from test_eval import write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from runtime import TEMP_SUFFIX
+from nanoponder.runtime import TEMP_SUFFIX
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only cost
@@ -165,7 +165,7 @@ def test_prepare_data_refuses_an_out_dir_that_is_a_file(trained, tmp_path):
 def test_token_files_use_the_temp_naming_that_stale_cleanup_knows(trained, tmp_path):
     """write_token_file writes name.tmpPID (runtime.temp_path), and the next prepare_data.py run removes what a
     killed one left; --overwrite=True replaces the data and its meta.json records the new tokenizer."""
-    from data import read_meta, write_token_file
+    from nanoponder.data import read_meta, write_token_file
     seen = []
 
     def ids():
@@ -189,7 +189,7 @@ def test_an_older_meta_json_gets_its_identity_from_its_tokenizer_json(trained, t
     """meta.json from before tokenizer_sha256: read_meta computes it, so old data is checked like new data."""
     import json
 
-    from data import read_meta
+    from nanoponder.data import read_meta
     shutil.copytree(trained['data_b'], tmp_path / 'old')
     meta = json.loads((tmp_path / 'old' / 'meta.json').read_text())
     del meta['tokenizer_sha256']
@@ -200,7 +200,8 @@ def test_an_older_meta_json_gets_its_identity_from_its_tokenizer_json(trained, t
 def test_a_checkpoint_whose_values_have_the_wrong_types_is_refused_in_one_line(tmp_path):
     """A crafted file with every key of a checkpoint but a tokenizer that is no dict: refused on load, not later."""
     import torch
-    from runtime import Checkpoint, UserError
+    from nanoponder.checkpoint import Checkpoint
+    from nanoponder.runtime import UserError
     raw = {'format': 2, 'model_args': {}, 'model': {}, 'optimizer': {}, 'scaler': {}, 'iter_num': 0,
            'data_state': {}, 'rng': {}, 'best_val_loss': 1.0, 'config': {}, 'tokenizer': 'not a dict'}
     torch.save(raw, tmp_path / 'ckpt.pt')

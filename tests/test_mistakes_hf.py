@@ -16,8 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from model import GPT, GPTConfig, config_from_hf, read_state_dict
-from runtime import Checkpoint, UserError, resolve_init_from
+from model import GPT, GPTConfig
+
+from nanoponder.hf import (config_from_hf, jacobi_train_range_from_hf, load_pretrained, read_config, read_state_dict,
+                           save_pretrained)
+from nanoponder.checkpoint import Checkpoint, resolve_init_from
+from nanoponder.runtime import UserError
 from test_train import ENV as TRAIN_ENV, ROOT, TINY, last_line, make_data
 from test_train_mistakes import assert_one_error, checksums
 
@@ -75,7 +79,7 @@ def write_hf_dir(path, tokenizer_json, method_keys, **config):
     random weights under Hugging Face's names, tokenizer.json. -> the model of config whose weights it holds."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**SIZE, **config})).eval()
-    model.save_pretrained(str(path), tokenizer_json)  # Hugging Face's names; its config.json is replaced:
+    save_pretrained(model, str(path), tokenizer_json)  # Hugging Face's names; its config.json is replaced:
     (path / 'config.json').write_text(json.dumps({**STOCK, **method_keys}, indent=2))
     return model
 
@@ -83,8 +87,7 @@ def write_hf_dir(path, tokenizer_json, method_keys, **config):
 # -----------------------------------------------------------------------------
 # what the official code writes
 
-OFFICIAL = {'ponderlm2-quickstart': (PONDERLM2_KEYS, dict(n_thoughts=1, n_jacobi=3, jacobi_train_range=(2, 4),
-                                                           block_size=64, scale_embeds=True)),
+OFFICIAL = {'ponderlm2-quickstart': (PONDERLM2_KEYS, dict(n_thoughts=1, n_jacobi=3, block_size=64, scale_embeds=True)),
             'ponderlm1': (PONDERLM1_KEYS, dict(n_ponder=3, ponder_multiply=True, scale_embeds=True, block_size=2048))}
 
 
@@ -105,8 +108,9 @@ def good_hf(official_dirs):
 @pytest.mark.parametrize('name', OFFICIAL)
 def test_official_checkpoints_load(official_dirs, name):
     hf, model, settings = official_dirs[name]
-    loaded = GPT.from_pretrained(str(hf)).eval()
+    loaded = load_pretrained(str(hf)).eval()
     assert {k: getattr(loaded.config, k) for k in settings} == settings
+    assert jacobi_train_range_from_hf(read_config(str(hf))) == (2, 4)  # random_jacobi_iterations: R in {2, 3, 4}
     idx = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
@@ -237,7 +241,7 @@ def test_a_checkpoint_under_any_name_works_in_sample_eval_and_export(ckpt_file, 
     for r in results:
         assert r.returncode == 0 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert json.loads((tmp_path / 'eval.json').read_text())['tokens'] > 0
-    assert GPT.from_pretrained(str(tmp_path / 'export')).config.block_size == 16
+    assert load_pretrained(str(tmp_path / 'export')).config.block_size == 16
 
 
 def test_a_missing_local_path_is_the_same_line_in_sample_eval_and_export(tmp_path):

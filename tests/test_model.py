@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import model as model_module
-from model import GPT, Attention, GPTConfig, config_from_hf, sample
+from model import GPT, Attention, GPTConfig, sample
+from nanoponder.cost import estimate_mfu, flops_per_token
+from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained, save_pretrained
 
 TINY = dict(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
 
@@ -59,7 +61,7 @@ def random_hf_model(tmp_path, parallel_residual, rotary_pct):
 @pytest.mark.parametrize('parallel_residual,rotary_pct', [(True, 0.25), (False, 1.0), (True, 1.0), (False, 0.25)])
 def test_parity_with_hf_gpt_neox(tmp_path, parallel_residual, rotary_pct):
     hf = random_hf_model(tmp_path, parallel_residual, rotary_pct)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = load_pretrained(str(tmp_path)).eval()
     assert model.config.parallel_residual == parallel_residual and model.config.rotary_pct == rotary_pct
     assert not model.config.scale_embeds  # a stock checkpoint has unscaled embeddings
     idx = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -282,12 +284,14 @@ def test_flops_count_every_pass():
     # R Jacobi and the final pass over twice the slots (2 each)
     vanilla = GPT(GPTConfig(block_size=4, vocab_size=2, n_layer=2, n_head=4, n_embd=256, n_thoughts=0))
     cfg = dict(block_size=4, vocab_size=2, n_layer=2, n_head=4, n_embd=256)
-    ponder = GPT(GPTConfig(**cfg, n_thoughts=1, jacobi_train_range=(3, 3)))
-    ratio = ponder.flops_per_token(training=True) / vanilla.flops_per_token(training=True)
+    ponder = GPT(GPTConfig(**cfg, n_thoughts=1))
+    ratio = flops_per_token(ponder.config, 3, training=True) / flops_per_token(vanilla.config, training=True)
     assert ratio == pytest.approx(3 + 2 * 3, rel=0.02)
     v1 = GPT(GPTConfig(**cfg, n_ponder=3))
-    assert v1.flops_per_token(False) / vanilla.flops_per_token(False) == pytest.approx(4, rel=0.02)
-    assert ponder.estimate_mfu(1000.0, peak_flops=1e12) == pytest.approx(ponder.flops_per_token() * 1e-9)
+    assert flops_per_token(v1.config, training=False) / flops_per_token(vanilla.config, training=False) == \
+        pytest.approx(4, rel=0.02)
+    assert estimate_mfu(ponder.config, 1000.0, 3, peak_flops=1e12) == \
+        pytest.approx(flops_per_token(ponder.config, 3) * 1e-9)
 
 
 def test_conflicting_methods_are_rejected():
@@ -299,12 +303,13 @@ def test_conflicting_methods_are_rejected():
 # loading checkpoints
 
 def test_config_from_hf_reads_old_keys_and_ponder_keys():
-    cfg = config_from_hf(dict(vocab_size=50304, num_hidden_layers=6, num_attention_heads=8, hidden_size=512,
-                              max_position_embeddings=2048, rotary_pct=0.5, rotary_emb_base=5000,
-                              use_parallel_residual=False, layer_norm_eps=1e-6, num_latent_thoughts=2,
-                              num_jacobi_iterations=4, random_jacobi_iterations=False, scale_embeds=True))
+    hf = dict(vocab_size=50304, num_hidden_layers=6, num_attention_heads=8, hidden_size=512,
+              max_position_embeddings=2048, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=False,
+              layer_norm_eps=1e-6, num_latent_thoughts=2, num_jacobi_iterations=4, random_jacobi_iterations=False,
+              scale_embeds=True)
+    cfg = config_from_hf(hf)
     assert (cfg.rotary_pct, cfg.rotary_base, cfg.parallel_residual, cfg.layer_norm_eps) == (0.5, 5000, False, 1e-6)
-    assert (cfg.n_thoughts, cfg.n_jacobi, cfg.jacobi_train_range, cfg.scale_embeds) == (2, 4, (4, 4), True)
+    assert (cfg.n_thoughts, cfg.n_jacobi, jacobi_train_range_from_hf(hf), cfg.scale_embeds) == (2, 4, (4, 4), True)
     v1 = config_from_hf(dict(vocab_size=11, num_hidden_layers=1, num_attention_heads=1, hidden_size=8,
                              partial_rotary_factor=1.0, rope_theta=500.0, ponderinglm=True, pondering_steps=3,
                              mutiply_pondering_steps=True))
@@ -353,7 +358,7 @@ def test_from_pretrained_round_trip_of_a_thought_model(tmp_path, fmt, shards):
     model = tiny(n_thoughts=2)
     save_tiny_checkpoint(tmp_path, model, dict(num_latent_thoughts=2, num_jacobi_iterations=3, scale_embeds=True),
                          fmt=fmt, shards=shards)
-    loaded = GPT.from_pretrained(str(tmp_path)).eval()
+    loaded = load_pretrained(str(tmp_path)).eval()
     assert (loaded.config.n_thoughts, loaded.config.scale_embeds) == (2, True)
     idx = torch.randint(0, 97, (1, 9))
     torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
@@ -362,11 +367,11 @@ def test_from_pretrained_round_trip_of_a_thought_model(tmp_path, fmt, shards):
 def test_from_pretrained_loads_bf16_weights_and_overrides(tmp_path):
     model = tiny()
     save_tiny_checkpoint(tmp_path, model, dtype=torch.bfloat16)
-    loaded = GPT.from_pretrained(str(tmp_path), n_jacobi=5)
+    loaded = load_pretrained(str(tmp_path), n_jacobi=5)
     assert loaded.embed_in.weight.dtype == torch.float32 and loaded.config.n_jacobi == 5
     torch.testing.assert_close(loaded.embed_in.weight, model.embed_in.weight.bfloat16().float())
     with pytest.raises(ValueError, match='unknown GPTConfig'):
-        GPT.from_pretrained(str(tmp_path), n_thought=1)
+        load_pretrained(str(tmp_path), n_thought=1)
 
 
 def test_missing_or_unexpected_weights_are_named(tmp_path):
@@ -376,11 +381,11 @@ def test_missing_or_unexpected_weights_are_named(tmp_path):
     sd['gpt_neox.layers.1.mlp.extra'] = torch.zeros(1)
     save_file(sd, os.path.join(tmp_path, 'model.safetensors'))
     with pytest.raises(ValueError, match=r'layers\.1\.mlp\.dense_h_to_4h\.bias.*layers\.1\.mlp\.extra'):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
 
 
 def test_hub_download_failure_is_one_clear_error(monkeypatch):
     pytest.importorskip('huggingface_hub')
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(RuntimeError, match='Hugging Face Hub'):
-        GPT.from_pretrained('no-such-user/no-such-model-for-tests')
+        load_pretrained('no-such-user/no-such-model-for-tests')

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from data import data_dir_tokenizer, load_tokenizer
+from nanoponder.tokenizer import data_dir_tokenizer, load_tokenizer
 from prepare_data import split_at_line, split_documents
-from runtime import TEMP_SUFFIX, UserError
+from nanoponder.runtime import TEMP_SUFFIX, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch
 
-from data import load_tokenizer, safe_decode
+from nanoponder.tokenizer import load_tokenizer, safe_decode
 from model import GPT, GPTConfig
 from prepare_data import prepare
-from runtime import Checkpoint
+from nanoponder.checkpoint import Checkpoint
 from sample import TextStream
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,7 +274,7 @@ def test_each_token_is_predicted_from_its_window(method):
     assert len({start for start, _ in spans}) == 5  # the window slid 4 times
     with torch.no_grad():
         for (start, end), (_, logits) in zip(spans, steps):
-            torch.testing.assert_close(logits, model.exact_logits(tokens[:, start:end]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits, model.recompute_logits(tokens[:, start:end]), atol=1e-5, rtol=1e-5)
 
 
 def test_a_prompt_must_fit_in_the_context():

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-import runtime
-from memplan import count_params, plan_memory
+from nanoponder import runtime
+from nanoponder.cost import count_params, plan_memory
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def test_compiled_blocks_match_eager_and_the_graphs_do_not_grow_with_R():
     counters.clear()
     x, y = batch()
     eager, compiled = tiny('ponderlm2-k1'), tiny('ponderlm2-k1')
-    compiled.compile_blocks(backend='aot_eager')
+    runtime.compile_blocks(compiled, backend='aot_eager')
     graphs = []
     for R in (2, 3, 4):
         loss, grads = loss_and_grads(eager, x, y, R)
@@ -175,7 +175,7 @@ def test_memory_plan_shards_under_fsdp_and_checkpointing_shrinks_activations():
 MEASURE = r'''
 import json, sys, torch
 from model import GPTConfig
-from memplan import measure_training_peak, plan_memory
+from nanoponder.cost import measure_training_peak, plan_memory
 out = []
 for method, kw, batch_size, dtype, checkpointing, n_embd in json.loads(sys.argv[1]):
     config = GPTConfig(n_layer=2, n_head=4, n_embd=n_embd, vocab_size=512, block_size=128, **kw)

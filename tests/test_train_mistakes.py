@@ -212,7 +212,7 @@ def test_loss_plot_range_ignores_the_first_steps(tmp_path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from runlog import RunLog
+    from nanoponder.runlog import RunLog
 
     class FakeRun:
         total_iters, warmup, iter_num = 100, 5, 0
@@ -236,7 +236,7 @@ def test_loss_plot_range_ignores_the_first_steps(tmp_path):
 def test_a_checkpoint_of_the_previous_format_still_resumes(finished, tmp_path):
     """Format 1 (train.py before the format field) called weight_init `init`, with 'ponder' for 'small'."""
     import torch
-    from runtime import Checkpoint
+    from nanoponder.checkpoint import Checkpoint
     ckpt = load_ckpt(finished / 'out' / 'ckpt.pt')
     del ckpt['format']
     ckpt['model_args']['init'] = {'small': 'ponder', 'normal': 'pythia'}[ckpt['model_args'].pop('weight_init')]
@@ -329,7 +329,7 @@ def test_overwrite_removes_the_old_run_even_when_stopped_at_once(finished, tmp_p
 
 def test_a_terminal_that_reports_no_size_gets_plain_lines(tmp_path, monkeypatch, capsys):
     """0 columns and rows (some containers, serial consoles): tqdm would draw nothing at all."""
-    import runlog
+    from nanoponder import runlog
 
     class FakeRun:
         total_iters, warmup, iter_num = 10, 1, 0
@@ -350,7 +350,7 @@ def test_a_terminal_that_reports_no_size_gets_plain_lines(tmp_path, monkeypatch,
 def test_the_newcomer_commands_make_what_the_configs_read():
     """train.py's docstring, its missing-data error and the README quick start give the prepare_data.py command
     that writes the data_dir the shakespeare configs read."""
-    from data import prepare_command
+    from nanoponder.data import prepare_command
     assert prepare_command('data/shakespeare-bpe512') == ('python prepare_data.py --dataset=shakespeare '
                                                           '--tokenizer=bpe:512')
     assert prepare_command('data/minipile') == 'python prepare_data.py --dataset=minipile'

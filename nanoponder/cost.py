@@ -1,24 +1,32 @@
 """
-The memory plan of a training run: the bytes that each process (GPU) holds at the peak of an iteration, split
-into weights, gradients, AdamW state and activations, for a model config, method, micro-batch, precision,
-parallelism (ddp or fsdp over N processes) and activation checkpointing. train.py prints it before training,
-bench.py next to its measured peaks.
+The cost of a run, from its config alone: parameters, FLOPs per token and MFU, and the memory plan (the bytes that
+each process holds at the peak of a training iteration: weights, gradients, AdamW state and activations, for a
+micro-batch, precision, parallelism and activation checkpointing). Everything here reads PonderLM-2's pass
+schedule from one place, passes(), and takes the Jacobi passes R explicitly (the model's n_jacobi by default).
 
-    from memplan import plan_memory
-    plan = plan_memory(GPTConfig.preset('pythia-1.4b', n_thoughts=1), batch_size=1, dtype=torch.bfloat16,
-                       parallelism='fsdp', world_size=16, grad_accum=8, activation_checkpointing=True)
+    from nanoponder.cost import flops_per_token, plan_memory
+    config = GPTConfig.preset('pythia-1.4b', n_thoughts=1)
+    flops_per_token(config, n_jacobi=3)                      # one training step, per token
+    plan = plan_memory(config, batch_size=1, n_jacobi=4, dtype=torch.bfloat16, parallelism='fsdp', world_size=16,
+                       grad_accum=8, activation_checkpointing=True)
     print(plan.summary())
 
-It counts eager PyTorch (what autograd saves, tensor by tensor, see activation_bytes), not the allocator's
-slack: measured peaks are somewhat higher (CUDA caching allocator, CPU malloc), and torch.compile usually
-needs less (fused elementwise ops save fewer tensors). tests/test_scale.py checks it against the peak RSS of
-small CPU runs.
+The plan counts eager PyTorch (what autograd saves, tensor by tensor, see activation_bytes), not the allocator's
+slack: measured peaks are somewhat higher (CUDA caching allocator, CPU malloc), and torch.compile usually needs
+less (fused elementwise ops save fewer tensors). measure_training_peak measures the real thing to compare.
 """
 from dataclasses import dataclass
 
 import torch
 
+from model import GPT
+from nanoponder.runtime import autocast
+
 GB = 1e9
+
+# dense bf16 peak TFLOP/s, looked up by a substring of torch.cuda.get_device_name()
+PEAK_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'A10G': 125, 'A6000': 155, 'L40S': 362, 'L4': 121,
+               '4090': 165, '3090': 71, 'V100': 125}
 
 
 def count_params(config):
@@ -30,17 +38,55 @@ def count_params(config):
 
 
 def passes(config, n_jacobi=None):
-    """The trunk passes of one training forward as a list of slots per token: PonderLM-2 builds its stages
-    (1..K slots), then R Jacobi passes and the final pass over K+1 slots; PonderLM runs N+1 passes; vanilla 1.
-    n_jacobi: R, default the largest R of jacobi_train_range (the iteration that needs the most memory)."""
+    """The trunk passes of one forward, as (slots per token, how many passes of that size): PonderLM-2 builds its
+    stages (1..K slots), then runs R Jacobi passes and the final pass over K+1 slots; PonderLM runs N+1 passes;
+    vanilla one. n_jacobi: R (default config.n_jacobi; a mean R may be fractional for FLOPs)."""
     K = config.n_thoughts
     if K:
-        R = max(config.jacobi_train_range) if n_jacobi is None else n_jacobi
-        return list(range(1, K + 1)) + [K + 1] * (R + 1)
-    return [1] * (config.n_ponder + 1)
+        R = config.n_jacobi if n_jacobi is None else n_jacobi
+        return [(S, 1) for S in range(1, K + 1)] + [(K + 1, R + 1)]
+    return [(1, config.n_ponder + 1)]
 
 
-def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing):
+def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
+    """FLOPs per real token of one training step (forward + backward = 3x forward) or one eval forward, counting
+    every trunk pass over its (slots x T) positions, the attention over that length, and the vocabulary
+    projections. Matmuls only (2 FLOPs per multiply-add), as in the PaLM appendix. n_jacobi: R, see passes()."""
+    T = seq_len or config.block_size
+    L, H, V = config.n_layer, config.n_embd, config.vocab_size
+    trunk_params = L * (4 * H * H + 2 * H * (config.n_inner or 4 * H))
+
+    def slot_flops(context):  # one trunk position: weight matmuls + q.k and attn.v over the context
+        return 2 * trunk_params + 4 * L * H * context
+
+    head = 2 * H * V
+    fwd = sum(count * S * slot_flops(S * T) for S, count in passes(config, n_jacobi)) + head
+    if config.n_ponder:  # N more vocabulary projections and N probability-weighted embedding sums
+        fwd += 2 * config.n_ponder * head
+    return 3 * fwd if training else fwd
+
+
+def device_peak_flops():
+    """The bf16 peak FLOP/s of the current CUDA device, from PEAK_TFLOPS; None when unknown (e.g. a CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def estimate_mfu(config, tokens_per_sec, n_jacobi=None, peak_flops=None):
+    """Model FLOPs utilization of training at tokens_per_sec real tokens per second (of one GPU) with R = n_jacobi,
+    against peak_flops or the bf16 peak of the current CUDA device; None when unknown (e.g. CPU)."""
+    peak_flops = peak_flops or device_peak_flops()
+    if not peak_flops:
+        return None
+    return flops_per_token(config, n_jacobi, training=True) * tokens_per_sec / peak_flops
+
+
+def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_jacobi=None):
     """-> (kept, working): the bytes that one micro-batch's forward keeps for backward, and the most that
     backward adds on top at once. Per slot and layer, in eager mode, autograd keeps the block input (fp32, the
     residual stream) and, in the compute dtype, the two LayerNorm outputs, q k v (3C), the rotated q and k,
@@ -52,7 +98,7 @@ def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing):
     B, T = batch_size, seq_len
     block_inside = (9 * C + 2 * inner) * dtype_bytes + 4 * config.n_head  # per slot
     per_slot_layer = 4 * C + (0 if checkpointing else block_inside)
-    slots = [s * T for s in passes(config)]
+    slots = [S * T for S, count in passes(config, n_jacobi) for _ in range(count)]
     kept = B * sum(slots) * (L * per_slot_layer + 4 * C)  # + each pass's final LayerNorm input
     kept += B * T * (4 * C + dtype_bytes * C + 4 * V)  # embeddings, the head's input, the log-probabilities
     if config.n_ponder:  # each pondering step keeps its fp32 softmax (and its cast for the matmul)
@@ -87,11 +133,11 @@ def size(n_bytes):
     return f"{n_bytes / GB:.2f} GB" if n_bytes >= 0.1 * GB else f"{n_bytes / 1e6:.1f} MB"
 
 
-def plan_memory(config, batch_size, seq_len=None, *, dtype=torch.float32, parallelism='ddp', world_size=1,
-                grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32):
+def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.float32, parallelism='ddp',
+                world_size=1, grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32):
     """The peak bytes per process of training GPT(config) with micro-batches of batch_size x seq_len tokens
     (default block_size), dtype the autocast compute dtype, grad_accum micro-batches per process and
-    iteration. ddp (and one process) replicates weights, gradients and AdamW state; fsdp shards them over
+    iteration, n_jacobi PonderLM-2's R (training: the largest it draws). ddp (and one process) replicates weights, gradients and AdamW state; fsdp shards them over
     world_size, and gathers a block at a time (gather_dtype: its MixedPrecisionPolicy's param_dtype) plus the
     root (embeddings, final LayerNorm), which stays gathered through forward and backward."""
     n = count_params(config)
@@ -111,8 +157,8 @@ def plan_memory(config, batch_size, seq_len=None, *, dtype=torch.float32, parall
             cast = n['root']
     if c < 4:
         weights += c * cast
-    kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing)
-    slots = '+'.join(str(s) for s in passes(config))
+    kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing, n_jacobi)
+    slots = '+'.join(str(S) for S, count in passes(config, n_jacobi) for _ in range(count))
     description = (f"{config.method}, micro-batch {batch_size} x {T}, passes over {slots} slots per token, "
                    f"{str(dtype).removeprefix('torch.')}, {parallelism if world_size > 1 else 'one process'}"
                    f"{f' x {world_size}' if world_size > 1 else ''}"
@@ -123,19 +169,17 @@ def plan_memory(config, batch_size, seq_len=None, *, dtype=torch.float32, parall
 # -----------------------------------------------------------------------------
 # the measured peak, to check the plan against
 
-def measure_training_peak(config, batch_size, seq_len=None, *, dtype=torch.float32, device='cpu',
+def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.float32, device='cpu',
                           activation_checkpointing=False, steps=2):
-    """Build GPT(config) and AdamW on device and run `steps` training steps (forward, backward, AdamW) at the
-    plan's R on random tokens; return the peak bytes that this added: the CUDA allocator's peak, or on a CPU
-    the process's peak RSS (Linux /proc; None elsewhere). For CPU figures that mean anything, start the
-    process with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every large freed block to the system at
+    """Build GPT(config) and AdamW on device and run `steps` training steps (forward, backward, AdamW) with
+    R = n_jacobi (default config.n_jacobi, as plan_memory) on random tokens; return the peak bytes that this added:
+    the CUDA allocator's peak, or on a CPU the process's peak RSS (Linux /proc; None elsewhere). For CPU figures
+    that mean anything, start the process with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every large freed block to the system at
     once, instead of keeping freed memory that RSS would still count (up to 3x the plan with checkpointing)."""
     import gc
-    from model import GPT
-    from runtime import autocast
     T = seq_len or config.block_size
     device_type = torch.device(device).type
-    R = passes(config).count(config.n_thoughts + 1) - 1 if config.n_thoughts else None
+    R = n_jacobi
     idx = torch.randint(0, config.vocab_size, (batch_size, T), device=device)
     ctx = autocast(device_type, dtype)
 

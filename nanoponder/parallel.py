@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from runtime import UserError
+from nanoponder.runtime import UserError
 
 PARALLELISMS = ('ddp', 'fsdp')
 

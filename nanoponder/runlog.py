@@ -3,7 +3,7 @@ The record of a training run, kept by rank 0 of train.py: out_dir/metrics.jsonl 
 lines with loss, lr, tokens/s, MFU, R; evaluation lines with val_loss), the loss curve out_dir/loss.png, and the
 console, a tqdm bar in a terminal or a plain line per log_interval in a file.
 
-    from runlog import read_metrics
+    from nanoponder.runlog import read_metrics
     entries = read_metrics('out-shakespeare-ponder/metrics.jsonl')
     val = [(e['iter'], e['val_loss']) for e in entries if 'val_loss' in e]
 """
@@ -14,7 +14,8 @@ import sys
 
 from tqdm import tqdm
 
-from runtime import failure, write_result
+from nanoponder.cost import estimate_mfu
+from nanoponder.runtime import failure, write_result
 
 
 class RunLog:
@@ -72,7 +73,7 @@ class RunLog:
         if run.iter_num % self.log_interval:
             return
         tokens_per_sec = self.window_iters * run.tokens_per_iter / self.window_time
-        mfu = run.raw_model.estimate_mfu(tokens_per_sec / run.world_size)  # per GPU; None on a CPU
+        mfu = estimate_mfu(run.raw_model.config, tokens_per_sec / run.world_size, run.mean_jacobi)  # None on a CPU
         grad_norm = stats['grad_norm']
         self.record({'iter': run.iter_num, 'loss': stats['loss'], 'lr': stats['lr'], 'tokens_per_sec': tokens_per_sec,
                      'mfu': mfu, 'R': stats['R'], 'grad_norm': None if grad_norm is None else grad_norm.item(),
