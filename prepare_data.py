@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nanoponder.data import write_token_file
-from nanoponder.runtime import (UserError, check_output_dir, failure, one_line, remove_stale_temp_files, run_cli,
-                                temp_file, temp_path)
+from nanoponder.runtime import (UserError, check_output_dir, failure, move_into_place, one_line, remove_stale_temp_files,
+                                run_cli, temp_file, temp_path)
 from nanoponder.tokenizer import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe
 
 # -----------------------------------------------------------------------------
@@ -233,8 +233,8 @@ def replace_data(out_dir, temps):
         path = os.path.join(out_dir, name)
         if path not in temps and os.path.exists(path):
             os.remove(path)
-    for path, tmp in temps.items():  # in the order written: meta.json is the last
-        os.replace(tmp, path)
+    for path in temps:  # in the order written: meta.json is the last
+        move_into_place(path)
 
 
 def check_out_dir(out_dir, overwrite):

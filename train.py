@@ -45,7 +45,8 @@ from nanoponder.parallel import (PARALLELISMS, all_ranks_agree, clip_gradients, 
                                  teardown_distributed, wrap)
 from nanoponder.runlog import RunLog, SilentLog
 from nanoponder.runtime import (DirectoryLock, UserError, autocast, failure, one_line, remove_stale_temp_files,
-                                compile_blocks, resolve_device, resolve_dtype, run_cli, write_result)
+                                compile_blocks, move_into_place, resolve_device, resolve_dtype, run_cli, temp_path,
+                                write_result)
 from nanoponder.tokenizer import tokenizer_mismatch, tokenizer_record
 
 # -----------------------------------------------------------------------------
@@ -539,14 +540,13 @@ class Run:
 def link_best(ckpt_path, best_path):
     """best.pt = the checkpoint just saved. A hard link costs no time or disk, and keeps this version when
     ckpt.pt is later replaced by a new file; a copy where the file system has no links."""
-    tmp = f"{best_path}.tmp{os.getpid()}"
     try:
-        os.link(ckpt_path, tmp)
+        os.link(ckpt_path, temp_path(best_path))
     except OSError:
         with open(ckpt_path, 'rb') as src, write_result(best_path) as dst:
             dst.write(src.read())
         return
-    os.replace(tmp, best_path)
+    move_into_place(best_path)
 
 
 def summary(run):

@@ -181,10 +181,17 @@ def atomic_write(path, mode='wb'):
     sees the old file or the new one, never half of one."""
     with temp_file(path, mode) as f:
         yield f
+    move_into_place(path)
+
+
+def move_into_place(path):
+    """Rename path's complete temp file (temp_path, written by temp_file) over path, atomically: the one place where
+    a file of the project replaces another. On failure the temp file goes."""
     try:
         os.replace(temp_path(path), path)
     except BaseException:
-        os.remove(temp_path(path))
+        if os.path.exists(temp_path(path)):
+            os.remove(temp_path(path))
         raise
 
 
