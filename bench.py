@@ -15,7 +15,7 @@ with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1
 pondering steps. Every (method, variant) is measured in its own child process, bench.py run again with the
 whole config on its command line plus --task=method:variant, so its peak memory is its own and not the
 high-water mark of the methods before it. Variants: main (training and decoding), compile (each Block
-compiled, as train.py's compile=True), checkpoint (activation checkpointing), memory (memplan.py's plan of a
+compiled, as train.py's compile=True), checkpoint (activation checkpointing), memory (the memory plan of a
 training step against its measured peak, with and without checkpointing) and sdpa (on CUDA when flash_attn
 imports: flash-attn vs SDPA). On a CPU, compiling costs about a minute per method: --compare_compile=False.
 """
@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from configurator import known_config
 from model import GPT, Attention, GPTConfig
 from nanoponder.cost import estimate_mfu, flops_per_token, measure_training_peak, plan_memory
 from nanoponder.methods import method_fields
@@ -58,12 +59,12 @@ dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (CUDA) autocast; auto: bf16
 threads = 0  # CPU threads for torch, 0 = its default; 1 avoids thrashing when other jobs share the cores
 compare_compile = True  # also time the training step with each Block torch.compile'd (train.py's compile=True)
 compare_checkpointing = True  # also time it with activation checkpointing (train.py's activation_checkpointing)
-check_memory = True  # also check memplan.py's plan of a training step against its measured peak
+check_memory = True  # also check the memory plan of a training step against its measured peak
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
 seed = 1337  # of the random weights and inputs
 json = ''  # path for every figure as JSON
 task = ''  # internal: 'method:variant' makes this process the child that measures that one thing
-CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+CONFIG_KEYS = list(known_config(globals()))
 # -----------------------------------------------------------------------------
 
 VARIANTS = ('main', 'compile', 'sdpa', 'checkpoint', 'memory')
@@ -118,7 +119,7 @@ def check_config():
 
 
 def device_and_dtype():
-    """(device, device_type, torch dtype), by runtime.py's rules, the same as train.py and sample.py."""
+    """(device, device_type, torch dtype), by nanoponder.runtime's rules for 'auto' (those of every script)."""
     dev = resolve_device(device)
     device_type = torch.device(dev).type
     return dev, device_type, resolve_dtype(dtype, device_type)
@@ -227,7 +228,7 @@ def measure_training(gpt, variant, ctx, dev):
 
 
 def measure_memory(name, dev, ptdtype):
-    """memplan.py's plan of one training step next to its measured peak (the CUDA allocator's, or the peak RSS
+    """The memory plan of one training step next to its measured peak (the CUDA allocator's, or the peak RSS
     rise on a CPU), without and with activation checkpointing; MiB."""
     config = model_config(name)
     result = {}
@@ -294,6 +295,11 @@ def stats(samples):
     return {'median': statistics.median(samples), 'min': min(samples), 'max': max(samples), 'samples': samples}
 
 
+def training_speed(step_s):
+    """Tokens per second of each timed training step, as stats."""
+    return stats([batch_size * block_size / t for t in step_s])
+
+
 def ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -326,7 +332,7 @@ def collect(names, device_type, ptdtype):
             entry['error'] = r['error']
             continue
         train = entry['train'] = {'step_s': stats(r['step_s']),
-                                  'tokens_per_s': stats([batch_size * block_size / t for t in r['step_s']]),
+                                  'tokens_per_s': training_speed(r['step_s']),
                                   'peak_mem_mib': r['peak_mem_mib'], 'mfu': r['mfu'],
                                   'flops_per_token': r['flops_per_token']}
         if 'base_mem_mib' in r:
@@ -337,18 +343,17 @@ def collect(names, device_type, ptdtype):
             c = run_child(name, 'compile')
             entry['compile'] = c if 'error' in c else {
                 'compile_s': c['compile_s'], 'peak_mem_mib': c['peak_mem_mib'],
-                'tokens_per_s': stats([batch_size * block_size / t for t in c['step_s']])}
+                'tokens_per_s': training_speed(c['step_s'])}
         if compare_checkpointing:
             k = run_child(name, 'checkpoint')
             entry['checkpoint'] = k if 'error' in k else {
                 'peak_mem_mib': k['peak_mem_mib'], **({'base_mem_mib': k['base_mem_mib']} if 'base_mem_mib' in k else {}),
-                'tokens_per_s': stats([batch_size * block_size / t for t in k['step_s']])}
+                'tokens_per_s': training_speed(k['step_s'])}
         if check_memory:
             entry['memory'] = run_child(name, 'memory')
         if flash and compare_attention:
             s = run_child(name, 'sdpa')
-            entry['sdpa'] = s if 'error' in s else {
-                'tokens_per_s': stats([batch_size * block_size / t for t in s['step_s']])}
+            entry['sdpa'] = s if 'error' in s else {'tokens_per_s': training_speed(s['step_s'])}
     add_ratios(out)
     return out, flash
 
@@ -504,7 +509,7 @@ def variants(out, flash):
 
 def memory_table(out, cuda):
     print()
-    print("## memory: memplan.py's plan of a training step vs its measured peak")
+    print("## memory: the memory plan of a training step vs its measured peak")
     print()
     rows = []
     for entry in out.values():

@@ -15,11 +15,12 @@ value is parsed with ast.literal_eval, falling back to the raw string for str ke
 type of the current value (an int may set a float, true/false in any case set a bool, a key whose default
 is None takes anything). Mistakes print one `error: ...` line on stderr and exit with status 2 (under
 torchrun only rank 0 prints). The keys that were set are echoed as `config: key = value` on stdout, or on
-stderr where the script sets `_config_echo = 'stderr'` (sample.py, eval.py: their stdout is their product).
+stderr where the script sets `_config_echo = 'stderr'` (a script whose stdout is its product).
 
 Known keys are the script's public globals holding plain config values (bool, int, float, str, None,
-tuple, list, dict): modules, functions, classes, `_names` and UPPER_CASE constants are not config. Tests import this file and
-call apply_overrides(args, namespace) directly; it raises ConfigError instead of exiting.
+tuple, list, dict): modules, functions, classes, `_names` and UPPER_CASE constants are not config (known_config,
+the one rule). Imported (`import configurator`) it only defines things: apply_overrides(args, namespace) then
+raises ConfigError instead of exiting.
 """
 _namespace_before = dict(globals())  # when exec'd: the script's names, to put back once we are done
 import ast
@@ -39,7 +40,8 @@ class ConfigError(ValueError):
 
 
 def known_config(namespace):
-    """The config keys of a script namespace with their current values."""
+    """The config keys of a script namespace with their current values: what --key=value may set, --help lists
+    and a script records as its config."""
     return {k: v for k, v in namespace.items()
             if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)}  # UPPER = constants
 
@@ -215,7 +217,7 @@ def configure(argv, namespace):
         if talk:
             print(format_help(namespace, sys.argv[0] if sys.argv else 'script.py'))
         sys.exit(0)
-    if talk:  # a script whose stdout is its product (sample.py's text) sets _config_echo = 'stderr'
+    if talk:  # a script whose stdout is its product sets _config_echo = 'stderr'
         echo = sys.stderr if namespace.get('_config_echo') == 'stderr' else sys.stdout
         try:
             for key, value in changed.items():

@@ -23,12 +23,9 @@ the model's own (see sample.py), --tokenizer overrides it. Downstream tasks scor
 (what decoding sees); --thoughts=jacobi scores with n_jacobi parallel passes (or adaptive to --jacobi_tol), as the
 papers do. Results go to --out=PATH (a directory: PATH/eval; default: eval beside a ckpt.pt, else
 eval-<model name>), checked to be writable before the evaluation starts.
-The default dtype is float32 (TF32 off): the thoughts' convergence can only be seen down to the rounding of the
-dtype (in bfloat16 the change per pass levels off near 1e-3), and an adaptive tolerance below that runs to the
-K(T-1) bound.
-Exit codes: runtime.py.
+The default dtype is float32 with TF32 off, so that the convergence figures are not floored by the dtype's rounding.
+Exit codes: nanoponder/runtime.py.
 """
-import json
 import math
 import os
 import sys
@@ -39,6 +36,7 @@ from tqdm import tqdm
 
 from model import settled
 from nanoponder.checkpoint import load_init_from, resolve_init_from
+from nanoponder.cost import kv_cache_bytes_per_token, kv_cache_slots
 from nanoponder.data import read_meta, read_tokens
 from nanoponder.runtime import (UserError, autocast, check_output_file, failure, one_line, resolve_device,
                                 resolve_dtype, run_cli, write_json, write_result)
@@ -74,7 +72,7 @@ max_gen_toks = 256      # generate_until: tokens at most, unless a task says oth
 out = ''                # results path without extension (a directory: DIR/eval); '' = eval beside a ckpt.pt, else
                         # eval-<model name>
 device = 'auto'         # auto | cpu | cuda | cuda:1 | mps
-dtype = 'float32'       # float32 | bfloat16 | float16 | auto (runtime.resolve_dtype); see the dtype note above
+dtype = 'float32'       # float32 | bfloat16 | float16 | auto (nanoponder.runtime.resolve_dtype); see above
 seed = 1337             # of lm-eval's few-shot draws and of any sampling
 # -----------------------------------------------------------------------------
 _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout is the results table
@@ -98,31 +96,6 @@ def results_path(init_from, ckpt_file, out):
     if ckpt_file is not None:
         return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), 'eval')
     return 'eval-' + os.path.basename(os.path.normpath(init_from))
-
-
-def kv_cache_bytes_per_token(config, bytes_per_value):
-    """Keys and values cached per token: PonderLM-2 caches its K thought slots too ((K+1)x vanilla), PonderLM
-    keeps one cache per pass ((N+1)x)."""
-    slots = (config.n_thoughts or config.n_ponder) + 1
-    return 2 * config.n_layer * config.n_embd * bytes_per_value * slots
-
-
-def next_token_logits(model, idx, mode='exact', n_jacobi=None, jacobi_tol=None):
-    """idx (B, T) -> logits (B, T, V) of every next token. For a PonderLM-2 model, mode 'exact' computes the
-    thoughts one token at a time through the KV cache (what decoding sees), 'jacobi' with n_jacobi parallel passes
-    (None: the model's own) or adaptively to jacobi_tol. Other models have no thoughts: one forward is exact."""
-    if not model.config.n_thoughts:
-        return model(idx)[0]
-    if mode == 'exact':
-        return model.sequential_logits(idx)
-    if jacobi_tol is not None:
-        return model.embed_out(model.think(idx, exact_passes(model, idx), stop=settled(jacobi_tol)))
-    return model(idx, n_jacobi=n_jacobi)[0]
-
-
-def exact_passes(model, idx):
-    """The Jacobi passes after which every thought of idx (B, T) is exact: K(T-1), the bound of adaptive Jacobi."""
-    return model.config.n_thoughts * (idx.size(1) - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -222,31 +195,37 @@ def square(t):
 
 
 def score_thought_batch(model, x, y, totals, max_r, tols, with_exact):
-    """One batch of a PonderLM-2 model: the loss after r = 0..max_r Jacobi passes (one think() run: pass r+1
-    computes what r passes predict), the convergence of the thoughts, adaptive Jacobi, and the exact thoughts."""
+    """One batch of a PonderLM-2 model: the exact thoughts (model.sequential, as decoding computes them); the loss
+    after r = 0..max_r Jacobi passes and the convergence of the thoughts, observed in one think run through its
+    stop predicate; and adaptive Jacobi to each tolerance (settled), with the passes it took."""
     z_exact = None
     if with_exact:
         h, z_exact = model.sequential(x, model.new_caches(x.size(0), x.size(1), x.device))  # (B, T, C), (B, T, K, C)
         totals.add('exact', nats(model.embed_out(h), y))
         totals.exact_sq += square(z_exact)
-    previous = []
+    previous = None
 
     def observe(r, z, h):  # z (B, T, K, C): the thoughts after r passes; h (B, T, C) predicts from them
+        nonlocal previous
         totals.add(f'R={r}', nats(model.embed_out(h), y))
         totals.size_sq[r] += square(z)
-        if previous:
-            totals.change_sq[r] += square(z - previous[0])
+        if previous is not None:
+            totals.change_sq[r] += square(z - previous)
         if z_exact is not None:
             totals.dist_sq[r] += square(z - z_exact)
-        previous[:] = [z]
-        return False  # all max_r passes
+        previous = z
+        return False  # never stops: all max_r passes
 
     model.think(x, max_r, stop=observe)
     for tol in tols:
-        used, settle = [], settled(tol)
-        h = model.think(x, exact_passes(model, x), stop=lambda r, z, h: used.append(r) or settle(r, z, h))
+        taken, settle = [], settled(tol)
+
+        def stop(r, z, h):  # settle, noting each pass: think returns after the last one seen
+            taken.append(r)
+            return settle(r, z, h)
+        h = model.think(x, model.exact_passes(x.size(1)), stop=stop)
         totals.add(f'tol={tol:g}', nats(model.embed_out(h), y))
-        totals.passes.setdefault(tol, []).append(used[-1])
+        totals.passes.setdefault(tol, []).append(taken[-1])
 
 
 def evaluate_loss(model, ids, windows, ctx, device, batch_sz, max_r, tols, with_exact):
@@ -351,179 +330,16 @@ def plot_jacobi(rows, path, title):
 # -----------------------------------------------------------------------------
 # downstream tasks: lm-evaluation-harness
 
-_lm_class = None
-
-
 def lm_eval_class():
-    """The lm-eval model class, registered as 'nanoponder'. Defined on first use, so that lm-eval is needed only
-    for downstream tasks."""
-    global _lm_class
-    if _lm_class is not None:
-        return _lm_class
+    """The lm-eval model class, nanoponder.lm_eval_adapter.NanoPonderLM (registered as 'nanoponder'), imported on
+    first use so that lm-eval is needed only for downstream tasks."""
     try:
-        from lm_eval import utils as lm_utils
-        from lm_eval.api.model import TemplateLM
-        from lm_eval.api.registry import register_model
-        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-    except ImportError:
+        from nanoponder.lm_eval_adapter import NanoPonderLM
+    except ImportError as e:
+        if (e.name or '').partition('.')[0] in ('model', 'nanoponder'):  # a name of this project: a bug, not lm-eval
+            raise
         raise UserError("downstream tasks need lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'") from None
-
-    @register_model('nanoponder')
-    class NanoPonderLM(TemplateLM):
-        """A nanoPonder model for lm-eval 0.4: loglikelihood (through TemplateLM's tokenization of context and
-        continuation, as lm-eval's own 'hf' model), loglikelihood_rolling and generate_until, batched.
-        thoughts='exact' (default) scores PonderLM-2 models with the thoughts that decoding computes, 'jacobi' with
-        n_jacobi parallel passes (or adaptively to jacobi_tol), as the papers score them.
-
-            lm = NanoPonderLM(init_from='out/ckpt.pt')      # or model=GPT, tokenizer=data.Tokenizer
-            lm_eval.simple_evaluate(model=lm, tasks=['lambada_openai'])
-        """
-
-        def __init__(self, model=None, tokenizer=None, init_from=None, thoughts='exact', n_jacobi=None,
-                     jacobi_tol=None, batch_size=8, max_gen_toks=256, device='cpu', dtype='float32', **unused):
-            super().__init__()
-            if model is None:
-                model, tokenizer, _ = load_model(init_from, tokenizer_override=tokenizer or '')
-            if thoughts not in THOUGHT_MODES:
-                raise UserError(f"thoughts must be one of {', '.join(THOUGHT_MODES)}, got {thoughts!r}")
-            self._device = resolve_device(str(device))
-            device_type = torch.device(self._device).type
-            self.ctx = autocast(device_type, resolve_dtype(dtype, device_type))
-            self.model = model.to(self._device).eval()
-            self.tok = tokenizer
-            self.thoughts, self.n_jacobi, self.jacobi_tol = thoughts, n_jacobi, jacobi_tol
-            self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # 'auto' is not supported
-            self._max_gen_toks = int(max_gen_toks)
-
-        @property
-        def eot_token_id(self):
-            return self.tok.eos_id
-
-        @property
-        def max_length(self):
-            return self.model.config.block_size
-
-        @property
-        def max_gen_toks(self):
-            return self._max_gen_toks
-
-        @property
-        def tokenizer_name(self):
-            return str(self.tok.path or self.tok.name)
-
-        def tok_encode(self, string, add_special_tokens=None, **kwargs):
-            return self.tok.encode(string)
-
-        def logits(self, idx):
-            """idx (B, T) -> (B, T, V) float32 log-probabilities of every next token."""
-            with torch.no_grad(), self.ctx:
-                logits = next_token_logits(self.model, idx, self.thoughts, self.n_jacobi, self.jacobi_tol)
-            return F.log_softmax(logits.float(), dim=-1)
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-            """requests: ((context, continuation) or None, context ids, continuation ids) -> [(logprob, is_greedy)].
-            The sequence is cut on the left to max_length + 1 tokens; the logits of its last len(continuation)
-            positions score the continuation. Longest first, right-padded batches (causal: padding after a row
-            changes nothing before it)."""
-            inputs, results = [], [None] * len(requests)
-            for _, context, continuation in requests:
-                whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-                inputs.append((whole[:-1], whole[-len(continuation):]))
-            order = sorted(range(len(requests)), key=lambda i: -len(inputs[i][0]))
-            bar = tqdm(total=len(requests), disable=disable_tqdm, desc='loglikelihood', file=sys.stderr)
-            for b in range(0, len(order), self.batch_size):
-                rows = order[b:b + self.batch_size]
-                length = len(inputs[rows[0]][0])
-                idx = torch.zeros(len(rows), length, dtype=torch.long)  # (B, T), right-padded with id 0
-                for j, i in enumerate(rows):
-                    idx[j, :len(inputs[i][0])] = torch.tensor(inputs[i][0])
-                logprobs = self.logits(idx.to(self._device))  # (B, T, V)
-                for j, i in enumerate(rows):
-                    n, target = len(inputs[i][0]), torch.tensor(inputs[i][1], device=self._device)
-                    lp = logprobs[j, n - len(target):n]  # (len(target), V)
-                    answer = (lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
-                    results[i] = answer
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial('loglikelihood', requests[i][0], answer)
-                bar.update(len(rows))
-            bar.close()
-            return results
-
-        def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            """The log-likelihood of whole texts: lm-eval's rolling windows of max_length tokens, each scoring
-            tokens no earlier window scored, the first after the EOS token."""
-            windows, owner = [], []
-            for i, req in enumerate(requests):
-                (string,) = req.args
-                token_windows = lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)
-                for context, continuation in map(lm_utils.make_disjoint_window, token_windows):
-                    windows.append((None, context, continuation))
-                    owner.append(i)
-            scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
-            totals = [0.0] * len(requests)
-            for i, (logprob, _) in zip(owner, scores):
-                totals[i] += logprob
-            for req, total in zip(requests, totals):
-                self.cache_hook.add_partial('loglikelihood_rolling', req.args, total)
-            return totals
-
-        def generate_until(self, requests, disable_tqdm=False):
-            """Greedy (or sampled, if a task asks) continuations through the KV cache, until a stop string, the
-            EOS token or max_gen_toks. Requests with the same settings and prompt length share a batch."""
-            groups = {}
-            for i, req in enumerate(requests):
-                context, gen_kwargs = req.args
-                settings = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-                settings['until'] = handle_stop_sequences(settings['until'], eos=self.tok.decode([self.eot_token_id]))
-                room = self.max_length - settings['max_gen_toks']
-                if room < 1:
-                    raise UserError(f"max_gen_toks={settings['max_gen_toks']} leaves no room for a prompt in the "
-                                    f"model's context of {self.max_length} tokens")
-                ids = (self.tok_encode(context) or [self.eot_token_id])[-room:]
-                key = (json.dumps(settings, sort_keys=True, default=str), len(ids))
-                groups.setdefault(key, []).append((i, ids, settings))
-            results = [None] * len(requests)
-            bar = tqdm(total=len(requests), disable=disable_tqdm, desc='generate_until', file=sys.stderr)
-            for members in groups.values():
-                for b in range(0, len(members), self.batch_size):
-                    batch = members[b:b + self.batch_size]
-                    texts = self.continue_texts([ids for _, ids, _ in batch], batch[0][2])
-                    for (i, _, _), text in zip(batch, texts):
-                        results[i] = text
-                        self.cache_hook.add_partial('generate_until', requests[i].args, text)
-                    bar.update(len(batch))
-            bar.close()
-            return results
-
-        def continue_texts(self, prompts, settings):
-            """Continue B prompts of equal length; the texts, each cut before its first stop string."""
-            until, limit = settings['until'], settings['max_gen_toks']
-            temperature = float(settings.get('temperature', 0.0)) if settings.get('do_sample') else 0.0
-            idx = torch.tensor(prompts, dtype=torch.long, device=self._device)  # (B, T)
-            new, done = [[] for _ in prompts], [False] * len(prompts)
-            with torch.no_grad(), self.ctx:
-                for tokens in self.stream(idx, limit, temperature):
-                    for row, token in enumerate(tokens):
-                        if done[row]:
-                            continue
-                        new[row].append(token)
-                        done[row] = token == self.eot_token_id or any(s in self.tok.decode(new[row]) for s in until)
-                    if all(done):
-                        break
-            return [postprocess_generated_text(self.tok.decode(ids), until, None) for ids in new]
-
-        def stream(self, idx, max_new_tokens, temperature):
-            """Yield the next token of each row (a list of B ids), max_new_tokens times, through the KV cache.
-            The prompt's thoughts: exact (one token at a time, thoughts='exact') or the prefill's Jacobi passes."""
-            stop = None if self.jacobi_tol is None else settled(self.jacobi_tol)
-            for idx_next, _ in self.model.generate_stream(idx, max_new_tokens, temperature, n_jacobi=self.n_jacobi,
-                                                          stop=stop, exact=self.thoughts == 'exact'):
-                yield idx_next[:, 0].tolist()
-
-    _lm_class = NanoPonderLM
-    return _lm_class
+    return NanoPonderLM
 
 
 def run_tasks(model, tok, device_name, dtype_name, path, name):
@@ -632,8 +448,8 @@ def check_options():
 def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
     """The loss mode: the table on stdout, PATH.json and (thought models) PATH_jacobi.png; returns the report."""
     ctx = autocast(torch.device(device_name).type, compute_dtype)
-    if compute_dtype == torch.float32:  # full float32: TF32 matmuls (autocast turns them on) would floor the
-        torch.backends.cuda.matmul.allow_tf32 = False  # convergence figures near 1e-3
+    if compute_dtype == torch.float32:  # full float32: the TF32 matmuls that autocast turns on would floor the
+        torch.backends.cuda.matmul.allow_tf32 = False  # convergence figures
         torch.backends.cudnn.allow_tf32 = False
     ids, data_tok, source = load_text(model, tok, ckpt)
     cfg = model.config
@@ -657,7 +473,7 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
     print(f"{name}: {cfg.method_label}; {source}: {n_targets:,} tokens ({n_bytes:,} bytes) in {len(windows)} "
           f"windows of {block}, stride {step}")
     print(f"KV cache: {kv:,} bytes per token in {str(compute_dtype).removeprefix('torch.')} "
-          f"({(cfg.n_thoughts or cfg.n_ponder) + 1}x vanilla)")
+          f"({kv_cache_slots(cfg)}x vanilla)")
     print(loss_table(rows))
     report = {'model': name, 'method': cfg.method, 'config': {k: v for k, v in vars(cfg).items()},
               'data': source, 'block_size': block, 'stride': step, 'windows': len(windows), 'tokens': n_targets,

@@ -7,11 +7,12 @@ tokenizer.json and tokenizer_config.json.
     python export_hf.py --out_dir=out --out=hf-out            # init_from=resume: out_dir/ckpt.pt
     huggingface-cli upload you/your-model hf-out               # then share it
 
-Load it back with GPT.from_pretrained('hf-out') (sample.py / eval.py --init_from=hf-out), or, for a vanilla
-model, with stock transformers (AutoModelForCausalLM.from_pretrained('hf-out')) and the same logits: the
+Load it back with nanoponder.hf.load_pretrained('hf-out') (sample.py / eval.py --init_from=hf-out), or, for a
+vanilla model, with stock transformers (AutoModelForCausalLM.from_pretrained('hf-out')) and the same logits: the
 embedding scale of a vanilla nanoPonder model is folded into its weights. Stock transformers has no latent
 thoughts or pondering: it would load a PonderLM model as a plain GPT-NeoX, computing something else.
-Exit codes: runtime.py.
+--init_from takes what sample.py and eval.py take (nanoponder.checkpoint.load_init_from). Exit codes:
+nanoponder/runtime.py.
 """
 import os
 import sys

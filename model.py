@@ -17,7 +17,7 @@ This file is the whole method and imports only torch: copy it into another proje
 
 References:
 1) the GPT-NeoX / Pythia architecture as implemented by Hugging Face transformers (modeling_gpt_neox.py),
-   which the tests use as a numerical peer
+   (numerically equal: see tests/test_model.py)
 2) the PonderLM-2 and PonderLM papers and their released checkpoints' config keys
 """
 
@@ -83,20 +83,14 @@ class GPTConfig:
     @property
     def method(self):
         """The method's short name: 'vanilla', 'ponderlm2-kK' (K thoughts per token) or 'ponderlm1-nN' (N steps)."""
-        if self.n_thoughts:
-            return f'ponderlm2-k{self.n_thoughts}'
-        if self.n_ponder:
-            return f'ponderlm1-n{self.n_ponder}'
-        return 'vanilla'
+        return (f'ponderlm2-k{self.n_thoughts}' if self.n_thoughts else
+                f'ponderlm1-n{self.n_ponder}' if self.n_ponder else 'vanilla')
 
     @property
     def method_label(self):
         """The method for people: 'vanilla', 'PonderLM-2 K=1', 'PonderLM N=3'."""
-        if self.n_thoughts:
-            return f'PonderLM-2 K={self.n_thoughts}'
-        if self.n_ponder:
-            return f'PonderLM N={self.n_ponder}'
-        return 'vanilla'
+        return (f'PonderLM-2 K={self.n_thoughts}' if self.n_thoughts else
+                f'PonderLM N={self.n_ponder}' if self.n_ponder else 'vanilla')
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -159,7 +153,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.dense = nn.Linear(config.n_embd, config.n_embd)
         # the kernel: 'auto' = flash-attn where it can run (installed, CUDA, bf16/fp16), SDPA elsewhere;
-        # 'sdpa' or 'flash' to force one (to time one against the other). See set_backend.
+        # 'sdpa' or 'flash' to force one. See set_backend.
         self.attn_backend = 'auto'
 
     @staticmethod
@@ -251,9 +245,6 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # the model
 
-# -----------------------------------------------------------------------------
-# the model
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -311,7 +302,7 @@ class GPT(nn.Module):
     # --- the trunk f: blocks + final LayerNorm on input vectors at given positions ---
 
     # activation checkpointing: keep only each Block's input for backward and recompute its insides there, in
-    # every pass of the thought loop. A setting of the training run, not of the model: it changes no result.
+    # every pass of the thought loop. It changes no result, only memory against time.
     activation_checkpointing = False
 
     def trunk(self, x, pos, cache=None):
@@ -338,7 +329,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, n_jacobi=None):
         """idx (B, T) -> logits (B, T, V) at every position; loss if targets (B, T) is given (-1 = ignore).
-        n_jacobi: PonderLM-2's Jacobi passes R (default config.n_jacobi); training draws R per iteration."""
+        n_jacobi: PonderLM-2's Jacobi passes R (default config.n_jacobi)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -385,6 +376,11 @@ class GPT(nn.Module):
                 return h[:, :, K]
             stages = [e] + list(h[:, :, :K].unbind(dim=2))  # the Jacobi step: thought j+1 <- output at slot j
 
+    def exact_passes(self, n_tokens):
+        """The Jacobi passes after which every thought of n_tokens tokens is exact, K(T-1): each pass makes at least
+        one more thought exact (see think)."""
+        return self.config.n_thoughts * (n_tokens - 1)
+
     def run_stages(self, stages, cache=None):
         """Interleave S stages of (B, T, C) token-major, run f once, return outputs as (B, T, S, C)."""
         B, T, C = stages[0].size()
@@ -425,9 +421,11 @@ class GPT(nn.Module):
         hidden states that predict each next token (B, T, C) and PonderLM-2's thoughts (B, T, K, C), else None."""
         B, T = idx.size()
         K = self.config.n_thoughts
-        if not K:  # no thoughts: every position's pass is causal, so the whole prompt goes at once
+        if self.config.n_ponder:  # no thoughts: every pass is causal, so all the tokens go at once
+            return self.ponder(idx, caches), None
+        if not K:
             pos = torch.arange(caches[0].pos, caches[0].pos + T, device=idx.device)
-            return (self.ponder(idx, caches) if self.config.n_ponder else self.trunk(self.embed(idx), pos, caches[0])), None
+            return self.trunk(self.embed(idx), pos, caches[0]), None
         hs, thoughts = [], []
         for t in range(T):
             pos = torch.tensor([caches[0].pos // (K + 1)], device=idx.device)  # K+1 cache slots per token
@@ -453,7 +451,7 @@ class GPT(nn.Module):
         K = self.config.n_thoughts
         if K and not exact:
             if n_jacobi is None:
-                n_jacobi = self.config.n_jacobi if stop is None else K * (T - 1)
+                n_jacobi = self.config.n_jacobi if stop is None else self.exact_passes(T)
             h = self.think(idx, n_jacobi, caches[0], stop)
         else:
             h, _ = self.sequential(idx, caches)
@@ -467,7 +465,7 @@ class GPT(nn.Module):
     def recompute_logits(self, idx):
         """Next-token logits (B, V) recomputed from scratch without a cache, with enough Jacobi passes to be exact:
         the reference that decoding through the cache must equal."""
-        logits, _ = self(idx, n_jacobi=self.config.n_thoughts * (idx.size(1) - 1))
+        logits, _ = self(idx, n_jacobi=self.exact_passes(idx.size(1)))
         return logits[:, -1]
 
     # --- generation ---

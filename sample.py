@@ -17,7 +17,7 @@ meta.json's 'tokenizer'); for a Hugging Face model the tokenizer.json beside its
 The prompt must fit in the model's context (block_size), the new tokens need not: once the context is full
 the model sees its last part, a window that slides (GPT.generate_stream). Samples go to stdout (streamed
 token by token for a single sample) and nothing else does: notes, the config echo and the throughput (the
-last line) go to stderr. Errors are one `error:` line, exit codes as in runtime.py.
+last line) go to stderr. Errors are one `error:` line, exit codes as in nanoponder/runtime.py.
 """
 import functools
 import math

@@ -1,7 +1,7 @@
 """
 Train a GPT-NeoX (Pythia) language model: vanilla, with PonderLM-2 latent thoughts, or with PonderLM pondering.
-One process on a CPU or GPU, or several GPUs and nodes with DDP or FSDP2 (parallel.py). The defaults are the
-headline run: PonderLM-2 with one thought per token (K=1) on pythia-70m, one epoch of MiniPile.
+One process on a CPU or GPU, or several GPUs and nodes with DDP or FSDP2 (nanoponder/parallel.py). The defaults
+are the headline run: PonderLM-2 with one thought per token (K=1) on pythia-70m, one epoch of MiniPile.
 
     python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512 && python train.py config/shakespeare_ponder.py
         # minutes on a CPU: the config reads data/shakespeare-bpe512, which that command writes
@@ -18,13 +18,12 @@ headline run: PonderLM-2 with one thought per token (K=1) on pythia-70m, one epo
     python train.py --help                                            # every config key and its value
 
 gradient_accumulation_steps counts micro-batches over all processes: with N GPUs each does 1/N of them.
-Several nodes: README.md, "Beyond one GPU". A memory plan per GPU is printed before training (memplan.py).
+Several nodes: README.md, "Beyond one GPU". A memory plan per GPU is printed before training (nanoponder/cost.py).
 An out_dir belongs to one run: a new run into an out_dir that holds a checkpoint stops with an error
 (resume it, or --overwrite=True: the old run's files go once the new run has passed its checks), and a lock
 file (out_dir/train.lock) refuses a second concurrent run.
-Ctrl-C or SIGTERM saves out_dir/ckpt.pt at the end of the current iteration, then exits with 130 or 143
-(torchrun kills its workers 30 s after a Ctrl-C; checkpoints are written atomically, so the previous one
-survives that). Exit codes: runtime.py.
+Ctrl-C or SIGTERM saves out_dir/ckpt.pt at the end of the current iteration, then exits with 130 or 143;
+checkpoints are written atomically, so a kill keeps the previous one. Exit codes: nanoponder/runtime.py.
 """
 
 import math
@@ -32,10 +31,12 @@ import os
 import signal
 import time
 from dataclasses import asdict, fields
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from configurator import known_config
 from model import GPT, GPTConfig
 from nanoponder.checkpoint import Checkpoint, load_hf_model, model_from_weights, resolve_init_from
 from nanoponder.cost import flops_per_token, plan_memory
@@ -44,13 +45,14 @@ from nanoponder.parallel import (PARALLELISMS, all_ranks_agree, clip_gradients, 
                                  load_optimizer_state, local_tensors, set_gradient_sync, setup_distributed,
                                  teardown_distributed, wrap)
 from nanoponder.runlog import RunLog, SilentLog
-from nanoponder.runtime import (DirectoryLock, UserError, autocast, failure, one_line, remove_stale_temp_files,
-                                compile_blocks, move_into_place, resolve_device, resolve_dtype, run_cli, temp_path,
+from nanoponder.runtime import (DirectoryLock, UserError, autocast, compile_blocks, failure, human, move_into_place,
+                                one_line, remove_stale_temp_files, resolve_device, resolve_dtype, run_cli, temp_path,
                                 write_result)
 from nanoponder.tokenizer import tokenizer_mismatch, tokenizer_record
 
 # -----------------------------------------------------------------------------
-# config: plain globals, overridden by config files and --key=value (configurator.py)
+# config: plain globals, overridden by config files and --key=value (configurator.py). main() and the checks
+# before the run read them; the Run gets a copy, run.cfg, and it and its helpers read only that.
 # I/O
 out_dir = 'out'                 # the run's directory: ckpt.pt, best.pt, metrics.jsonl, loss.png
 eval_interval = 500             # iterations between evaluations (each may save a checkpoint)
@@ -96,27 +98,27 @@ lr_decay_iters = 0              # end of the cosine; 0 -> max_iters
 min_lr_ratio = 0.1              # the learning rate at the end of the cosine, as a share of the peak
 # system
 device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'                  # 'auto' (runtime.resolve_dtype), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'                  # 'auto' (nanoponder.runtime.resolve_dtype), 'float32', 'bfloat16', 'float16'
 compile = True                  # torch.compile each Block (a minute of compiling, then faster steps)
 activation_checkpointing = False  # recompute each Block in backward: activations of ~1 layer instead of all
-parallelism = 'ddp'             # with several processes (torchrun): 'ddp' (replicas) or 'fsdp' (shards): parallel.py
+parallelism = 'ddp'             # with several processes (torchrun): 'ddp' (replicas) or 'fsdp' (shards)
 seed = 1337                     # the initial weights, the data order and the Jacobi passes R
-_config_keys = [k for k, v in globals().items()
-                if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, type(None)))]
+_config_keys = list(known_config(globals()))  # the keys above, by configurator.py's rule (as --help lists them)
 # -----------------------------------------------------------------------------
 
 _stop_signal = None  # the signal that asked us to stop (SIGINT / SIGTERM); the loop saves and exits at a step boundary
 
 
 def request_stop(signum, frame):
-    """The signal handler: it only takes note. Printing here could fail (a closed pipe) or interleave with
-    the loop's own output; the loop reports the stop and saves."""
+    """The signal handler only takes note (a print here could fail on a closed pipe): the loop reports the stop
+    and saves."""
     global _stop_signal
     if _stop_signal is None:  # repeats are ignored: torchrun forwards a Ctrl-C as SIGTERM on top of the SIGINT
         _stop_signal = signal.Signals(signum)
 
 
 def config_dict():
+    """The config keys and their values now (after the config files and --key=value)."""
     return {k: globals()[k] for k in _config_keys}
 
 
@@ -179,7 +181,7 @@ def check_config():
             raise UserError(f"{name} must be in [0, 1), got {globals()[name]}")
     if not 0 < eps < 1:
         raise UserError(f"eps must be in (0, 1), got {eps}")
-    r = tuple(jacobi_train_range)  # (GPTConfig checks it too, for library users; this is the command's message)
+    r = tuple(jacobi_train_range)
     if not (len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r) and 0 <= r[0] <= r[1]):
         raise UserError(f"jacobi_train_range must be (lo, hi), two whole numbers with 0 <= lo <= hi, "
                         f"got {jacobi_train_range!r}")
@@ -209,40 +211,24 @@ def check_out_dir_is_free():
 
 
 # -----------------------------------------------------------------------------
-# processes
+# the model, built from a config cfg: train.py's config keys as attributes (run.cfg)
 
-def main():
-    check_config()
-    distributed, rank, world_size, device_str = setup_distributed(resolve_device(device), gradient_accumulation_steps)
-    finished = False
-    try:
-        code = train(distributed, rank, world_size, device_str)
-        finished = True
-        return code
-    finally:
-        if distributed:
-            teardown_distributed(finished)
-
-
-# -----------------------------------------------------------------------------
-# the model
-
-def config_from_globals():
-    """The GPTConfig that this run's config asks for (from scratch)."""
+def model_config(cfg):
+    """The GPTConfig that cfg asks for from scratch."""
     shape = {}
-    if model:
+    if cfg.model:
         try:
-            base = GPTConfig.preset(model)
+            base = GPTConfig.preset(cfg.model)
         except ValueError as e:
             raise UserError(f"{e}, or model='' with n_layer, n_head and n_embd") from None
         shape = {'n_layer': base.n_layer, 'n_head': base.n_head, 'n_embd': base.n_embd}
-    for key, value in (('n_layer', n_layer), ('n_head', n_head), ('n_embd', n_embd)):
-        if value:
-            shape[key] = value
+    for key in ('n_layer', 'n_head', 'n_embd'):
+        if getattr(cfg, key):
+            shape[key] = getattr(cfg, key)
         elif key not in shape:
             raise UserError(f"model='' needs --{key}=... (> 0), or name a preset such as --model=pythia-70m")
-    return make_config(**shape, vocab_size=vocab_size, scale_embeds=scale_embeds, weight_init=weight_init,
-                       **method_settings())
+    return make_config(**shape, vocab_size=cfg.vocab_size, scale_embeds=cfg.scale_embeds,
+                       weight_init=cfg.weight_init, **method_overrides(cfg))
 
 
 def make_config(**kwargs):
@@ -252,19 +238,19 @@ def make_config(**kwargs):
         raise UserError(f"bad model config: {e}") from None
 
 
-def method_settings():
-    """The GPTConfig fields this config sets on any model, also one loaded from Hugging Face."""
-    return {'block_size': block_size, 'n_thoughts': n_thoughts, 'n_jacobi': n_jacobi, 'n_ponder': n_ponder,
-            'ponder_multiply': ponder_multiply}
+def method_overrides(cfg):
+    """The GPTConfig fields cfg sets on any model, also one loaded from Hugging Face."""
+    return {'block_size': cfg.block_size, 'n_thoughts': cfg.n_thoughts, 'n_jacobi': cfg.n_jacobi,
+            'n_ponder': cfg.n_ponder, 'ponder_multiply': cfg.ponder_multiply}
 
 
-def check_resume_matches(ckpt, path):
-    """The model this command asks for must be the checkpoint's (else resuming would silently train another)."""
+def check_resume_matches(ckpt, path, cfg):
+    """The model cfg asks for must be the checkpoint's (else resuming would silently train another)."""
     saved = ckpt.gpt_config()
     if ckpt.pretrained:  # the architecture came from the pretrained model, the method from the config
-        wanted = make_config(**{**asdict(saved), **method_settings()})
+        wanted = make_config(**{**asdict(saved), **method_overrides(cfg)})
     else:
-        wanted = config_from_globals()
+        wanted = model_config(cfg)
     diff = [f"{f.name} {getattr(saved, f.name)!r} (asked {getattr(wanted, f.name)!r})"
             for f in fields(GPTConfig) if getattr(saved, f.name) != getattr(wanted, f.name)]
     if diff:
@@ -273,7 +259,7 @@ def check_resume_matches(ckpt, path):
     return saved
 
 
-def check_resume_data(ckpt, meta):
+def check_resume_data(ckpt, data_dir, meta):
     """The data a run resumes on must be tokenized as the data it was trained on (else the same ids mean other
     text). An old checkpoint or data directory that does not record its tokenizer cannot be checked."""
     mismatch = tokenizer_mismatch(ckpt, data_dir, meta)
@@ -282,29 +268,29 @@ def check_resume_data(ckpt, meta):
                         f"with the run's tokenizer, or start a new run in another out_dir")
 
 
-def build_model(ckpt_path, data_vocab):
-    """-> (raw_model on the CPU, Checkpoint or None, pretrained name or None), per init_from."""
-    torch.manual_seed(seed)  # every rank builds the same initial weights
+def build_model(cfg, ckpt_path, data_vocab):
+    """-> (raw_model on the CPU, Checkpoint or None, pretrained name or None), per cfg.init_from."""
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     ckpt = None
-    if init_from == 'resume':
+    if cfg.init_from == 'resume':
         if not os.path.exists(ckpt_path):
             raise UserError(f"init_from=resume but there is no checkpoint {ckpt_path}: train once with "
-                            f"--init_from=scratch --out_dir={out_dir} (it saves ckpt.pt at each evaluation)")
+                            f"--init_from=scratch --out_dir={cfg.out_dir} (it saves ckpt.pt at each evaluation)")
         ckpt = Checkpoint.load(ckpt_path)
-        raw_model = model_from_weights(check_resume_matches(ckpt, ckpt_path), ckpt.model)
+        raw_model = model_from_weights(check_resume_matches(ckpt, ckpt_path, cfg), ckpt.model)
         pretrained = ckpt.pretrained
-    elif init_from == 'scratch':
-        raw_model, pretrained = GPT(config_from_globals()), None
-    else:  # a Hugging Face model, by the rule of every script (runtime.resolve_init_from)
-        kind, source = resolve_init_from(init_from, out_dir, "'scratch', 'resume' (out_dir/ckpt.pt), a Hugging Face "
-                                                             "model directory or a hub id (owner/name)")
+    elif cfg.init_from == 'scratch':
+        raw_model, pretrained = GPT(model_config(cfg)), None
+    else:  # a Hugging Face model, by the rule of every script (checkpoint.resolve_init_from)
+        kind, source = resolve_init_from(cfg.init_from, cfg.out_dir, "'scratch', 'resume' (out_dir/ckpt.pt), a "
+                                         "Hugging Face model directory or a hub id (owner/name)")
         if kind == 'checkpoint':
-            raise UserError(f"init_from={init_from} is a file, taken for a train.py checkpoint: train.py starts "
+            raise UserError(f"init_from={cfg.init_from} is a file, taken for a train.py checkpoint: train.py starts "
                             f"from 'scratch' or a Hugging Face model, and goes on with a run by --init_from=resume "
                             f"(with the --out_dir that holds its ckpt.pt)")
-        raw_model, pretrained = load_hf_model(source, **method_settings()), init_from
+        raw_model, pretrained = load_hf_model(source, **method_overrides(cfg)), cfg.init_from
     if raw_model.config.vocab_size < data_vocab:
-        raise UserError(f"the data's vocabulary ({data_vocab} ids, {data_dir}/meta.json) is larger than the "
+        raise UserError(f"the data's vocabulary ({data_vocab} ids, {cfg.data_dir}/meta.json) is larger than the "
                         f"model's vocab_size {raw_model.config.vocab_size}: raise vocab_size")
     return raw_model, ckpt, pretrained
 
@@ -313,25 +299,26 @@ def build_model(ckpt_path, data_vocab):
 EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'learning_rate', 'min_lr_ratio', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
 
 
-def resume_notes(saved):
-    """A note naming what this command changes against saved, the config of the run that made the checkpoint."""
-    changed = [f"{k} {globals()[k]!r} (the checkpoint's run: {saved[k]!r})"
-               for k in EXACT_RESUME_KEYS if k in saved and saved[k] != globals()[k]]
+def resume_notes(saved, cfg):
+    """A note naming what cfg changes against saved, the config of the run that made the checkpoint."""
+    changed = [f"{k} {getattr(cfg, k)!r} (the checkpoint's run: {saved[k]!r})"
+               for k in EXACT_RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if 'batch_size' in saved and 'gradient_accumulation_steps' in saved:
-        was, now = saved['batch_size'] * saved['gradient_accumulation_steps'], batch_size * gradient_accumulation_steps
+        was = saved['batch_size'] * saved['gradient_accumulation_steps']
+        now = cfg.batch_size * cfg.gradient_accumulation_steps
         if was != now:
             changed.append(f"a global batch of {now} sequences (the checkpoint's run: {was})")
     if not changed:
         return []
-    why = " (the seed draws the data order and the Jacobi passes R)" if saved.get('seed', seed) != seed else ''
+    why = " (the seed draws the data order and the Jacobi passes R)" if saved.get('seed', cfg.seed) != cfg.seed else ''
     return [f"note: resuming with {', '.join(changed)}: not an exact resume, the run goes on differently from the "
             f"uninterrupted one{why}"]
 
 
-def check_token_ids(blocks, model_vocab, meta):
-    """Every id in the token files needs a row of the model's embedding: one beyond it is an IndexError (a device
-    assert on CUDA) at the batch that holds it, maybe hours in. meta.json's vocab_size is checked against the model
-    in build_model; this catches token files that do not match their meta.json."""
+def check_token_ids(blocks, model_vocab, data_dir, meta):
+    """Every id in the token files must be below the model's vocab_size: token files that do not match their
+    meta.json would fail at the batch that holds such an id (an IndexError; on CUDA a device assert), maybe hours
+    in."""
     for b in blocks:
         top = max_token_id(b.path)
         if top >= model_vocab:
@@ -340,20 +327,20 @@ def check_token_ids(blocks, model_vocab, meta):
                             f"meta.json; prepare the data again with prepare_data.py")
 
 
-def make_optimizer(raw_model, fused):
+def make_optimizer(raw_model, cfg, fused):
     """AdamW; weight decay on the 2-D weights (matmuls and embeddings), none on biases and LayerNorms."""
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 @torch.no_grad()
-def evaluate(net, val_batches, ctx, distributed, world_size):
-    """Mean val loss over eval_iters batches of every rank, in eval mode (PonderLM-2: config n_jacobi passes)."""
+def val_loss(net, val_batches, n_batches, ctx, distributed, world_size):
+    """Mean loss over n_batches val batches of every rank, in eval mode (PonderLM-2: config n_jacobi passes)."""
     net.eval()
     total = torch.zeros((), device=val_batches.blocks.device)
-    for k in range(eval_iters):
+    for k in range(n_batches):
         x, y = val_batches.get(k)
         with ctx:
             _, loss = net(x, y)
@@ -361,7 +348,7 @@ def evaluate(net, val_batches, ctx, distributed, world_size):
     net.train()
     if distributed:
         dist.all_reduce(total)
-    return total.item() / (eval_iters * world_size)
+    return total.item() / (n_batches * world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -369,35 +356,36 @@ def evaluate(net, val_batches, ctx, distributed, world_size):
 
 class Run:
     """One training run's state and its steps: an iteration, an evaluation with its checkpoint, a log line.
-    The loop in train() reads as the sequence of these steps."""
+    train_loop reads as the sequence of these steps. cfg: the run's config (train.py's keys as attributes)."""
 
-    def __init__(self, distributed, rank, world_size, device_str):
+    def __init__(self, cfg, distributed, rank, world_size, device_str):
+        self.cfg = cfg
         self.distributed, self.rank, self.world_size, self.device = distributed, rank, world_size, device_str
         self.master = rank == 0  # rank 0 logs and writes the checkpoints
         device_type = device_str.split(':')[0]
-        self.ptdtype = resolve_dtype(dtype, device_type)
+        self.ptdtype = resolve_dtype(cfg.dtype, device_type)
         self.ctx = autocast(device_type, self.ptdtype)
-        self.accum = gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
-        self.mean_jacobi = sum(jacobi_train_range) / 2  # the mean R of training: its FLOPs per token
+        self.accum = cfg.gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
+        self.mean_jacobi = sum(cfg.jacobi_train_range) / 2  # the mean R of training: its FLOPs per token
         self.open_data(device_str)
-        self.data_tokenizer = tokenizer_record(data_dir, self.meta)  # read once; every checkpoint carries it
-        self.ckpt_path, self.best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
-        self.raw_model, ckpt, self.pretrained = build_model(self.ckpt_path, self.meta['vocab_size'])
+        self.data_tokenizer = tokenizer_record(cfg.data_dir, self.meta)  # read once; every checkpoint carries it
+        self.ckpt_path, self.best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
+        self.raw_model, ckpt, self.pretrained = build_model(cfg, self.ckpt_path, self.meta['vocab_size'])
         check_token_ids((self.train_batches.blocks, self.val_batches.blocks), self.raw_model.config.vocab_size,
-                        self.meta)
-        self.notes = resume_notes(ckpt.config or {}) if ckpt is not None else []
+                        cfg.data_dir, self.meta)
+        self.notes = resume_notes(ckpt.config or {}, cfg) if ckpt is not None else []
         if self.data_tokenizer['json'] is None and self.data_tokenizer['name'] != 'gpt2':  # gpt2: its name is all
-            self.notes.append(f"note: the tokenizer of {data_dir} cannot be loaded (meta.json's tokenizer: "
+            self.notes.append(f"note: the tokenizer of {cfg.data_dir} cannot be loaded (meta.json's tokenizer: "
                               f"{self.data_tokenizer['name']}, no tokenizer.json), so the checkpoints carry none: "
                               f"sample.py, eval.py and export_hf.py will need --tokenizer=PATH")
         if ckpt is not None:
-            check_resume_data(ckpt, self.meta)
-        self.raw_model.activation_checkpointing = activation_checkpointing
-        if compile:
+            check_resume_data(ckpt, cfg.data_dir, self.meta)
+        self.raw_model.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.compile:
             compile_blocks(self.raw_model)  # per Block: the same graphs for every number of thought passes
-        self.net = wrap(self.raw_model, parallelism, device_str, self.ptdtype)  # fsdp: raw_model is now sharded
+        self.net = wrap(self.raw_model, cfg.parallelism, device_str, self.ptdtype)  # fsdp: raw_model is now sharded
         self.eval_net = getattr(self.net, 'module', self.net)  # DDP's module: evaluation needs no gradient sync
-        self.optimizer = make_optimizer(self.raw_model, fused=device_type == 'cuda')
+        self.optimizer = make_optimizer(self.raw_model, cfg, fused=device_type == 'cuda')
         self.scaler = torch.amp.GradScaler(device_type, enabled=self.ptdtype == torch.float16)  # fp16: loss scaling
         self.plan_schedule()
         self.iter_num, self.epoch, self.position, self.best_val_loss = 0, 0, 0, math.inf
@@ -407,26 +395,29 @@ class Run:
         self.best_saved_loss = self.best_val_loss  # the val loss of best.pt (a resumed run's best was saved)
         self.epoch, self.position = self.train_batches.normalize(self.epoch, self.position)
         # a resumed run does not redo the evaluation at its checkpoint's iteration: that one is already in its log
-        self.evaluated_at = self.saved_at = self.start_iter if init_from == 'resume' else None
+        self.evaluated_at = self.saved_at = self.start_iter if cfg.init_from == 'resume' else None
 
     def open_data(self, device_str):
-        train_blocks, val_blocks, self.meta = open_blocks(data_dir, block_size, device_str)
-        self.train_batches = TrainBatches(train_blocks, batch_size, self.accum, self.rank, self.world_size, seed)
-        self.val_batches = ValBatches(val_blocks, batch_size, self.rank, self.world_size)
+        cfg = self.cfg
+        train_blocks, val_blocks, self.meta = open_blocks(cfg.data_dir, cfg.block_size, device_str)
+        self.train_batches = TrainBatches(train_blocks, cfg.batch_size, self.accum, self.rank, self.world_size,
+                                          cfg.seed)
+        self.val_batches = ValBatches(val_blocks, cfg.batch_size, self.rank, self.world_size)
         if self.train_batches.iters_per_epoch == 0:
             raise UserError(f"the batch is larger than the data: one iteration reads "
-                            f"{self.train_batches.blocks_per_iter} blocks of {block_size + 1} tokens (batch_size x "
+                            f"{self.train_batches.blocks_per_iter} blocks of {cfg.block_size + 1} tokens (batch_size x "
                             f"gradient_accumulation_steps) but {train_blocks.path} holds {train_blocks.n_blocks}: "
                             f"lower batch_size, gradient_accumulation_steps or block_size")
 
     def plan_schedule(self):
-        self.tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-        self.total_iters = max_iters or max(1, round(num_epochs * self.train_batches.iters_per_epoch))
+        cfg = self.cfg
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        self.total_iters = cfg.max_iters or max(1, round(cfg.num_epochs * self.train_batches.iters_per_epoch))
         if self.total_iters > MAX_ITERS:
-            raise UserError(f"num_epochs={num_epochs:g} is {self.total_iters:.3g} iterations of this data, more than "
-                            f"{MAX_ITERS:.0e} (30 years at 1,000 iterations a second): lower num_epochs")
-        self.warmup = warmup_iters or round(warmup_ratio * self.total_iters)
-        self.decay_end = lr_decay_iters or self.total_iters
+            raise UserError(f"num_epochs={cfg.num_epochs:g} is {self.total_iters:.3g} iterations of this data, more "
+                            f"than {MAX_ITERS:.0e} (30 years at 1,000 iterations a second): lower num_epochs")
+        self.warmup = cfg.warmup_iters or round(cfg.warmup_ratio * self.total_iters)
+        self.decay_end = cfg.lr_decay_iters or self.total_iters
 
     def restore(self, ckpt, device_type):
         load_optimizer_state(self.raw_model, self.optimizer, ckpt.optimizer)  # the model's weights are loaded
@@ -440,18 +431,19 @@ class Run:
     # --- the steps ---
 
     def due_for_eval(self):
-        return (self.iter_num % eval_interval == 0 or self.iter_num >= self.total_iters) \
+        return (self.iter_num % self.cfg.eval_interval == 0 or self.iter_num >= self.total_iters) \
             and self.iter_num != self.evaluated_at
 
     def one_iteration(self, X, Y):
         """Accumulate gradients over the micro-batches, then one optimizer step. X, Y: this iteration's first
         micro-batch; returns the next iteration's first, read ahead while the accelerator works."""
-        lr = lr_at(self.iter_num, learning_rate, learning_rate * min_lr_ratio, self.warmup, self.decay_end)
+        cfg = self.cfg
+        lr = lr_at(self.iter_num, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, self.warmup, self.decay_end)
         for group in self.optimizer.param_groups:
             group['lr'] = lr
         R = None
         if self.raw_model.config.n_thoughts:
-            R = jacobi_passes(seed, self.iter_num, *jacobi_train_range)
+            R = jacobi_passes(cfg.seed, self.iter_num, *cfg.jacobi_train_range)
         next_epoch, next_position = self.train_batches.next_iteration(self.epoch, self.position)
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accum):
@@ -466,9 +458,9 @@ class Run:
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
         grad_norm = None
-        if grad_clip > 0:
+        if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = clip_gradients(self.raw_model.parameters(), grad_clip)
+            grad_norm = clip_gradients(self.raw_model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -491,24 +483,26 @@ class Run:
     def evaluate(self, log):
         """Evaluate; rank 0 logs it; save a checkpoint (also best.pt on a new best). Every rank has the same
         val loss, so all take the same decision (fsdp needs all of them to gather the state)."""
-        val_loss = evaluate(self.eval_net, self.val_batches, self.ctx, self.distributed, self.world_size)
+        loss = val_loss(self.eval_net, self.val_batches, self.cfg.eval_iters, self.ctx, self.distributed,
+                        self.world_size)
         self.evaluated_at = self.iter_num
-        if not math.isfinite(val_loss):
-            raise self.divergence("val loss", val_loss)
-        improved = val_loss < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, val_loss)
+        if not math.isfinite(loss):
+            raise self.divergence("val loss", loss)
+        improved = loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, loss)
         if self.master:
-            ppl = math.exp(val_loss) if val_loss < 700 else math.inf
-            log.say(f"iter {self.iter_num}: val loss {val_loss:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
-            log.record({'iter': self.iter_num, 'val_loss': val_loss, 'val_ppl': ppl, 'best_val_loss': self.best_val_loss,
+            ppl = math.exp(loss) if loss < 700 else math.inf
+            log.say(f"iter {self.iter_num}: val loss {loss:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
+            log.record({'iter': self.iter_num, 'val_loss': loss, 'val_ppl': ppl, 'best_val_loss': self.best_val_loss,
                         'tokens': self.iter_num * self.tokens_per_iter})
         # a checkpoint at iteration start_iter would only repeat the starting point
-        if self.iter_num > self.start_iter and (improved or always_save_checkpoint or self.iter_num >= self.total_iters):
+        if self.iter_num > self.start_iter and (improved or self.cfg.always_save_checkpoint
+                                                or self.iter_num >= self.total_iters):
             # best.pt is the best of the checkpoints saved: the unsaved start (iteration 0) may have been the best
-            best = val_loss < self.best_saved_loss or not os.path.exists(self.best_path)
+            best = loss < self.best_saved_loss or not os.path.exists(self.best_path)
             self.save(also_best=best)
             if best:
-                self.best_saved_loss = val_loss
+                self.best_saved_loss = loss
 
     def save(self, also_best=False):
         """Every rank: out_dir/ckpt.pt (and best.pt), one file written atomically by rank 0 with the whole
@@ -524,7 +518,7 @@ class Run:
             Checkpoint(model_args=asdict(self.raw_model.config), model=model_state,
                        optimizer=optimizer_state, scaler=self.scaler.state_dict(), iter_num=self.iter_num,
                        data_state={'epoch': self.epoch, 'position': self.position}, rng=rng,
-                       best_val_loss=self.best_val_loss, config=config_dict(), pretrained=self.pretrained,
+                       best_val_loss=self.best_val_loss, config=vars(self.cfg), pretrained=self.pretrained,
                        tokenizer=self.data_tokenizer,
                        ).save(self.ckpt_path)
             if also_best:
@@ -534,7 +528,7 @@ class Run:
     def divergence(self, what, value):
         kept = f"the last good checkpoint {self.ckpt_path} is kept" if self.saved_at is not None else "no checkpoint was saved yet"
         return failure(f"{what} is {value} at iteration {self.iter_num}: training diverged; {kept}. "
-                       f"Lower learning_rate (now {learning_rate:g}) or check the data")
+                       f"Lower learning_rate (now {self.cfg.learning_rate:g}) or check the data")
 
 
 def link_best(ckpt_path, best_path):
@@ -551,55 +545,48 @@ def link_best(ckpt_path, best_path):
 
 def summary(run):
     """The run in a few lines, printed before training."""
-    config, blocks = run.raw_model.config, run.train_batches.blocks
-    source = f"{run.pretrained} (its architecture)" if run.pretrained else model or 'custom'
-    plan = plan_memory(config, batch_size, block_size, n_jacobi=max(jacobi_train_range), dtype=run.ptdtype,
-                       parallelism=parallelism, world_size=run.world_size, grad_accum=run.accum,
-                       activation_checkpointing=activation_checkpointing,
-                       gather_dtype=gather_dtype(parallelism, run.device, run.ptdtype))
+    cfg, config, blocks = run.cfg, run.raw_model.config, run.train_batches.blocks
+    source = f"{run.pretrained} (its architecture)" if run.pretrained else cfg.model or 'custom'
+    lo, hi = cfg.jacobi_train_range
+    method = config.method_label + (f", R in {lo}..{hi} in training, {config.n_jacobi} in eval"
+                                    if config.n_thoughts else '')
+    plan = plan_memory(config, cfg.batch_size, cfg.block_size, n_jacobi=max(cfg.jacobi_train_range),
+                       dtype=run.ptdtype, parallelism=cfg.parallelism, world_size=run.world_size, grad_accum=run.accum,
+                       activation_checkpointing=cfg.activation_checkpointing,
+                       gather_dtype=gather_dtype(cfg.parallelism, run.device, run.ptdtype))
     return [
-        f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {describe_method(config)}; "
-        f"{human(run.raw_model.get_num_params())} non-embedding params ({human(run.raw_model.get_num_params(False))} total)",
-        f"data: {data_dir}, {human(blocks.n_blocks * block_size)} train tokens in {blocks.n_blocks:,} blocks "
-        f"of {block_size}, {run.train_batches.iters_per_epoch:,} iterations per epoch",
-        f"batch: {batch_size} x {run.accum} accumulation x {run.world_size} process(es) = "
-        f"{batch_size * gradient_accumulation_steps} sequences = {run.tokens_per_iter:,} tokens per iteration",
+        f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {method}; "
+        f"{human(run.raw_model.get_num_params())} non-embedding params "
+        f"({human(run.raw_model.get_num_params(False))} total)",
+        f"data: {cfg.data_dir}, {human(blocks.n_blocks * cfg.block_size)} train tokens in {blocks.n_blocks:,} blocks "
+        f"of {cfg.block_size}, {run.train_batches.iters_per_epoch:,} iterations per epoch",
+        f"batch: {cfg.batch_size} x {run.accum} accumulation x {run.world_size} process(es) = "
+        f"{cfg.batch_size * cfg.gradient_accumulation_steps} sequences = {run.tokens_per_iter:,} tokens per iteration",
         f"schedule: {run.total_iters:,} iterations ({run.total_iters / run.train_batches.iters_per_epoch:.2f} epochs, "
-        f"{human(run.total_iters * run.tokens_per_iter)} tokens), lr {learning_rate:g}, warmup {run.warmup}, cosine to "
-        f"{learning_rate * min_lr_ratio:g} at {run.decay_end}" + (f"; resuming at {run.start_iter}" if run.start_iter else ''),
+        f"{human(run.total_iters * run.tokens_per_iter)} tokens), lr {cfg.learning_rate:g}, warmup {run.warmup}, "
+        f"cosine to {cfg.learning_rate * cfg.min_lr_ratio:g} at {run.decay_end}"
+        + (f"; resuming at {run.start_iter}" if run.start_iter else ''),
         f"FLOPs/token: {flops_per_token(config, run.mean_jacobi, training=True):.3g} training, "
-        f"{flops_per_token(config, training=False):.3g} eval; device {run.device}, "
-        f"{str(run.ptdtype).removeprefix('torch.')}, compile={compile}, parallelism: "
-        f"{parallelism if run.distributed else 'none (one process)'}",
+        f"{flops_per_token(config, config.n_jacobi, training=False):.3g} eval; device {run.device}, "
+        f"{str(run.ptdtype).removeprefix('torch.')}, compile={cfg.compile}, parallelism: "
+        f"{cfg.parallelism if run.distributed else 'none (one process)'}",
         plan.summary()] + schedule_notes(run) + run.notes
 
 
 def schedule_notes(run):
     """What a schedule that is legal but probably not meant does (a smoke test's short run may mean it)."""
+    cfg = run.cfg
     if run.warmup >= run.total_iters:
         return [f"note: the warmup ({run.warmup} iterations) is as long as the run ({run.total_iters}) or longer: "
-                f"the learning rate never reaches its peak {learning_rate:g} and never decays"]
+                f"the learning rate never reaches its peak {cfg.learning_rate:g} and never decays"]
     if run.decay_end <= run.warmup:
-        return [f"note: lr_decay_iters={lr_decay_iters} is not after the warmup ({run.warmup} iterations): the "
-                f"learning rate drops from the warmup straight to {learning_rate * min_lr_ratio:g}"]
+        return [f"note: lr_decay_iters={cfg.lr_decay_iters} is not after the warmup ({run.warmup} iterations): the "
+                f"learning rate drops from the warmup straight to {cfg.learning_rate * cfg.min_lr_ratio:g}"]
     return []
 
 
-def describe_method(config):
-    if config.n_thoughts:
-        lo, hi = jacobi_train_range
-        return f"{config.method_label}, R in {lo}..{hi} in training, {config.n_jacobi} in eval"
-    return config.method_label
-
-
-def human(n):
-    for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 # -----------------------------------------------------------------------------
+# main's steps: claim out_dir, build the run, open the log, train
 
 def claim_out_dir(master, distributed):
     """Rank 0 makes out_dir its own: no run to overwrite, no other run in it (the lock), no stale temp files.
@@ -635,48 +622,29 @@ def remove_previous_run():
     return removed
 
 
-def train(distributed, rank, world_size, device_str):
-    """Train until total_iters or a stop signal; returns the exit code (0, or 130 / 143 after a signal)."""
-    made_out_dir = rank == 0 and not os.path.exists(out_dir)
-    lock = claim_out_dir(rank == 0, distributed)
-    try:
-        run = Run(distributed, rank, world_size, device_str)
-        if run.master and overwrite and init_from != 'resume':  # only now: a command that fails its checks keeps them
-            removed = remove_previous_run()
-            if removed:
-                run.notes.append(f"note: --overwrite=True: removed the previous run's {', '.join(removed)} "
-                                 f"from {out_dir}")
-        log = None
-        if run.master:
-            log = RunLog(out_dir, run, log_interval, run.start_iter if init_from == 'resume' else None, start_wandb())
-            for line in summary(run):
-                log.say(line)  # (say survives a closed stdout: `| head` may have read the config echo and gone)
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
-        try:
-            return train_loop(run, log or SilentLog())
-        finally:
-            if log:
-                log.close()
-    finally:
-        if lock:
-            lock.release()
-            if made_out_dir and not os.listdir(out_dir):  # a command that failed its checks leaves no empty out_dir
-                os.rmdir(out_dir)
+def open_log(run):
+    """Rank 0's log (metrics.jsonl, loss.png, stdout, wandb), which starts with the run's summary."""
+    cfg = run.cfg
+    resumed_at = run.start_iter if cfg.init_from == 'resume' else None
+    log = RunLog(cfg.out_dir, run, cfg.log_interval, resumed_at, start_wandb(cfg))
+    for line in summary(run):
+        log.say(line)  # (say survives a closed stdout: `| head` may have read the config echo and gone)
+    return log
 
 
-def start_wandb():
-    if not wandb_log:
+def start_wandb(cfg):
+    if not cfg.wandb_log:
         return None
     try:
         import wandb
     except ImportError:
         raise UserError("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False") from None
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config_dict())
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
     return wandb
 
 
 def train_loop(run, log):
+    """Train until total_iters or a stop signal, evaluating on the way; the exit code (0, or 130 / 143)."""
     X, Y = run.train_batches.get(run.epoch, run.position, 0)  # the first micro-batch; later ones are read ahead
     stop = False
     while True:
@@ -704,14 +672,43 @@ def train_loop(run, log):
 
 # -----------------------------------------------------------------------------
 
-def cli():
+def main():
+    """Check the config, claim out_dir, build the run and train it; the exit code (0, or 130 / 143 after a
+    signal). Whatever happens, the log is closed, the lock released and the process group left."""
+    check_config()
+    distributed, rank, world_size, device_str = setup_distributed(resolve_device(device), gradient_accumulation_steps)
+    made_out_dir = rank == 0 and not os.path.exists(out_dir)
+    lock = log = None
+    finished = False
     try:
-        return main()
+        lock = claim_out_dir(rank == 0, distributed)
+        run = Run(SimpleNamespace(**config_dict()), distributed, rank, world_size, device_str)
+        if run.master and overwrite and init_from != 'resume':  # only now: a command that fails its checks keeps them
+            removed = remove_previous_run()
+            if removed:
+                run.notes.append(f"note: --overwrite=True: removed the previous run's {', '.join(removed)} "
+                                 f"from {out_dir}")
+        if run.master:
+            log = open_log(run)
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        code = train_loop(run, log or SilentLog())
+        finished = True
+        return code
     except torch.OutOfMemoryError:
         raise failure(f"out of GPU memory with batch_size={batch_size}: lower it and raise "
                       f"gradient_accumulation_steps by the same factor (same global batch)") from None
+    finally:
+        if log:
+            log.close()
+        if lock:
+            lock.release()
+            if made_out_dir and not os.listdir(out_dir):  # a command that failed its checks leaves no empty out_dir
+                os.rmdir(out_dir)
+        if distributed:
+            teardown_distributed(finished)
 
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    run_cli(cli)
+    run_cli(main)

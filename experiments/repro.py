@@ -15,13 +15,13 @@ Thought models report the val loss with Jacobi thoughts (R=3, as the papers) and
     python experiments/repro.py --trained_only=True          # the table and plots of the runs trained so far
 
 It prepares its data if missing (prepare_data.py --dataset=shakespeare --tokenizer=bpe:512, downloading the text
-unless --input names a copy) and works from any directory: train.py, eval.py, the config
-(experiments/repro_shakespeare.py), the data (data/shakespeare-bpe512) and out_root (out-repro) are found in the
-repository. Each run is `python train.py experiments/repro_shakespeare.py <its overrides> --seed=S
---out_dir=<out_root>/<name>-s<S>` with OMP_NUM_THREADS=1 (two single-threaded runs share two cores better than one
-run with two threads), then eval.py on its checkpoint; logs in the run's folder. A run whose train_time.json exists
-is finished and reused (delete its folder to train it again). Writes <out_root>/results.md, results.json and the
-plots val_loss_tokens.png and val_loss_flops.png.
+unless --input names a copy) and works from any directory: train.py, eval.py, the configs
+(config/shakespeare_ponder.py, then experiments/repro_shakespeare.py), the data (data/shakespeare-bpe512) and
+out_root (out-repro) are found in the repository. Each run is `python train.py config/shakespeare_ponder.py
+experiments/repro_shakespeare.py <its overrides> --seed=S --out_dir=<out_root>/<name>-s<S>` with OMP_NUM_THREADS=1
+(two single-threaded runs share two cores better than one run with two threads), then eval.py on its checkpoint;
+logs in the run's folder. A run whose train_time.json exists is finished and reused (delete its folder to train it
+again). Writes <out_root>/results.md, results.json and the plots val_loss_tokens.png and val_loss_flops.png.
 """
 import json
 import os
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -55,8 +56,9 @@ RUNS = {
 }
 TRAIN = os.path.join(ROOT, 'train.py')
 EVAL = os.path.join(ROOT, 'eval.py')
+BASE_CONFIG = os.path.join(ROOT, 'config', 'shakespeare_ponder.py')  # the data, the trunk, the batch, the optimizer
 # -----------------------------------------------------------------------------
-config = os.path.join(ROOT, 'experiments', 'repro_shakespeare.py')
+config = os.path.join(ROOT, 'experiments', 'repro_shakespeare.py')  # the budget and the method, over BASE_CONFIG
 data_dir = os.path.join(ROOT, 'data', 'shakespeare-bpe512')
 input = ''              # a local copy of Tiny Shakespeare, to prepare the data offline
 out_root = os.path.join(ROOT, 'out-repro')
@@ -84,20 +86,19 @@ def run_overrides(name):
 
 
 def run_settings(args):
-    """train.py's config for the config file, train_args and args, by configurator.py's rules."""
+    """train.py's config for the config files, train_args and args, by configurator.py's rules."""
     import train
     from configurator import apply_overrides
-    settings = {k: getattr(train, k) for k in train._config_keys}
-    apply_overrides([config, *train_args.split(), *args], settings)
+    settings = train.config_dict()  # its defaults: this process never runs train.py's configurator
+    apply_overrides([*config_files(), *train_args.split(), *args], settings)
     return settings
 
 
 def training_flops_per_token(args):
-    """FLOPs per token of one training step of the model args give (model.py's count, R at its mean)."""
+    """FLOPs per token of one training step of the model args give (R at its mean)."""
     import train
-    train.__dict__.update(run_settings(args))  # this process never trains: train's globals are a scratch pad
-    with torch.device('meta'):  # the shapes alone: no weights to allocate
-        return flops_per_token(train.config_from_globals(), sum(train.jacobi_train_range) / 2, training=True)
+    cfg = SimpleNamespace(**run_settings(args))
+    return flops_per_token(train.model_config(cfg), sum(cfg.jacobi_train_range) / 2, training=True)
 
 
 def flops_matched_iters(base_iters):
@@ -107,8 +108,13 @@ def flops_matched_iters(base_iters):
     return round(base_iters * k1 / vanilla)
 
 
+def config_files():
+    """The config files of every run, in the order train.py applies them."""
+    return [BASE_CONFIG, os.path.abspath(config)]
+
+
 def train_command(name, seed, out_dir):
-    return [sys.executable, TRAIN, os.path.abspath(config), *train_args.split(), *run_overrides(name),
+    return [sys.executable, TRAIN, *config_files(), *train_args.split(), *run_overrides(name),
             f'--data_dir={os.path.abspath(data_dir)}', f'--out_dir={out_dir}', f'--seed={seed}',
             f'--wandb_run_name=repro-{name}-s{seed}',
             '--overwrite=True']  # what a folder without train_time.json holds is an unfinished run: start over

@@ -20,7 +20,7 @@ from model import GPTConfig
 from nanoponder.hf import download_from_hub, empty_model, load_pretrained
 from nanoponder.runtime import UserError, failure, one_line, write_result
 
-# 1: train.py before the format field (still read); 2: 'format' added, init -> weight_init; 3: jacobi_train_range
+# 1: before the format field (still read); 2: 'format' added, init -> weight_init; 3: jacobi_train_range
 # moved from model_args (the model) to config (the training run). Fields added with a default (pretrained,
 # tokenizer) need no new format: older files load without them, older code ignores them.
 CHECKPOINT_FORMAT = 3
@@ -59,7 +59,7 @@ class Checkpoint:
     pretrained: str = None  # the Hugging Face model the run started from, or None
     # the tokenizer of the data it was trained on, so that it is sampled and scored without that data directory:
     # {'name', 'eos_token', 'json': the tokenizer.json text (None for gpt2), 'sha256': the data's identity
-    # (meta.json's tokenizer_sha256; None if unknown)}, data.tokenizer_record. None in older checkpoints.
+    # (meta.json's tokenizer_sha256; None if unknown)}, tokenizer.tokenizer_record. None in older checkpoints.
     tokenizer: dict = None
 
     def save(self, path):
@@ -75,7 +75,7 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path):
-        """Read and validate a train.py checkpoint; a missing, foreign or newer file is one UserError."""
+        """Read and validate a training checkpoint; a missing, foreign or newer file is one UserError."""
         if not os.path.isfile(path):
             raise UserError(f"no checkpoint at {path}")
         try:
@@ -137,7 +137,7 @@ LOCAL_SUFFIXES = ('.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.json')  # a 
 
 def resolve_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES):
     """What init_from names, decided by what is on disk: ('checkpoint', path) for 'resume' (out_dir/ckpt.pt) and
-    any existing file (a train.py checkpoint), ('hf', path) for an existing directory (a Hugging Face model), and
+    any existing file (a training checkpoint), ('hf', path) for an existing directory (a Hugging Face model), and
     ('hub', id) for a name that can only be a hub id. An empty name, a missing resume checkpoint, a directory
     without config.json and a local-looking path that is not there are one UserError each. choices: what
     init_from may be, for the messages."""

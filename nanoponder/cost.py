@@ -11,18 +11,15 @@ schedule from one place, passes(), and takes the Jacobi passes R explicitly (the
                        grad_accum=8, activation_checkpointing=True)
     print(plan.summary())
 
-The plan counts eager PyTorch (what autograd saves, tensor by tensor, see activation_bytes), not the allocator's
-slack: measured peaks are somewhat higher (CUDA caching allocator, CPU malloc), and torch.compile usually needs
-less (fused elementwise ops save fewer tensors). measure_training_peak measures the real thing to compare.
+The plan counts what eager PyTorch's autograd saves, tensor by tensor (activation_bytes), not the allocator's
+slack; measure_training_peak measures the real peak to compare it with.
 """
 from dataclasses import dataclass
 
 import torch
 
 from model import GPT
-from nanoponder.runtime import autocast
-
-GB = 1e9
+from nanoponder.runtime import autocast, human_bytes
 
 # dense bf16 peak TFLOP/s, looked up by a substring of torch.cuda.get_device_name()
 PEAK_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'A10G': 125, 'A6000': 155, 'L40S': 362, 'L4': 121,
@@ -30,11 +27,14 @@ PEAK_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'A10G': 125, 'A6000': 155,
 
 
 def count_params(config):
-    """The parameters of GPT(config), from the config alone (no model is built): a 2.8B model is fine here."""
+    """The parameters of GPT(config), from the config alone (no model is built): a 2.8B model is fine here.
+    -> {'total', 'block': one Block's, 'matmul': the weight matrices of one Block (what its matmuls multiply by),
+    'root': the embeddings' and the final LayerNorm's}."""
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     inner = config.n_inner or 4 * C
-    block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (C * inner + inner) + (inner * C + C)  # 2 LN, attn, MLP
-    return {'total': 2 * V * C + L * block + 2 * C, 'block': block, 'root': 2 * V * C + 2 * C}
+    matmul = 3 * C * C + C * C + C * inner + inner * C  # query_key_value, dense, the MLP's two
+    block = matmul + 4 * C + 3 * C + C + inner + C  # + the 2 LayerNorms and the biases
+    return {'total': 2 * V * C + L * block + 2 * C, 'block': block, 'matmul': matmul, 'root': 2 * V * C + 2 * C}
 
 
 def passes(config, n_jacobi=None):
@@ -54,7 +54,7 @@ def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
     projections. Matmuls only (2 FLOPs per multiply-add), as in the PaLM appendix. n_jacobi: R, see passes()."""
     T = seq_len or config.block_size
     L, H, V = config.n_layer, config.n_embd, config.vocab_size
-    trunk_params = L * (4 * H * H + 2 * H * (config.n_inner or 4 * H))
+    trunk_params = L * count_params(config)['matmul']
 
     def slot_flops(context):  # one trunk position: weight matmuls + q.k and attn.v over the context
         return 2 * trunk_params + 4 * L * H * context
@@ -105,7 +105,7 @@ def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_
         kept += config.n_ponder * B * T * V * (4 + (dtype_bytes if dtype_bytes != 4 else 0))
     # backward's peak on top: the loss's gradients over the vocabulary (2 x fp32) or, when checkpointing, one
     # block's recomputed insides over the longest pass (without checkpointing, the gradients that backward
-    # makes roughly take the place of the saved tensors it frees: measured on the CPU, tests/test_scale.py)
+    # makes roughly take the place of the saved tensors it frees)
     recomputed = B * max(slots) * (4 * C + block_inside) if checkpointing else 0
     working = max(8 * B * T * V, recomputed)
     return kept, working
@@ -124,22 +124,19 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def summary(self):
-        return (f"memory plan per process ({self.description}; an estimate): weights {size(self.weights)} + "
-                f"gradients {size(self.gradients)} + AdamW {size(self.optimizer)} + activations "
-                f"{size(self.activations)} = {size(self.total)}")
-
-
-def size(n_bytes):
-    return f"{n_bytes / GB:.2f} GB" if n_bytes >= 0.1 * GB else f"{n_bytes / 1e6:.1f} MB"
+        return (f"memory plan per process ({self.description}; an estimate): weights {human_bytes(self.weights)} + "
+                f"gradients {human_bytes(self.gradients)} + AdamW {human_bytes(self.optimizer)} + activations "
+                f"{human_bytes(self.activations)} = {human_bytes(self.total)}")
 
 
 def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.float32, parallelism='ddp',
                 world_size=1, grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32):
     """The peak bytes per process of training GPT(config) with micro-batches of batch_size x seq_len tokens
     (default block_size), dtype the autocast compute dtype, grad_accum micro-batches per process and
-    iteration, n_jacobi PonderLM-2's R (training: the largest it draws). ddp (and one process) replicates weights, gradients and AdamW state; fsdp shards them over
-    world_size, and gathers a block at a time (gather_dtype: its MixedPrecisionPolicy's param_dtype) plus the
-    root (embeddings, final LayerNorm), which stays gathered through forward and backward."""
+    iteration, n_jacobi PonderLM-2's R (training: the largest it draws). ddp (and one process) replicates weights,
+    gradients and AdamW state; fsdp shards them over world_size, and gathers a block at a time (gather_dtype: its
+    MixedPrecisionPolicy's param_dtype) plus the root (embeddings, final LayerNorm), which stays gathered through
+    forward and backward."""
     n = count_params(config)
     P = n['total']
     T = seq_len or config.block_size
@@ -174,8 +171,8 @@ def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dt
     """Build GPT(config) and AdamW on device and run `steps` training steps (forward, backward, AdamW) with
     R = n_jacobi (default config.n_jacobi, as plan_memory) on random tokens; return the peak bytes that this added:
     the CUDA allocator's peak, or on a CPU the process's peak RSS (Linux /proc; None elsewhere). For CPU figures
-    that mean anything, start the process with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every large freed block to the system at
-    once, instead of keeping freed memory that RSS would still count (up to 3x the plan with checkpointing)."""
+    that mean anything, start the process with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every large freed
+    block to the system at once, instead of keeping freed memory that RSS would still count."""
     import gc
     T = seq_len or config.block_size
     device_type = torch.device(device).type
@@ -225,3 +222,14 @@ def proc_status(key):
             if line.startswith(key + ':'):
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+
+def kv_cache_slots(config):
+    """The KV cache per token in units of a vanilla model's: PonderLM-2 caches its K thought slots too (K+1),
+    PonderLM keeps one cache per pass (N+1)."""
+    return (config.n_thoughts or config.n_ponder) + 1
+
+
+def kv_cache_bytes_per_token(config, bytes_per_value):
+    """The keys and values that decoding caches per token, over all layers."""
+    return 2 * config.n_layer * config.n_embd * bytes_per_value * kv_cache_slots(config)

@@ -1,5 +1,5 @@
 """
-The prepared data directory that prepare_data.py writes and train.py and eval.py read, and the batches cut from it.
+A prepared data directory (its token files and meta.json), and the training batches cut from it.
 
 A data directory holds {train,val}.bin (MiniPile also test.bin): every document's ids followed by the EOS id,
 concatenated, as uint16; and meta.json:
@@ -107,8 +107,8 @@ def read_tokens(data_dir, split):
 
 
 def max_token_id(path):
-    """The largest id in a (non-empty) token file. A scan at memory speed (0.04 s per GB from the page cache,
-    measured): cheap enough to check every id against a model's vocabulary before each training run."""
+    """The largest id in a (non-empty) token file: one scan at memory speed, so every id can be checked against a
+    model's vocabulary before a run."""
     return int(np.memmap(path, dtype=TOKEN_DTYPE, mode='r').max())
 
 

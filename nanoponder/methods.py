@@ -1,6 +1,6 @@
 """
-The methods' short names, the one vocabulary of configs, bench.py, the experiments and the logs (GPTConfig.method
-writes them): 'vanilla', 'ponderlm2-kK' (PonderLM-2, K thoughts per token), 'ponderlm1-nN' (PonderLM, N steps).
+The methods' short names, as GPTConfig.method spells them, read back into GPTConfig fields: 'vanilla',
+'ponderlm2-kK' (PonderLM-2, K thoughts per token), 'ponderlm1-nN' (PonderLM, N steps).
 
     from nanoponder.methods import method_fields
     GPTConfig(**method_fields('ponderlm2-k2'))   # n_thoughts=2

@@ -1,6 +1,5 @@
 """
-How train.py spreads one model over several processes (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE, on one
-node or many):
+Training one model in several processes (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE, on one node or many):
 
   ddp   every process holds the whole model, its gradients and its AdamW state; gradients are all-reduced
         once per iteration (DistributedDataParallel). The fastest while the model fits.
@@ -9,9 +8,9 @@ node or many):
         pass of the thought loop) and freed after, and its gradients reduce-scattered. For models whose
         training state does not fit one GPU under ddp.
 
-Both train to the same weights as one process (tests/test_scale.py). The checkpoint is one portable file
-either way: full_state() gathers the model and AdamW state to rank 0 in the layout of an unwrapped model and
-torch.optim, so a run resumes at another world size or under the other parallelism (load_optimizer_state).
+Both train to the same weights as one process. The checkpoint is one portable file either way: full_state()
+gathers the model and AdamW state to rank 0 in the layout of an unwrapped model and torch.optim, so a run resumes
+at another world size or under the other parallelism (load_optimizer_state).
 """
 import gc
 import inspect

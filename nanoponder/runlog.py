@@ -1,7 +1,7 @@
 """
-The record of a training run, kept by rank 0 of train.py: out_dir/metrics.jsonl (one JSON object per line: train
-lines with loss, lr, tokens/s, MFU, R; evaluation lines with val_loss), the loss curve out_dir/loss.png, and the
-console, a tqdm bar in a terminal or a plain line per log_interval in a file.
+The record of a training run, kept by rank 0: out_dir/metrics.jsonl (one JSON object per line: train lines with
+loss, lr, tokens/s, MFU, R; evaluation lines with val_loss), the loss curve out_dir/loss.png, and the console, a
+tqdm bar in a terminal or a plain line per log_interval in a file.
 
     from nanoponder.runlog import read_metrics
     entries = read_metrics('out-shakespeare-ponder/metrics.jsonl')
@@ -24,7 +24,7 @@ class RunLog:
     plain line per log_interval otherwise (`nohup ... > log`, `| tee`)."""
 
     def __init__(self, out_dir, run, log_interval, resumed_at=None, wandb=None):
-        """run: the training Run (total_iters, warmup, iter_num, ...); resumed_at: the checkpoint's iteration
+        """run: the training run's state (total_iters, warmup, iter_num, ...); resumed_at: the checkpoint's iteration
         when resuming (the log keeps its lines up to there); wandb: an initialized wandb module, or None."""
         self.out_dir, self.log_interval, self.wandb = out_dir, log_interval, wandb
         self.path = os.path.join(out_dir, 'metrics.jsonl')

@@ -11,8 +11,8 @@ What every script of nanoPonder shares at run time, in one place:
 Exit codes of every script:
     0    done
     1    the run failed while running: training diverged, out of memory, a download or a disk write failed
-    2    the command is wrong: an unknown or out-of-range option or config value (configurator.py too), or a
-         file or data directory it names is missing or unusable
+    2    the command is wrong: an unknown or out-of-range option or config value, or a file or data directory
+         it names is missing or unusable
     130  stopped by Ctrl-C (SIGINT), after saving where the script saves
     143  stopped by SIGTERM, likewise
 
@@ -50,6 +50,19 @@ def one_line(text, limit=300):
     """A message as one line, cut at limit characters (state dict mismatches list every key)."""
     text = ' '.join(str(text).split())
     return text if len(text) <= limit else text[:limit] + '...'
+
+
+def human(n):
+    """A count for people: 1234567 -> '1.23M' (K, M, B); below a thousand as it is."""
+    for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def human_bytes(n_bytes):
+    """A size in bytes for people: '1.23 GB' from 0.1 GB up, else '45.6 MB'."""
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 0.1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def is_rank0():
@@ -102,9 +115,8 @@ def resolve_device(name):
 
 def resolve_dtype(name, device_type):
     """The compute dtype (of autocast; weights stay fp32): 'auto' is bfloat16 where matmuls run natively in it,
-    a CUDA GPU that supports it or a CPU with AVX512-BF16 or AMX (about 4x the fp32 speed on such a CPU), and
-    float32 everywhere else (other CPUs only emulate bf16, MPS); float16 needs CUDA (its loss scaling).
-    Returns a torch dtype."""
+    a CUDA GPU that supports it or a CPU with AVX512-BF16 or AMX, and float32 everywhere else (other CPUs only
+    emulate bf16, MPS); float16 needs CUDA (its loss scaling). Returns a torch dtype."""
     if name == 'auto':
         if device_type == 'cuda' and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -120,8 +132,7 @@ def resolve_dtype(name, device_type):
 
 def compile_blocks(model, **options):
     """torch.compile each Block of model in place (regional compilation): every pass of every method runs the same
-    Block code, so the compiled graphs are reused whatever the number of passes R; compiling the whole model
-    instead unrolls the thought loop into one graph per R. Parameter names do not change."""
+    Block code, so the compiled graphs are reused whatever the number of passes R. Parameter names do not change."""
     for block in model.layers:
         block.compile(**options)
 

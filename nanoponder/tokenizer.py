@@ -176,7 +176,7 @@ def train_bpe(texts, vocab_size, path, eos_token='<|endoftext|>'):
 def data_dir_tokenizer(data_dir):
     """The tokenizer a prepared data directory was made with: its tokenizer.json copy, else meta's 'tokenizer'."""
     meta = read_meta(data_dir)
-    eos = meta.get('eos_token', '<|endoftext|>')  # prepare_data's --eos_token, if it was changed
+    eos = meta.get('eos_token', '<|endoftext|>')  # the data's own end-of-document token, if not the default
     tok_file = data_tokenizer_file(data_dir, meta)
     if tok_file:
         tok = load_tokenizer(tok_file, eos)
@@ -210,7 +210,7 @@ def tokenizer_mismatch(ckpt, data_dir, meta):
 
 
 def checkpoint_tokenizer(ckpt):
-    """The tokenizer of a train.py checkpoint's training data: the copy it carries, else (a checkpoint saved
+    """The tokenizer of a training checkpoint's data: the copy it carries, else (a checkpoint saved
     before they carried one) its data directory's."""
     kept = ckpt.tokenizer
     if kept and kept.get('json') is not None:
@@ -231,8 +231,8 @@ def checkpoint_tokenizer(ckpt):
 
 
 def checkpoint_data_dir(ckpt):
-    """The data directory a train.py checkpoint was trained on. A relative data_dir is relative to where
-    train.py ran: when it is not there from here, try the repository."""
+    """The data directory a training checkpoint was trained on. A relative data_dir is relative to where the
+    training ran: when it is not there from here, try the repository."""
     data_dir = (ckpt.config or {}).get('data_dir')
     if not data_dir:
         raise UserError("the checkpoint does not record its data_dir; pass --tokenizer=pythia|gpt2|PATH")
@@ -243,7 +243,7 @@ def checkpoint_data_dir(ckpt):
 
 
 def hub_tokenizer_path(repo_id):
-    """tokenizer.json of a hub model (from_pretrained has usually cached it already); None if it has none."""
+    """tokenizer.json of a hub model (loading the model has usually cached it already); None if it has none."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
     try:
@@ -259,7 +259,7 @@ def hub_tokenizer_path(repo_id):
 
 
 def model_tokenizer(init_from, ckpt=None, override=''):
-    """The tokenizer that goes with a model: override (pythia | gpt2 | a path) if given; for a train.py
+    """The tokenizer that goes with a model: override (pythia | gpt2 | a path) if given; for a training
     checkpoint the one its training data was prepared with (checkpoint_tokenizer); for a Hugging Face model
     (directory or hub id) the tokenizer.json beside its weights."""
     if override:

@@ -1,5 +1,6 @@
 """Shared test fixtures: random text and a tiny byte-level BPE tokenizer trained on it, made in the test
-(no network, no ../shared). pytest.ini puts the repository on the import path."""
+(no network, no ../shared), and the test module's tokenizer loaded. pytest.ini puts the repository on the import
+path; the shared plain functions and constants (ROOT, ENV, tiny models, ...) are in helpers.py."""
 import random
 
 import pytest
@@ -36,3 +37,10 @@ def tiny_tokenizer(tmp_path_factory):
     """A factory: tiny_tokenizer(words, max_words) -> path of a tokenizer.json trained on text of those words."""
     return lambda words, max_words=12: train_tokenizer(tmp_path_factory.mktemp('tok') / 'tokenizer.json',
                                                        words, max_words)
+
+
+@pytest.fixture(scope='module')
+def tok(tokenizer_json):
+    """The tokenizer of the test module's own tokenizer_json fixture, loaded."""
+    from nanoponder.tokenizer import load_tokenizer
+    return load_tokenizer(tokenizer_json)

@@ -6,8 +6,7 @@ import sys
 import pytest
 
 from configurator import ConfigError, apply_overrides, known_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 SCRIPT = f'''"""A tiny script: python script.py --batch_size=8"""
 import os
@@ -19,7 +18,7 @@ betas = (0.9, 0.95)
 init_from = None
 _private = 'not config'
 def helper(): pass
-exec(open({os.path.join(REPO, 'configurator.py')!r}).read())
+exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())
 print(repr((batch_size, learning_rate, compile, device, betas, init_from)))
 '''
 
@@ -138,7 +137,7 @@ def test_exec_leaves_only_the_scripts_own_names(tmp_path):
     script.write_text(f'''compile = True
 def one_line(x): return 'mine'
 before = set(globals()) | {{'before'}}
-exec(open({os.path.join(REPO, 'configurator.py')!r}).read())
+exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())
 print(sorted(n for n in set(globals()) ^ before if not n.startswith('__')), compile, one_line(1))
 ''')
     r = subprocess.run([sys.executable, str(script), '--compile=false'], capture_output=True, text=True, timeout=60)

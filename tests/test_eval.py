@@ -19,38 +19,15 @@ import torch.nn.functional as F
 
 import eval as ev
 from model import GPT, GPTConfig, relative_change, settled
-from nanoponder.checkpoint import Checkpoint
 from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained, read_config, save_pretrained
-from nanoponder.tokenizer import load_tokenizer
+from helpers import ENV, ROOT, randomize, tiny, write_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
 WORDS = ['the', 'cat', 'dog', 'sat', 'on', 'a', 'mat', 'ran', 'far', 'red', 'café', 'naïve', '日本語', '🙂']
-TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **kw})).eval()
-
-
-def randomize(model, std=0.3, seed=1):
-    """The init's small weights give near-uniform logits; larger ones make differences and greedy choices show."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model
 
 
 @pytest.fixture(scope='module')
 def tokenizer_json(tiny_tokenizer):
     return tiny_tokenizer(WORDS, max_words=10)
-
-
-@pytest.fixture(scope='module')
-def tok(tokenizer_json):
-    return load_tokenizer(tokenizer_json)
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +109,7 @@ def test_sample_py_jacobi_tol_zero_samples_with_exact_prompt_thoughts(tmp_path, 
     prompt = 'the cat sat on a naïve mat'
     r = subprocess.run([sys.executable, 'sample.py', f'--init_from={tmp_path / "ckpt.pt"}', f'--start={prompt}',
                         '--temperature=0', '--max_new_tokens=8', '--jacobi_tol=0', '--dtype=float32'],  # fp32 reference
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ids = torch.tensor([tok.encode(prompt)])
     exact = model.generate(ids, 8, temperature=0, n_jacobi=ids.size(1) - 1)[0].tolist()
@@ -266,13 +243,8 @@ def test_convergence_is_non_increasing_on_a_trained_model(trained):
 # -----------------------------------------------------------------------------
 # eval.py from the command line
 
-def write_checkpoint(path, model, data_dir):
-    Checkpoint(model_args=vars(model.config), model=model.state_dict(), optimizer={}, scaler={}, iter_num=0,
-               data_state={}, rng={}, best_val_loss=0.0, config={'data_dir': str(data_dir)}).save(str(path))
-
-
 def run_eval(*args):
-    return subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+    return subprocess.run([sys.executable, 'eval.py', *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -515,12 +487,19 @@ def test_lm_eval_adapter_matches_lm_evals_own_hf_model(tmp_path, hf_dir):
 
 
 def test_eval_needs_lm_eval_only_for_tasks_and_registers_nanoponder():
-    r = subprocess.run([sys.executable, '-c', "import sys, eval; assert 'lm_eval' not in sys.modules"], cwd=REPO,
+    r = subprocess.run([sys.executable, '-c', "import sys, eval; assert 'lm_eval' not in sys.modules"], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     registry = pytest.importorskip('lm_eval.api.registry')
     cls = ev.lm_eval_class()  # defines and registers the class
     assert registry.get_model('nanoponder') is cls
+
+
+def test_tasks_without_lm_eval_are_one_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'lm_eval', None)  # import lm_eval now fails, as where it is not installed
+    monkeypatch.delitem(sys.modules, 'nanoponder.lm_eval_adapter', raising=False)
+    with pytest.raises(ev.UserError, match=r"downstream tasks need lm-evaluation-harness: pip install 'lm-eval"):
+        ev.lm_eval_class()
 
 
 def instance(kind, args):
@@ -568,6 +547,27 @@ def test_lm_eval_generate_until_stops_at_strings_and_max_tokens(tok):
     assert got[1] == tok.decode(greedy[:5])
     dog = torch.tensor([tok.encode('the dog')])
     assert got[2] == tok.decode(model.generate(dog, 5, temperature=0, n_jacobi=dog.size(1))[0, dog.size(1):].tolist())
+
+
+def test_lm_eval_generate_until_samples_with_the_tasks_settings(tok):
+    """do_sample with top_k=1, or a top_p that keeps only the likeliest token, is greedy at any temperature: the
+    task's top_k and top_p reach the model's sampler; without do_sample the temperature is ignored."""
+    pytest.importorskip('lm_eval')
+    model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
+    lm = ev.lm_eval_class()(model=model, tokenizer=tok, batch_size=2)
+    prompt = 'the cat sat on'
+    ids = torch.tensor([tok.encode(prompt)])
+    greedy = tok.decode(model.generate(ids, 6, temperature=0, exact=True)[0, ids.size(1):].tolist())
+    settings = [{'do_sample': True, 'temperature': 5.0, 'top_k': 1}, {'do_sample': True, 'temperature': 5.0,
+                'top_p': 1e-6}, {'do_sample': False, 'temperature': 5.0}]
+    got = lm.generate_until([instance('generate_until', (prompt, {'until': ['never seen'], 'max_gen_toks': 6, **s}))
+                             for s in settings])
+    assert got == [greedy] * 3
+    torch.manual_seed(0)
+    sampled = lm.generate_until([instance('generate_until', (prompt, {'until': ['never seen'], 'max_gen_toks': 6,
+                                                                       'do_sample': True, 'temperature': 5.0}))
+                                 for _ in range(4)])
+    assert any(text != greedy for text in sampled)  # sampling at a high temperature does leave the greedy path
 
 
 def test_downstream_mode_prints_a_table_and_writes_json(monkeypatch, capsys, tmp_path, hf_dir):

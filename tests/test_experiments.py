@@ -2,13 +2,12 @@
 PonderLM-2 K=1 and the FLOPs-matched vanilla over two seeds, evaluates them with eval.py, and writes its table and
 plots; a second call reuses the finished runs."""
 import json
-import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ENV, ROOT
+
 TOY = ('--model= --n_layer=1 --n_head=2 --n_embd=16 --block_size=16 --batch_size=2 --max_iters=2 --eval_interval=1 '
        '--eval_iters=1 --warmup_iters=1 --dtype=float32')
 
@@ -21,8 +20,7 @@ def test_repro_runs_end_to_end_on_a_toy_budget(tmp_path):
     cmd = [sys.executable, str(ROOT / 'experiments' / 'repro.py'), f'--input={tmp_path / "input.txt"}',
            f'--data_dir={tmp_path / "data"}', f'--out_root={tmp_path / "out"}', '--seeds=1,2',
            '--runs=vanilla,ponderlm2-k1,vanilla-flops', f'--train_args={TOY}']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # not from ROOT
+    r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)  # not from ROOT
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((tmp_path / 'data' / 'meta.json').read_text())['tokenizer'] == 'bpe:512'
     results = json.loads((tmp_path / 'out' / 'results.json').read_text())
@@ -37,5 +35,5 @@ def test_repro_runs_end_to_end_on_a_toy_budget(tmp_path):
     assert 'PonderLM-2 K=1' in table and 'training FLOPs of K=1' in table and '- vanilla: mean' in table
     for png in ('val_loss_tokens.png', 'val_loss_flops.png'):
         assert (tmp_path / 'out' / png).stat().st_size > 0
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.count('reusing it') == 6, r.stdout[-3000:]

@@ -3,7 +3,6 @@ The options of sample.py, eval.py and bench.py, and configurator.py's messages a
 exact command and expects one `error:` line (the last line of stderr), its exit code, no traceback, and the files
 already there unchanged (checksums); output paths are refused before the work starts. CPU, no network.
 """
-import hashlib
 import os
 import random
 import subprocess
@@ -16,10 +15,8 @@ import torch
 from nanoponder.tokenizer import load_tokenizer
 from model import GPT, GPTConfig, sample
 from nanoponder.checkpoint import Checkpoint
-from test_eval import write_checkpoint
+from helpers import ENV, ROOT, assert_one_error, checksums, write_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
 WORDS = ['the', 'cat', 'dog', 'sat', 'on', 'a', 'mat', 'ran', 'far']
 EVAL = ['--max_windows=2', '--max_jacobi=1', '--jacobi_tols=(0.01,)', '--device=cpu']
 BENCH = ['--model=', '--n_layer=1', '--n_head=2', '--n_embd=16', '--vocab_size=64', '--block_size=16',
@@ -34,24 +31,6 @@ def run(*cmd, env=ENV, shell_prefix=None):
     if shell_prefix:
         argv = ['bash', '-c', f'{shell_prefix}; exec "$@"', 'bash', *argv]
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def digest(path):
-    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
-
-
-def checksums(directory):
-    return {name: digest(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
-            if os.path.isfile(os.path.join(directory, name))}
-
-
-def assert_one_error(r, code, *needles):
-    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
-    assert 'Traceback' not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope='module')

@@ -5,7 +5,6 @@ was for. Each mistake is one `error:` line with the documented exit code, and no
 
     python -m pytest tests/test_mistakes_data.py -q
 """
-import hashlib
 import json
 import os
 import random
@@ -18,9 +17,8 @@ import pytest
 import torch
 
 from nanoponder.runtime import TEMP_SUFFIX
+from helpers import ENV, ROOT, assert_one_error, checksums
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only cost
 WORDS_A = ['the', 'king', 'queen', 'of', 'ponder', 'token', 'café', 'line\n']
 WORDS_B = ['alpha', 'beta', 'gamma', 'delta', 'x', 'y', '日本語\n']
 TRAIN = ['--model=', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--vocab_size=320',
@@ -29,23 +27,8 @@ TRAIN = ['--model=', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=1
 
 
 def run(script, *args, env=ENV, **kwargs):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=180, **kwargs)
-
-
-def checksums(*dirs):
-    """{path: sha256} of every file under dirs: what must not change."""
-    return {os.path.join(d, f): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest()
-            for top in dirs for d, _, files in os.walk(top) for f in files}
-
-
-def assert_one_error(r, code, *words):
-    lines = r.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith('error:')]
-    assert r.returncode == code and len(errors) == 1 and lines[-1] == errors[0], r.stderr[-3000:]
-    assert 'Traceback' not in r.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
 
 
 @pytest.fixture(scope='module')

@@ -1,5 +1,5 @@
 """
-Hugging Face directories and the one --init_from rule (runtime.resolve_init_from) of sample.py, eval.py,
+Hugging Face directories and the one --init_from rule (nanoponder.checkpoint.resolve_init_from) of sample.py, eval.py,
 export_hf.py and train.py. A directory as the official PonderLM-2 / PonderingLM code saves it loads and samples;
 a broken one, a missing path, a file that is no checkpoint are one `error:` line, the same in every script, and
 touch nothing; a hub download that fails is exit 1 everywhere; export_hf.py replaces no model without
@@ -17,15 +17,12 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-
 from nanoponder.hf import (config_from_hf, jacobi_train_range_from_hf, load_pretrained, read_config, read_state_dict,
                            save_pretrained)
 from nanoponder.checkpoint import Checkpoint, resolve_init_from
 from nanoponder.runtime import UserError
-from test_train import ENV as TRAIN_ENV, ROOT, TINY, last_line, make_data
-from test_train_mistakes import assert_one_error, checksums
+from helpers import ENV, ROOT, TINY, assert_one_error, checksums, last_line, make_data
 
-ENV = {**TRAIN_ENV, 'HF_HUB_OFFLINE': '1'}  # a hub id fails at once, never reaches the network
 VOCAB = 320  # above the tiny tokenizer's ids, padded as Pythia pads its 50277 to 50304
 SIZE = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
 
@@ -244,8 +241,9 @@ def test_a_checkpoint_under_any_name_works_in_sample_eval_and_export(ckpt_file, 
     assert load_pretrained(str(tmp_path / 'export')).config.block_size == 16
 
 
-def test_a_missing_local_path_is_the_same_line_in_sample_eval_and_export(tmp_path):
-    missing = tmp_path / 'no-such-run' / 'ckpt.pt'
+@pytest.mark.parametrize('name', ['no-such-run/ckpt.pt', 'my_ckpt'])  # the second: no .pt, in a directory that is
+def test_a_missing_local_path_is_the_same_line_in_sample_eval_and_export(tmp_path, name):
+    missing = tmp_path / name
     results = run(*(command(s, missing, tmp_path) for s in ('sample.py', 'eval.py', 'export_hf.py')))
     for r in results:
         assert_one_error(r, 2, f'no such file or directory: {missing}', 'hub id')

@@ -12,14 +12,10 @@ import torch
 import model as model_module
 from model import GPT, Attention, GPTConfig, sample
 from nanoponder.cost import estimate_mfu, flops_per_token
-from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained, save_pretrained
+from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained
+from helpers import tiny
 
-TINY = dict(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **kw})).eval()
+BLOCK = 64  # the context of the tiny models here, tiny(block_size=BLOCK)
 
 
 # -----------------------------------------------------------------------------
@@ -78,7 +74,7 @@ def test_parity_with_hf_gpt_neox(tmp_path, parallel_residual, rotary_pct):
 def test_chunked_cache_equals_one_pass():
     """Attention with a cache and several new positions needs a shifted causal mask (not SDPA's is_causal)."""
     from model import KVCache
-    model = tiny()
+    model = tiny(block_size=BLOCK)
     x = torch.randn(2, 12, 32)
     pos = torch.arange(12)
     full = model.trunk(x, pos)
@@ -90,7 +86,7 @@ def test_chunked_cache_equals_one_pass():
 
 def test_attention_backend_choice(monkeypatch):
     """'sdpa' is what 'auto' runs on the CPU; 'flash' needs flash_attn, and then CUDA in bf16/fp16."""
-    model = tiny(n_thoughts=1)
+    model = tiny(block_size=BLOCK, n_thoughts=1)
     idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
     auto = model(idx)[0]
     auto_tokens = model.generate(idx[:1, :4], 6, temperature=0)
@@ -140,7 +136,7 @@ def sequential_thought_logits(model, idx):
 
 @pytest.mark.parametrize('K', [1, 2])
 def test_parallel_thoughts_equal_sequential_reference(K):
-    model = tiny(n_thoughts=K)
+    model = tiny(block_size=BLOCK, n_thoughts=K)
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(K))
     with torch.no_grad():
         ref = sequential_thought_logits(model, idx)
@@ -155,7 +151,7 @@ def test_parallel_thoughts_equal_sequential_reference(K):
 
 @pytest.mark.parametrize('K', [1, 2])
 def test_cached_thought_decoding_is_exact(K):
-    model = tiny(n_thoughts=K)
+    model = tiny(block_size=BLOCK, n_thoughts=K)
     prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(7))
     steps = list(model.generate_stream(prompt, 12, temperature=0, n_jacobi=K * prompt.size(1)))
     tokens = torch.cat([prompt] + [t for t, _ in steps], dim=1)
@@ -168,7 +164,7 @@ def test_cached_thought_decoding_is_exact(K):
 
 
 def test_thought_prefill_uses_n_jacobi_passes():
-    model = tiny(n_thoughts=1, n_jacobi=3)
+    model = tiny(block_size=BLOCK, n_thoughts=1, n_jacobi=3)
     prompt = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(3))
     (_, logits), = model.generate_stream(prompt, 1, temperature=0)  # default: config.n_jacobi over the prompt
     with torch.no_grad():
@@ -181,7 +177,7 @@ def test_thought_prefill_uses_n_jacobi_passes():
 
 @pytest.mark.parametrize('kw', [dict(n_ponder=3), dict(n_ponder=2, ponder_multiply=True), dict()])
 def test_cached_decoding_equals_uncached(kw):
-    model = tiny(**kw)
+    model = tiny(block_size=BLOCK, **kw)
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
     steps = list(model.generate_stream(prompt, 15, temperature=0))
     tokens = torch.cat([prompt] + [t for t, _ in steps], dim=1)
@@ -193,7 +189,7 @@ def test_cached_decoding_equals_uncached(kw):
 
 
 def test_ponder_matches_definition():
-    model = tiny(n_ponder=2, ponder_multiply=True)
+    model = tiny(block_size=BLOCK, n_ponder=2, ponder_multiply=True)
     idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
     s, pos = math.sqrt(32), torch.arange(7)
     with torch.no_grad():
@@ -227,7 +223,7 @@ def test_sampling_filters():
 # training-side behaviour
 
 def test_gradients_flow_through_stage_building(monkeypatch):
-    model = tiny(n_thoughts=1).train()
+    model = tiny(block_size=BLOCK, n_thoughts=1).train()
     idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
 
     def grads():
@@ -355,7 +351,7 @@ def save_tiny_checkpoint(path, model, config_extra=None, fmt='safetensors', shar
 
 @pytest.mark.parametrize('fmt,shards', [('safetensors', 1), ('safetensors', 3), ('bin', 1)])
 def test_from_pretrained_round_trip_of_a_thought_model(tmp_path, fmt, shards):
-    model = tiny(n_thoughts=2)
+    model = tiny(block_size=BLOCK, n_thoughts=2)
     save_tiny_checkpoint(tmp_path, model, dict(num_latent_thoughts=2, num_jacobi_iterations=3, scale_embeds=True),
                          fmt=fmt, shards=shards)
     loaded = load_pretrained(str(tmp_path)).eval()
@@ -365,7 +361,7 @@ def test_from_pretrained_round_trip_of_a_thought_model(tmp_path, fmt, shards):
 
 
 def test_from_pretrained_loads_bf16_weights_and_overrides(tmp_path):
-    model = tiny()
+    model = tiny(block_size=BLOCK)
     save_tiny_checkpoint(tmp_path, model, dtype=torch.bfloat16)
     loaded = load_pretrained(str(tmp_path), n_jacobi=5)
     assert loaded.embed_in.weight.dtype == torch.float32 and loaded.config.n_jacobi == 5
@@ -376,7 +372,7 @@ def test_from_pretrained_loads_bf16_weights_and_overrides(tmp_path):
 
 def test_missing_or_unexpected_weights_are_named(tmp_path):
     from safetensors.torch import save_file
-    sd = save_tiny_checkpoint(tmp_path, tiny())
+    sd = save_tiny_checkpoint(tmp_path, tiny(block_size=BLOCK))
     del sd['gpt_neox.layers.1.mlp.dense_h_to_4h.bias']
     sd['gpt_neox.layers.1.mlp.extra'] = torch.zeros(1)
     save_file(sd, os.path.join(tmp_path, 'model.safetensors'))

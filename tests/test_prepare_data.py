@@ -12,8 +12,7 @@ import pytest
 from nanoponder.tokenizer import data_dir_tokenizer, load_tokenizer
 from prepare_data import split_at_line, split_documents
 from nanoponder.runtime import TEMP_SUFFIX, UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'token', 'café', 'naïve', '日本語', 'emoji 🙂', 'tab\there',
          'crlf\r\n', 'line\n', '  spaced  ', '<|endoftext', '0123']
@@ -36,7 +35,7 @@ def big_vocab_json(tmp_path_factory):
 
 
 def prepare(*args):
-    return subprocess.run([sys.executable, 'prepare_data.py', *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, 'prepare_data.py', *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 

@@ -14,16 +14,14 @@ import sys
 import pytest
 import torch
 
-from nanoponder.tokenizer import load_tokenizer, safe_decode
-from model import GPT, GPTConfig
+from nanoponder.tokenizer import safe_decode
 from prepare_data import prepare
 from nanoponder.checkpoint import Checkpoint
 from sample import TextStream
+from helpers import ENV, ROOT, randomize, tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'thought', 'token', 'café', 'naïve', '日本語', '🙂', 'line\n']
 PROMPT = 'the king of café 🙂 thought'
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only cost, and other jobs may share the CPU
 RATE_LINE = re.compile(r'^generated (\d+) tokens in [\d.]+ s: [\d.]+ tokens/s$')
 
 
@@ -31,19 +29,6 @@ RATE_LINE = re.compile(r'^generated (\d+) tokens in [\d.]+ s: [\d.]+ tokens/s$')
 def tokenizer_json(tiny_tokenizer):
     """A byte-level BPE tokenizer with <|endoftext|> = 0 and a vocabulary of 300."""
     return tiny_tokenizer(WORDS, max_words=10)
-
-
-@pytest.fixture(scope='module')
-def tok(tokenizer_json):
-    return load_tokenizer(tokenizer_json)
-
-
-def scale_weights(model, std):
-    """Random init gives near-uniform logits; larger weights make greedy choices decisive, not float ties."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +47,7 @@ def out_dir(tmp_path_factory, tokenizer_json):
          '--gradient_accumulation_steps=1', '--max_iters=60', '--eval_interval=60', '--eval_iters=1',
          '--log_interval=60', '--learning_rate=1e-2', '--warmup_iters=2', '--n_thoughts=1', '--n_jacobi=2',
          '--jacobi_train_range=(1,2)', '--device=cpu', '--dtype=float32', '--compile=False'],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.isfile(out / 'ckpt.pt') and os.path.isfile(data_dir / 'tokenizer.json')
     return str(out)
@@ -71,7 +56,7 @@ def out_dir(tmp_path_factory, tokenizer_json):
 def run_samples(*arg_lists):
     """Run sample.py once per argument list, all at the same time (most of each run is importing torch)."""
     # fp32: the samples are compared with fp32 references (dtype='auto' is bf16 on CPUs with native bf16 matmul)
-    procs = [subprocess.Popen([sys.executable, 'sample.py', '--device=cpu', '--dtype=float32', *args], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, 'sample.py', '--device=cpu', '--dtype=float32', *args], cwd=ROOT,
                               env=ENV, text=True, encoding='utf-8', stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for args in arg_lists]
     return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=120)]]
@@ -158,7 +143,7 @@ def test_stdout_holds_the_samples_only(out_dir, tmp_path, tok, make_text):
     with open(out_file, 'w', encoding='utf-8') as f:
         r = subprocess.run([sys.executable, 'sample.py', '--device=cpu', '--dtype=float32',
                             f'--out_dir={out_dir}', f'--start=FILE:{prompt_file}', '--temperature=0'],
-                           cwd=REPO, env=ENV, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
+                           cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     err = r.stderr.strip().splitlines()
     assert 'config: temperature = 0.0' in err and int(RATE_LINE.match(err[-1]).group(1)) == 200
@@ -184,7 +169,7 @@ def test_hf_directory_matches_transformers_greedy(tmp_path, tokenizer_json, tok)
         vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=64, rotary_pct=0.25, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
     hf = transformers.GPTNeoXForCausalLM(cfg).eval()
-    scale_weights(hf, 0.5)
+    randomize(hf, 0.5)
     hf_dir = tmp_path / 'hf'
     hf.save_pretrained(hf_dir)
     shutil.copyfile(tokenizer_json, hf_dir / 'tokenizer.json')
@@ -219,15 +204,10 @@ def test_text_stream_prints_whole_characters(tok, capsys):
 
 # ----------------------------------------------------------------------------- generating past the context
 
-METHODS = {'vanilla': {}, 'ponderlm2-k1': {'n_thoughts': 1}, 'ponderlm1-n2': {'n_ponder': 2}}
+# tiny random models, tiny(method, block_size=BLOCK): their logits are near uniform, so the tokens they pick vary,
+# as a test of the window needs (a model repeating one token would look the same through any window)
+METHODS = ['vanilla', 'ponderlm2-k1', 'ponderlm1-n2']
 BLOCK = 16
-
-
-def tiny_model(method):
-    """A tiny random model: its logits are near uniform, so the tokens it picks vary, as a test of the window
-    needs (a model repeating one token would look the same through any window)."""
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=BLOCK, vocab_size=97, n_layer=2, n_head=4, n_embd=32, **METHODS[method])).eval()
 
 
 def random_prompt(T, seed=1):
@@ -249,7 +229,7 @@ def windows(n_prompt, n_new, block_size):
 def test_greedy_generation_continues_past_the_context(method):
     """The tokens generated while prompt + new tokens fit are those of a run that never slides; generation goes
     on past block_size; and the cached path equals the uncached one past the slides (the same windows)."""
-    model = tiny_model(method)
+    model = tiny(method, block_size=BLOCK)
     prompt = random_prompt(5)
     exact = model.config.n_thoughts * prompt.size(1)  # Jacobi passes for exact prompt thoughts, as uncached has
     long = model.generate(prompt, 3 * BLOCK, temperature=0, n_jacobi=exact)
@@ -263,7 +243,7 @@ def test_greedy_generation_continues_past_the_context(method):
 def test_each_token_is_predicted_from_its_window(method):
     """Sampled tokens (varied ones); each step's logits equal a from-scratch forward with exact thoughts over the
     window the rule names: the slides come where they should, and the refilled caches are right."""
-    model = tiny_model(method)
+    model = tiny(method, block_size=BLOCK)
     prompt = random_prompt(5, seed=2)
     torch.manual_seed(1)
     steps = list(model.generate_stream(prompt, 3 * BLOCK, temperature=1.0,
@@ -280,7 +260,7 @@ def test_each_token_is_predicted_from_its_window(method):
 def test_a_prompt_must_fit_in_the_context():
     """A prompt that fills the context slides at the first token it feeds; a longer one is an error (sample.py
     cuts it with --truncate=True)."""
-    model = tiny_model('vanilla')
+    model = tiny('vanilla', block_size=BLOCK)
     full = random_prompt(BLOCK)
     assert torch.equal(model.generate(full, 5, temperature=0), model.generate(full, 5, temperature=0, use_cache=False))
     with pytest.raises(ValueError, match='block_size'):

@@ -1,7 +1,7 @@
 """
 What makes large runs possible, checked on the CPU in-process with tiny models: activation checkpointing changes
 no gradient, per-Block compilation matches eager with a number of graphs that does not grow with R, dtype='auto'
-picks bf16 only where matmuls run natively in it, and the memory plan (memplan.py) agrees with the measured peak
+picks bf16 only where matmuls run natively in it, and the memory plan (nanoponder.cost) agrees with the measured peak
 RSS of small training steps. FSDP and DDP end to end (2 processes, resume across parallelisms): test_train.py.
 """
 import json
@@ -15,15 +15,9 @@ import torch
 from nanoponder import runtime
 from nanoponder.cost import count_params, plan_memory
 from model import GPT, GPTConfig
+from helpers import ENV, METHODS, ROOT, tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {'vanilla': {}, 'ponderlm2-k1': {'n_thoughts': 1}, 'ponderlm2-k2': {'n_thoughts': 2},
-           'ponderlm1-n2': {'n_ponder': 2}}
-
-
-def tiny(method, **kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=128, block_size=16, **METHODS[method], **kw))
+SHAPE = dict(n_head=2, vocab_size=128, block_size=16)  # the models here, in training mode: tiny(method, **SHAPE).train()
 
 
 def batch(B=2, T=16):
@@ -53,7 +47,7 @@ def block_calls(model):
 @pytest.mark.parametrize('method', list(METHODS))
 def test_activation_checkpointing_gives_the_same_gradients(method):
     x, y = batch()
-    model = tiny(method)
+    model = tiny(method, **SHAPE).train()
     calls = block_calls(model)
     loss, grads = loss_and_grads(model, x, y)
     plain_calls = len(calls)
@@ -81,7 +75,7 @@ def test_activation_checkpointing_gives_the_same_gradients(method):
 def test_activation_checkpointing_is_not_part_of_the_model():
     """A setting of the run, not of the model: nothing of it is in the config or the state dict, so a run may
     resume with it switched on or off."""
-    model = tiny('ponderlm2-k1')
+    model = tiny('ponderlm2-k1', **SHAPE).train()
     keys = set(model.state_dict())
     model.activation_checkpointing = True
     assert set(model.state_dict()) == keys and 'activation_checkpointing' not in vars(model.config)
@@ -102,7 +96,7 @@ def test_compiled_blocks_match_eager_and_the_graphs_do_not_grow_with_R():
     torch._dynamo.reset()
     counters.clear()
     x, y = batch()
-    eager, compiled = tiny('ponderlm2-k1'), tiny('ponderlm2-k1')
+    eager, compiled = tiny('ponderlm2-k1', **SHAPE).train(), tiny('ponderlm2-k1', **SHAPE).train()
     runtime.compile_blocks(compiled, backend='aot_eager')
     graphs = []
     for R in (2, 3, 4):
@@ -144,10 +138,11 @@ def test_auto_dtype_is_bf16_only_where_matmuls_are_native(monkeypatch):
 
 def test_parameter_count_from_the_config():
     for method in METHODS:
-        model = tiny(method)
+        model = tiny(method, **SHAPE).train()
         n = count_params(model.config)
         assert n['total'] == model.get_num_params(non_embedding=False)
         assert n['block'] == sum(p.numel() for p in model.layers[0].parameters())
+        assert n['matmul'] == sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)  # FLOPs' count
     for name in ('pythia-70m', 'pythia-1.4b'):
         config = GPTConfig.preset(name)
         with torch.device('meta'):
@@ -196,7 +191,7 @@ def test_memory_plan_matches_the_measured_peak_rss():
     cases = [(method, kw, 4, 'float32', False, 128) for method, kw in METHODS.items()]
     cases += [('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'float32', True, 128),
               ('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'bfloat16', False, 256)]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MALLOC_MMAP_THRESHOLD_': '65536'}
+    env = {**ENV, 'MALLOC_MMAP_THRESHOLD_': '65536'}
     r = subprocess.run([sys.executable, '-c', MEASURE, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

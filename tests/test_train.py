@@ -4,62 +4,19 @@ token files made here: the loss falls, a resumed run repeats an uninterrupted on
 processes equal one process with the same global batch, a checkpoint resumes under another parallelism and
 number of processes, checkpoints are written atomically, and user mistakes end in one `error:` line.
 """
-import hashlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from nanoponder.checkpoint import Checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 128
-# one thread: ops this small gain nothing from two, and when other jobs share the cores every op of a two-thread
-# process waits for its descheduled partner (8 ms per op instead of 0.1 ms here)
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
-
-TINY = ['--model=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', f'--vocab_size={VOCAB}',
-        '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_iters=2', '--log_interval=1',
-        '--warmup_iters=2', '--learning_rate=1e-2', '--n_thoughts=1', '--jacobi_train_range=(1,3)', '--n_jacobi=2',
-        '--device=cpu', '--dtype=float32', '--compile=False']
-
-
-def make_data(data_dir, tokens_train=2000, tokens_val=400, pattern=False, seed=0):
-    """train.bin/val.bin of uint16 ids < VOCAB and a meta.json, as prepare_data.py writes them."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, n in (('train', tokens_train), ('val', tokens_val)):
-        if pattern:  # a cycle of 28 tokens: every next token is predictable from the current one
-            ids = np.tile(np.arange(1, 29), n // 28 + 1)[:n]
-        else:
-            ids = rng.integers(0, VOCAB, n)
-        ids.astype(np.uint16).tofile(data_dir / f'{name}.bin')
-    meta = {'dataset': 'test', 'tokenizer': 'test', 'vocab_size': VOCAB, 'eos_id': 0, 'dtype': 'uint16'}
-    (data_dir / 'meta.json').write_text(json.dumps(meta))
-    return data_dir
-
-
-def run_train(tmp_path, *args, nproc=0, data_dir=None, out='out', timeout=180, check=True):
-    """Run train.py (under torch.distributed.run with nproc processes if nproc) with the tiny model."""
-    data_dir = data_dir or tmp_path / 'data'
-    if not data_dir.exists():
-        make_data(data_dir)
-    launcher = [sys.executable]
-    if nproc:
-        launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    cmd = launcher + ['train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / out}', *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+from helpers import ENV, ROOT, TINY, VOCAB, digest, last_line, load_ckpt, make_data, metrics, run_train
 
 
 def run_trains(tmp_path, *runs):
@@ -69,27 +26,6 @@ def run_trains(tmp_path, *runs):
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = [pool.submit(run_train, tmp_path, *args, timeout=300, **kwargs) for args, kwargs in runs]
         return [f.result() for f in futures]
-
-
-def metrics(out_dir):
-    with open(out_dir / 'metrics.jsonl') as f:
-        entries = [json.loads(line) for line in f]
-    train = [(e['iter'], e['loss']) for e in entries if 'loss' in e]
-    val = [(e['iter'], e['val_loss']) for e in entries if 'val_loss' in e]
-    return train, val
-
-
-def load_ckpt(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def last_line(text):
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ''
 
 
 @pytest.fixture(scope='module')
@@ -123,24 +59,65 @@ def test_loss_falls_and_outputs(trained):
     assert not [p for p in os.listdir(out) if '.tmp' in p]
 
 
-def test_resume_is_exact(tmp_path):
-    # 30 blocks of train data = 3 iterations of 8 blocks per epoch: the run crosses epochs, the resume is mid-epoch.
-    # The schedule is pinned (warmup, lr_decay_iters) so the first half's run has the full run's learning rates.
-    make_data(tmp_path / 'data', tokens_train=30 * 16 + 1)
-    common = ['--eval_interval=4', '--lr_decay_iters=10', '--warmup_iters=2']
-    run_train(tmp_path, '--max_iters=10', *common, out='full')
-    run_train(tmp_path, '--max_iters=4', *common, out='half')
-    r = run_train(tmp_path, '--max_iters=10', '--init_from=resume', *common, out='half')
-    assert 'resuming at 4' in r.stdout
-    full_train, full_val = metrics(tmp_path / 'full')
-    half_train, half_val = metrics(tmp_path / 'half')
+# 30 blocks of train data = 3 iterations of 8 blocks per epoch: the run crosses epochs, the resume is mid-epoch.
+# The schedule is pinned (warmup, lr_decay_iters) so the first half's run has the full run's learning rates.
+RESUME_COMMON = ['--eval_interval=4', '--lr_decay_iters=10', '--warmup_iters=2']
+
+
+@pytest.fixture(scope='module')
+def full_and_half(tmp_path_factory):
+    """A run of 10 iterations ('full') and the same run stopped at 4 ('half'), for the resume tests to go on with."""
+    tmp = tmp_path_factory.mktemp('resume')
+    make_data(tmp / 'data', tokens_train=30 * 16 + 1)
+    run_train(tmp, '--max_iters=10', *RESUME_COMMON, out='full')
+    run_train(tmp, '--max_iters=4', *RESUME_COMMON, out='half')
+    return tmp
+
+
+def resume_half(runs, out, rewrite=None):
+    """A copy of the half run at out (its checkpoint's dict passed through rewrite, if given), resumed to 10."""
+    import shutil
+    shutil.copytree(runs / 'half', out)
+    if rewrite:
+        ckpt = load_ckpt(out / 'ckpt.pt')
+        rewrite(ckpt)
+        torch.save(ckpt, out / 'ckpt.pt')
+    return run_train(out.parent, '--max_iters=10', '--init_from=resume', *RESUME_COMMON, data_dir=runs / 'data',
+                     out=out.name)
+
+
+def assert_goes_on_as_full(runs, out):
+    full_train, full_val = metrics(runs / 'full')
+    half_train, half_val = metrics(out)
     assert [i for i, _ in full_train] == list(range(1, 11))
     assert half_train == full_train  # bit-identical losses, each iteration logged once
     assert half_val == full_val and [i for i, _ in full_val] == [0, 4, 8, 10]
-    a, b = load_ckpt(tmp_path / 'full' / 'ckpt.pt'), load_ckpt(tmp_path / 'half' / 'ckpt.pt')
+    a, b = load_ckpt(runs / 'full' / 'ckpt.pt'), load_ckpt(out / 'ckpt.pt')
     assert a['data_state'] == b['data_state'] and a['data_state']['epoch'] == 3
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_resume_is_exact(full_and_half, tmp_path):
+    r = resume_half(full_and_half, tmp_path / 'half')
+    assert 'resuming at 4' in r.stdout
+    assert_goes_on_as_full(full_and_half, tmp_path / 'half')
+
+
+def test_a_checkpoint_of_format_2_resumes_exactly(full_and_half, tmp_path):
+    """Format 2 (the main before jacobi_train_range left GPTConfig) kept it in model_args too: it still resumes,
+    and goes on as the uninterrupted run."""
+    def as_format_2(ckpt):
+        assert ckpt['format'] == 3 and 'jacobi_train_range' not in ckpt['model_args']
+        ckpt['format'] = 2
+        ckpt['model_args']['jacobi_train_range'] = tuple(ckpt['config']['jacobi_train_range'])  # (1, 3): TINY's
+
+    r = resume_half(full_and_half, tmp_path / 'old', rewrite=as_format_2)
+    assert 'resuming at 4' in r.stdout and 'not an exact resume' not in r.stdout
+    assert_goes_on_as_full(full_and_half, tmp_path / 'old')
+    resaved = load_ckpt(tmp_path / 'old' / 'ckpt.pt')
+    assert resaved['format'] == 3 and 'jacobi_train_range' not in resaved['model_args']
+    assert resaved['config']['jacobi_train_range'] == (1, 3)
 
 
 def test_ddp_matches_one_process(tmp_path):
@@ -317,7 +294,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
     ckpt = load_ckpt(tmp_path / 'out' / 'ckpt.pt')
     train, _ = metrics(tmp_path / 'out')
     assert ckpt['iter_num'] == train[-1][0] >= 2  # saved at the step boundary after the last logged iteration
-    r = run_train(tmp_path, f"--max_iters={ckpt['iter_num'] + 2}", '--init_from=resume', '--eval_interval=100000')
+    run_train(tmp_path, f"--max_iters={ckpt['iter_num'] + 2}", '--init_from=resume', '--eval_interval=100000')
     train, val = metrics(tmp_path / 'out')
     assert [i for i, _ in train] == list(range(1, ckpt['iter_num'] + 3))
     assert [i for i, _ in val] == [0, ckpt['iter_num'] + 2]

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from test_train import ENV, ROOT, TINY, digest, last_line, load_ckpt, make_data, metrics, run_train
+from helpers import ENV, ROOT, TINY, assert_one_error, checksums, digest, load_ckpt, make_data, metrics, run_train
 
 
 @pytest.fixture(scope='module')
@@ -33,19 +33,6 @@ def test_best_pt_is_the_best_saved_checkpoint(finished):
     val = {e['iter']: e['val_loss'] for e in entries if 'val_loss' in e}
     saved = {it: loss for it, loss in val.items() if it > 0}
     assert load_ckpt(finished / 'out' / 'best.pt')['iter_num'] == min(saved, key=saved.get)
-
-
-def checksums(out_dir):
-    return {name: digest(out_dir / name) for name in sorted(os.listdir(out_dir))}
-
-
-def assert_one_error(r, code, *needles):
-    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
-    assert 'Traceback' not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1 and last_line(r.stderr) == errors[0], r.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize('args, needles', [
