@@ -1,23 +1,27 @@
 """
-Speed and memory of vanilla GPT-NeoX, PonderLM-2 and PonderLM on this machine: training steps (forward +
-backward + AdamW) and batch-1 greedy decoding with and without the KV cache, as a markdown table.
+Speed and memory of the methods (vanilla GPT-NeoX, PonderLM-2, PonderLM and the baselines Pause, Loop and Hidden)
+on this machine: training steps (forward + backward + AdamW) and batch-1 greedy decoding with and without the KV
+cache, as a markdown table.
 
     python bench.py                                          # pythia-70m, every method, best device
     python bench.py --model=pythia-160m --batch_size=8 --block_size=1024 --json=out/bench.json
     python bench.py --model=pythia-14m --block_size=256 --batch_size=4 --new_tokens=64 \
         --new_tokens_uncached=8 --warmup=1 --repeats=3        # a few minutes on a small CPU
     python bench.py --methods=vanilla,ponderlm2-k1 --warmup=3 --repeats=10
+    python bench.py --methods=vanilla,ponderlm2-k1,pause-k1,loop-k1,hidden-n1   # the thought against more compute
     python bench.py --model= --n_layer=2 --n_head=2 --n_embd=32 --vocab_size=128  # explicit dims
     python bench.py --model=pythia-14m --task=ponderlm2-k1:main   # one measurement: its `result: {...}` line
 
 Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained
 with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N
-pondering steps. Every (method, variant) is measured in its own child process, bench.py run again with the
-whole config on its command line plus --task=method:variant, so its peak memory is its own and not the
-high-water mark of the methods before it. Variants: main (training and decoding), compile (each Block
-compiled, as train.py's compile=True), checkpoint (activation checkpointing), memory (the memory plan of a
-training step against its measured peak, with and without checkpointing) and sdpa (on CUDA when flash_attn
-imports: flash-attn vs SDPA). On a CPU, compiling costs about a minute per method: --compare_compile=False.
+pondering steps; pause-kK = K pause slots after every token; loop-kK = the layer stack run K more times with
+the same weights; hidden-nN = N steps that feed the hidden state back. Every (method, variant) is measured in
+its own child process, bench.py run again with the whole config on its command line plus --task=method:variant,
+so its peak memory is its own and not the high-water mark of the methods before it. Variants: main (training
+and decoding), compile (each Block compiled, as train.py's compile=True), checkpoint (activation checkpointing),
+memory (the memory plan of a training step against its measured peak, with and without checkpointing) and sdpa
+(on CUDA when flash_attn imports: flash-attn vs SDPA). On a CPU, compiling costs about a minute per method:
+--compare_compile=False.
 """
 import json as jsonlib  # `json` is the config key for the output path
 import os
@@ -45,7 +49,7 @@ n_embd = 512  # likewise
 vocab_size = 50304  # Pythia's padded vocabulary
 block_size = 1024  # training sequence length
 batch_size = 8  # training sequences per step
-methods = 'vanilla,ponderlm2-k1,ponderlm2-k2,ponderlm1-n3'  # comma-separated method names (model.py)
+methods = 'vanilla,ponderlm2-k1,ponderlm2-k2,ponderlm1-n3,pause-k1,loop-k1,hidden-n1'  # comma-separated (model.py)
 n_jacobi = 3  # PonderLM-2's R in training; fixed here, where train.py draws it from a range
 # decoding, batch 1, greedy
 prompt_len = 32  # prompt tokens
@@ -89,7 +93,9 @@ def check_method(name):
 
 
 def model_config(name):
-    overrides = dict(block_size=block_size, vocab_size=vocab_size, n_jacobi=n_jacobi, **method_fields(name))
+    # the pause vector's row: the last one, which every vocab_size has (on random tokens, any row times the same)
+    overrides = dict(block_size=block_size, vocab_size=vocab_size, n_jacobi=n_jacobi, pause_token_id=vocab_size - 1,
+                     **method_fields(name))
     try:
         if model:
             return GPTConfig.preset(model, **overrides)
@@ -203,7 +209,7 @@ def measure_training(gpt, variant, ctx, dev):
 
     def train_step():
         with ctx:
-            _, loss = gpt(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by vanilla and PonderLM
+            _, loss = gpt(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by every method but PonderLM-2
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

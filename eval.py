@@ -47,6 +47,8 @@ from nanoponder.tokenizer import checkpoint_data_dir, data_dir_tokenizer, model_
 init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face directory or hub id
 out_dir = 'out'         # where init_from='resume' looks for ckpt.pt
 tokenizer = ''          # '' = the model's own; else pythia | gpt2 | path/to/tokenizer.json
+patch_method = ''       # an official baseline's Hugging Face directory: ours | pause | loop | ponderlm | vanilla (its
+                        # --patch_method); '' = config.json's patch_method (our exports write it), else ours
 # loss: the text
 data_dir = ''           # a prepared data directory; '' = a checkpoint's own training data
 split = 'val'           # its split: val (or test, where prepare_data made one)
@@ -83,9 +85,9 @@ THOUGHT_MODES = ('exact', 'jacobi')
 # -----------------------------------------------------------------------------
 # the model
 
-def load_model(init_from, out_dir='out', tokenizer_override=''):
+def load_model(init_from, out_dir='out', tokenizer_override='', patch_method=''):
     """-> (model on the CPU in fp32, its tokenizer, the Checkpoint or None). Every mistake is one UserError."""
-    model, ckpt, source = load_init_from(init_from, out_dir)
+    model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
     return model, model_tokenizer(source, ckpt, tokenizer_override), ckpt
 
 
@@ -502,7 +504,7 @@ def main():
     device_name = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, torch.device(device_name).type)
     torch.manual_seed(seed)
-    model, tok, ckpt = load_model(init_from, out_dir, tokenizer)
+    model, tok, ckpt = load_model(init_from, out_dir, tokenizer, patch_method)
     name = ckpt_file or init_from
     if tasks:
         return run_tasks(model, tok, device_name, dtype, path, name)

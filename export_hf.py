@@ -9,8 +9,9 @@ tokenizer.json and tokenizer_config.json.
 
 Load it back with nanoponder.hf.load_pretrained('hf-out') (sample.py / eval.py --init_from=hf-out), or, for a
 vanilla model, with stock transformers (AutoModelForCausalLM.from_pretrained('hf-out')) and the same logits: the
-embedding scale of a vanilla nanoPonder model is folded into its weights. Stock transformers has no latent
-thoughts or pondering: it would load a PonderLM model as a plain GPT-NeoX, computing something else.
+embedding scale of a vanilla nanoPonder model is folded into its weights. Stock transformers has none of the
+other methods (latent thoughts, pondering, pause slots, loops, hidden-state feedback): it would load such a model
+as a plain GPT-NeoX, computing something else.
 --init_from takes what sample.py and eval.py take (nanoponder.checkpoint.load_init_from). Exit codes:
 nanoponder/runtime.py.
 """
@@ -28,6 +29,8 @@ init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file
 out_dir = 'out'         # where init_from='resume' looks for ckpt.pt
 out = ''                # the directory to write (required)
 tokenizer = ''          # '' = the model's own; else pythia | gpt2 | path/to/tokenizer.json
+patch_method = ''       # an official baseline's Hugging Face directory: ours | pause | loop | ponderlm | vanilla (its
+                        # --patch_method); '' = config.json's patch_method (our exports write it), else ours
 overwrite = False       # write into an out directory that already holds a model
 # -----------------------------------------------------------------------------
 
@@ -60,7 +63,7 @@ def jacobi_train_range(ckpt, source):
 
 def main():
     check_out()
-    model, ckpt, source = load_init_from(init_from, out_dir)
+    model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
     tok = model_tokenizer(source, ckpt, tokenizer)
     if tok.json_text is None:
         raise UserError(f"the model's tokenizer ({tok.name}) has no tokenizer.json to export; pass "
@@ -76,7 +79,7 @@ def main():
     cfg = model.config
     print(f"wrote {out}: {cfg.method_label}, {model.get_num_params(non_embedding=False):,} parameters, "
           f"tokenizer {tok.name}")
-    if cfg.n_thoughts or cfg.n_ponder:
+    if cfg.method != 'vanilla':
         print(f"note: load it with nanoPonder (nanoponder.hf.load_pretrained) or the official PonderLM code; stock "
               f"transformers would run it as a plain GPT-NeoX, without its {cfg.method_label}", file=sys.stderr)
 

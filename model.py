@@ -1,12 +1,16 @@
 """
-One readable GPT-NeoX (the Pythia architecture) with three ways to spend compute per token:
+One readable GPT-NeoX (the Pythia architecture) with the ways to spend compute per token that the PonderLM papers
+compare, each a short function over the same trunk:
 
-  vanilla     n_thoughts=0, n_ponder=0   the plain language model
-  PonderLM-2  n_thoughts=K               before predicting each next token the model emits K latent
-                                         thoughts: its own last hidden state fed back as the next input
-                                         vector, x1 z1 x2 z2 ... (arXiv 2509.23184)
-  PonderLM    n_ponder=N                 N pondering steps, each adding the probability-weighted sum
-                                         of token embeddings to the input (arXiv 2505.20674)
+  vanilla     (no count set)   the plain language model
+  PonderLM-2  n_thoughts=K     before predicting each next token the model emits K latent thoughts: its own last
+                               hidden state fed back as the next input vector, x1 z1 x2 z2 ... (arXiv 2509.23184)
+  PonderLM    n_ponder=N       N pondering steps, each adding the probability-weighted sum of token embeddings to
+                               the input (arXiv 2505.20674)
+  Pause       n_pause=K        K copies of one learned pause embedding after every token, x1 P..P x2 P..P ...;
+                               the last pause predicts the next token
+  Loop        n_loop=K         the whole layer stack run K+1 times with the same weights
+  Hidden      n_hidden=N       N steps, each adding the trunk's last hidden state to the input
 
 This file is the whole method and imports only torch: copy it into another project and it works.
 
@@ -65,16 +69,27 @@ class GPTConfig:
     # PonderLM (v1)
     n_ponder: int = 0               # N pondering steps
     ponder_multiply: bool = False   # multiply the first input embeddings by N
-    # both
-    scale_embeds: bool = True       # embeddings * sqrt(2.5 H) (PonderLM-2) or * sqrt(H) (others)
+    # the baselines
+    n_pause: int = 0                # Pause: K pause slots after every token
+    pause_token_id: int = 50288     # Pause: the embedding row of the pause vector (one that no tokenizer produces)
+    n_loop: int = 0                 # Loop: K extra runs of the layer stack, same weights
+    n_hidden: int = 0               # Hidden-state feedback: N steps
+    # all
+    scale_embeds: bool = True       # embeddings * sqrt(2.5 H) (PonderLM-2, Loop always) or * sqrt(H) (PonderLM,
+                                    # Pause, vanilla); Hidden never scales
     weight_init: str = 'small'      # 'small' (the papers': truncated normal sqrt(2/5H), output projections
                                     # shrunk by depth and passes) or 'normal' (normal(0, 0.02), stock Pythia/HF)
 
     def __post_init__(self):
-        if self.n_thoughts and self.n_ponder:
-            raise ValueError("n_thoughts and n_ponder are two different methods: set at most one of them > 0")
-        if self.n_thoughts < 0 or self.n_ponder < 0 or self.n_jacobi < 0:
-            raise ValueError("n_thoughts, n_ponder and n_jacobi must be >= 0")
+        counts = {k: getattr(self, k) for k in METHOD_COUNTS}
+        if sum(v > 0 for v in counts.values()) > 1:
+            raise ValueError(f"{' and '.join(k for k, v in counts.items() if v)} are different methods: set at most "
+                             f"one of {', '.join(METHOD_COUNTS)} > 0")
+        if min(counts.values()) < 0 or self.n_jacobi < 0:
+            raise ValueError(f"{', '.join(METHOD_COUNTS)} and n_jacobi must be >= 0")
+        if self.n_pause and not 0 <= self.pause_token_id < self.vocab_size:
+            raise ValueError(f"pause_token_id {self.pause_token_id} is no row of the embedding (vocab_size "
+                             f"{self.vocab_size})")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.weight_init not in ('small', 'normal'):
@@ -82,15 +97,15 @@ class GPTConfig:
 
     @property
     def method(self):
-        """The method's short name: 'vanilla', 'ponderlm2-kK' (K thoughts per token) or 'ponderlm1-nN' (N steps)."""
-        return (f'ponderlm2-k{self.n_thoughts}' if self.n_thoughts else
-                f'ponderlm1-n{self.n_ponder}' if self.n_ponder else 'vanilla')
+        """The method's short name: 'vanilla', 'ponderlm2-kK', 'ponderlm1-nN', 'pause-kK', 'loop-kK', 'hidden-nN'."""
+        field = next((f for f in METHOD_NAMES if getattr(self, f)), None)
+        return METHOD_NAMES[field][0] + str(getattr(self, field)) if field else 'vanilla'
 
     @property
     def method_label(self):
-        """The method for people: 'vanilla', 'PonderLM-2 K=1', 'PonderLM N=3'."""
-        return (f'PonderLM-2 K={self.n_thoughts}' if self.n_thoughts else
-                f'PonderLM N={self.n_ponder}' if self.n_ponder else 'vanilla')
+        """The method for people: 'vanilla', 'PonderLM-2 K=1', 'PonderLM N=3', 'Pause K=1', ..."""
+        field = next((f for f in METHOD_NAMES if getattr(self, f)), None)
+        return METHOD_NAMES[field][1] + str(getattr(self, field)) if field else 'vanilla'
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -101,9 +116,34 @@ class GPTConfig:
 
     @property
     def embed_scale(self):
-        if not self.scale_embeds:
+        """What the input embeddings are multiplied by, as each method's official code does."""
+        if self.n_loop:
+            return math.sqrt(2.5 * self.n_embd)
+        if self.n_hidden or not self.scale_embeds:
             return 1.0
         return math.sqrt((2.5 if self.n_thoughts else 1.0) * self.n_embd)
+
+    @property
+    def passes(self):
+        """Trunk passes per token (1 for vanilla and Pause, K+1 or N+1 for the others)."""
+        return max(self.n_thoughts, self.n_ponder, self.n_loop, self.n_hidden) + 1
+
+    @property
+    def n_caches(self):
+        """KV caches that decoding keeps: one per pass for the methods that run the trunk over their own inputs
+        again (PonderLM, Hidden, Loop), else one (PonderLM-2's passes all run over the one sequence of slots)."""
+        return self.passes if self.n_ponder or self.n_hidden or self.n_loop else 1
+
+    @property
+    def slots(self):
+        """Positions per token in the sequence the trunk sees (and in the KV cache): K+1 with thoughts or pauses."""
+        return self.n_thoughts + self.n_pause + 1
+
+
+# each count field > 0 chooses a method: its short name and its name for people, before the count
+METHOD_NAMES = {'n_thoughts': ('ponderlm2-k', 'PonderLM-2 K='), 'n_ponder': ('ponderlm1-n', 'PonderLM N='),
+                'n_pause': ('pause-k', 'Pause K='), 'n_loop': ('loop-k', 'Loop K='), 'n_hidden': ('hidden-n', 'Hidden N=')}
+METHOD_COUNTS = tuple(METHOD_NAMES)
 
 
 # -----------------------------------------------------------------------------
@@ -277,8 +317,7 @@ class GPT(nn.Module):
             std = proj_std = 0.02
         else:  # 'small': sqrt(2/(5H)), output projections also shrunk by depth times passes per token
             std = math.sqrt(2 / (5 * cfg.n_embd))
-            passes = cfg.n_thoughts + 1 if cfg.n_thoughts else cfg.n_ponder + 1
-            proj_std = std / math.sqrt(2 * cfg.n_layer * passes)
+            proj_std = std / math.sqrt(2 * cfg.n_layer * cfg.passes)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 s = proj_std if name.endswith(('attention.dense', 'dense_4h_to_h')) else std
@@ -307,6 +346,11 @@ class GPT(nn.Module):
 
     def trunk(self, x, pos, cache=None):
         """x (B, T, C) input vectors, pos (T,) position ids -> (B, T, C) hidden states after the final LN."""
+        return self.final_layer_norm(self.blocks(x, pos, cache))
+
+    def blocks(self, x, pos, cache=None):
+        """The layer stack alone: x (B, T, C) at positions pos (T,) -> the residual stream (B, T, C) after it;
+        with a cache, every layer also appends its keys and values to it."""
         cos = self.rope_cos[pos].to(x.dtype)  # (T, rot), broadcasts over (B, nh)
         sin = self.rope_sin[pos].to(x.dtype)
         # nothing to recompute without a backward (evaluation, decoding with its KV cache)
@@ -320,10 +364,15 @@ class GPT(nn.Module):
                 x = block(x, cos, sin)
         if cache is not None:
             cache.pos += x.size(1)
-        return self.final_layer_norm(x)
+        return x
 
     def embed(self, idx):
         return self.embed_in(idx) * self.config.embed_scale  # (B, T, C)
+
+    def positions(self, n_tokens, caches, device):
+        """Position ids (n_tokens,) of the tokens that come after what the caches hold (none: from 0)."""
+        start = caches[0].pos // self.config.slots if caches else 0
+        return torch.arange(start, start + n_tokens, device=device)
 
     # --- forward ---
 
@@ -335,10 +384,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         if self.config.n_thoughts:
             h = self.think(idx, self.config.n_jacobi if n_jacobi is None else n_jacobi)
-        elif self.config.n_ponder:
-            h = self.ponder(idx)
         else:
-            h = self.trunk(self.embed(idx), torch.arange(T, device=idx.device))
+            h = self.causal(idx)
         logits = self.embed_out(h)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -382,38 +429,71 @@ class GPT(nn.Module):
         return self.config.n_thoughts * (n_tokens - 1)
 
     def run_stages(self, stages, cache=None):
-        """Interleave S stages of (B, T, C) token-major, run f once, return outputs as (B, T, S, C)."""
+        """Interleave S stages of (B, T, C) token-major, run f once, return outputs as (B, T, S, C). Every slot is at
+        its token's position id; with a cache, the tokens come after what it holds."""
         B, T, C = stages[0].size()
         S = len(stages)
         x = torch.stack(stages, dim=2).view(B, T * S, C)  # e_1 z_1^1 .. e_2 z_2^1 ..
-        pos = torch.arange(T, device=x.device).repeat_interleave(S)  # thoughts share their token's position
+        pos = self.positions(T, cache and [cache], x.device).repeat_interleave(S)
         return self.trunk(x, pos, cache).view(B, T, S, C)
 
+    # --- the methods that are causal over their tokens: one parallel forward is also their exact decode step ---
+
+    def causal(self, idx, caches=None):
+        """Hidden states (B, T, C) that predict each next token, for every method but PonderLM-2; with caches (one
+        per pass, see new_caches), the tokens idx (B, T) come after what the caches hold and are added to them."""
+        cfg = self.config
+        if cfg.n_ponder or cfg.n_hidden:
+            return self.ponder(idx, caches)
+        if cfg.n_pause:
+            return self.pause(idx, caches[0] if caches else None)
+        pos = self.positions(idx.size(1), caches, idx.device)
+        if cfg.n_loop:
+            return self.loop(idx, pos, caches)
+        return self.trunk(self.embed(idx), pos, caches[0] if caches else None)
+
     def ponder(self, idx, caches=None):
-        """PonderLM v1: N times, add the probability-weighted sum of token embeddings to the input.
-        caches: one KVCache per pass (N+1) for generation, else None. Returns the last pass's hidden states."""
-        B, T = idx.size()
-        N, s = self.config.n_ponder, self.config.embed_scale
-        past = caches[0].pos if caches else 0
-        pos = torch.arange(past, past + T, device=idx.device)
-        c = self.embed(idx) * (N if self.config.ponder_multiply else 1)  # (B, T, C)
+        """PonderLM v1: N times, add the probability-weighted sum of token embeddings to the input. Hidden-state
+        feedback: N times, add the trunk's output itself. Returns the last pass's hidden states."""
+        cfg = self.config
+        N, s = cfg.n_ponder or cfg.n_hidden, cfg.embed_scale
+        pos = self.positions(idx.size(1), caches, idx.device)
+        c = self.embed(idx) * (N if cfg.ponder_multiply and cfg.n_ponder else 1)  # (B, T, C)
         for step in range(N + 1):
             h = self.trunk(c, pos, caches[step] if caches else None)  # (B, T, C)
             if step == N:
                 return h
-            probs = F.softmax(self.embed_out(h), dim=-1)  # (B, T, V)
-            c = c + (probs @ self.embed_in.weight) * s  # (B, T, C): the expected embedding
+            if cfg.n_hidden:
+                c = c + h
+            else:
+                probs = F.softmax(self.embed_out(h), dim=-1)  # (B, T, V)
+                c = c + (probs @ self.embed_in.weight) * s  # (B, T, C): the expected embedding
+
+    def pause(self, idx, cache=None):
+        """Pause: every token followed by K copies of the pause embedding, all at the token's position, one causal
+        pass over the (K+1)T slots; the output at each token's last pause predicts the next token."""
+        e = self.embed(idx)  # (B, T, C)
+        p = self.embed(torch.full_like(idx, self.config.pause_token_id))  # (B, T, C): the same vector everywhere
+        return self.run_stages([e] + [p] * self.config.n_pause, cache)[:, :, -1]
+
+    def loop(self, idx, pos, caches=None):
+        """Loop: the layer stack K+1 times with the same weights, the residual stream going from the last layer
+        straight back into the first; the final LayerNorm once at the end. One cache per run of the stack."""
+        x = self.embed(idx)  # (B, T, C)
+        for j in range(self.config.n_loop + 1):
+            x = self.blocks(x, pos, caches[j] if caches else None)
+        return self.final_layer_norm(x)
 
     # --- the exact, sequential computation through a KV cache: decoding ---
 
     def new_caches(self, batch_size, max_len, device):
-        """Empty KV caches for max_len tokens (PonderLM-2: and their thought slots), in the dtype the layers
-        compute in (autocast's, if it is on): one per pass for PonderLM v1, else one."""
+        """Empty KV caches for max_len tokens (and their thought or pause slots), in the dtype the layers compute in
+        (autocast's, if it is on): one per pass of PonderLM, Hidden and Loop, else one."""
+        cfg = self.config
         dtype = self.embed_in.weight.dtype
         if torch.is_autocast_enabled(torch.device(device).type):
             dtype = torch.get_autocast_dtype(torch.device(device).type)
-        slots = (self.config.n_thoughts + 1) * max_len
-        return [KVCache(self.config, batch_size, slots, device, dtype) for _ in range(self.config.n_ponder + 1)]
+        return [KVCache(cfg, batch_size, cfg.slots * max_len, device, dtype) for _ in range(cfg.n_caches)]
 
     def sequential(self, idx, caches):
         """Run the tokens idx (B, T) through the caches after what they hold, exactly as decoding does: PonderLM-2
@@ -421,14 +501,11 @@ class GPT(nn.Module):
         hidden states that predict each next token (B, T, C) and PonderLM-2's thoughts (B, T, K, C), else None."""
         B, T = idx.size()
         K = self.config.n_thoughts
-        if self.config.n_ponder:  # no thoughts: every pass is causal, so all the tokens go at once
-            return self.ponder(idx, caches), None
-        if not K:
-            pos = torch.arange(caches[0].pos, caches[0].pos + T, device=idx.device)
-            return self.trunk(self.embed(idx), pos, caches[0]), None
+        if not K:  # no thoughts: every pass is causal, so all the tokens go at once
+            return self.causal(idx, caches), None
         hs, thoughts = [], []
         for t in range(T):
-            pos = torch.tensor([caches[0].pos // (K + 1)], device=idx.device)  # K+1 cache slots per token
+            pos = self.positions(1, caches, idx.device)
             h = self.trunk(self.embed(idx[:, t:t + 1]), pos, caches[0])  # (B, 1, C)
             for _ in range(K):  # each thought is the previous slot's output, fed back at the same position
                 thoughts.append(h)
@@ -485,17 +562,18 @@ class GPT(nn.Module):
         """Yield (idx_next (B, 1), logits (B, V)) for each new token: logits are what it was sampled from.
         The prompt's thoughts come from the cached prefill (n_jacobi, stop, exact: see prefill); those of every
         generated token are exact. No model sees more than block_size tokens: when a new token does not fit, the
-        window slides, keeping its last slide_keep() tokens, recomputed exactly into fresh caches, and grows from
-        there again. use_cache=False recomputes every step from scratch over the same windows: the reference."""
+        window slides, keeping its last half (block_size // 2 tokens), recomputed exactly into fresh caches, and grows
+        from there again. use_cache=False recomputes every step from scratch over the same windows: the reference."""
         B, T = idx.size()
         if T == 0:
             raise ValueError("generate needs at least one prompt token (e.g. the EOS token)")
         if T > self.config.block_size:
             raise ValueError(f"the prompt ({T} tokens) is longer than block_size {self.config.block_size}: "
                              f"keep its last {self.config.block_size} tokens")
+        L = self.config.block_size
         window = idx  # (B, L) with L <= block_size: the tokens the next logits are computed from
-        if use_cache:
-            logits, caches = self.prefill(idx, self.cache_len(T, max_new_tokens), n_jacobi, stop, exact)
+        if use_cache:  # (the caches never need more room than the context)
+            logits, caches = self.prefill(idx, min(T + max_new_tokens, L), n_jacobi, stop, exact)
         else:
             logits = self.recompute_logits(window)
         for i in range(max_new_tokens):
@@ -504,23 +582,15 @@ class GPT(nn.Module):
             if i == max_new_tokens - 1:
                 return  # nothing left to predict: the last token need not be run
             window = torch.cat((window, idx_next), dim=1)
-            slide = window.size(1) > self.config.block_size
+            slide = window.size(1) > L
             if slide:
-                window = window[:, -self.slide_keep():]
+                window = window[:, -max(1, L // 2):]
             if not use_cache:
                 logits = self.recompute_logits(window)
             elif slide:
-                logits, caches = self.prefill(window, self.cache_len(window.size(1), max_new_tokens - i), exact=True)
+                logits, caches = self.prefill(window, min(window.size(1) + max_new_tokens - i, L), exact=True)
             else:
                 logits = self.decode_one(idx_next, caches)
-
-    def slide_keep(self):
-        """How many tokens the window keeps when it slides: half the context (at least 1)."""
-        return max(1, self.config.block_size // 2)
-
-    def cache_len(self, n_tokens, n_more):
-        """Cache positions for n_tokens now and at most n_more to come, but never more than the context holds."""
-        return min(n_tokens + n_more, self.config.block_size)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):

@@ -36,6 +36,8 @@ from nanoponder.tokenizer import model_tokenizer, safe_decode
 init_from = 'resume'    # 'resume' (out_dir/ckpt.pt), a train.py checkpoint file, a Hugging Face directory or hub id
 out_dir = 'out'         # where init_from='resume' looks for ckpt.pt
 tokenizer = ''          # '' = the checkpoint's own; else pythia | gpt2 | path/to/tokenizer.json
+patch_method = ''       # an official baseline's Hugging Face directory: ours | pause | loop | ponderlm | vanilla (its
+                        # --patch_method); '' = config.json's patch_method (our exports write it), else ours
 start = ''              # the prompt, or FILE:path to read it from a file; '' starts from the EOS token
 truncate = False        # a prompt longer than the context: keep its last tokens that fit instead of an error
 num_samples = 1         # samples of the same prompt, separated by a line of dashes
@@ -47,7 +49,7 @@ seed = 1337             # of the sampling
 device = 'auto'         # auto (cuda if available, else cpu) | cpu | cuda | cuda:1 | mps
 dtype = 'auto'          # auto (bfloat16 autocast where supported, else float32) | float32 | bfloat16 | float16
 use_cache = True        # KV cache; False recomputes every token from scratch (the exact, slow reference)
-compile = False         # torch.compile the transformer trunk (CUDA; the first tokens pay for compiling)
+compile = False         # torch.compile the layer stack (CUDA; the first tokens pay for compiling)
 stream = None           # print tokens as they come; None = on for a single sample
 n_jacobi = None         # PonderLM-2: Jacobi passes over the prompt; None = the model's own n_jacobi
 jacobi_tol = None       # PonderLM-2: instead, passes until the prompt's thoughts change by at most this (relative);
@@ -183,13 +185,14 @@ def main():
     device_type = torch.device(dev).type
     ctx = autocast(device_type, resolve_dtype(dtype, device_type))
     torch.manual_seed(seed)
-    model, ckpt, source = load_init_from(init_from, out_dir)
+    model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
     tok = model_tokenizer(source, ckpt, tokenizer)
     prompt = encode_prompt(tok, read_prompt(), model.config)
     model.eval().to(dev)
     if compile:
-        # the trunk is what every path of generate runs; dynamic: prompt and cache lengths change each call
-        model.trunk = torch.compile(model.trunk, dynamic=True)
+        # the layer stack is what every method's every path of generate runs (Loop runs it without the trunk's
+        # final LayerNorm); dynamic: prompt and cache lengths change each call
+        model.blocks = torch.compile(model.blocks, dynamic=True)
     total_tokens, total_seconds, unknown = 0, 0.0, 0
     for k in range(num_samples):
         if k:

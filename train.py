@@ -1,5 +1,6 @@
 """
-Train a GPT-NeoX (Pythia) language model: vanilla, with PonderLM-2 latent thoughts, or with PonderLM pondering.
+Train a GPT-NeoX (Pythia) language model: vanilla, with PonderLM-2 latent thoughts, with PonderLM pondering, or
+with one of the papers' baselines (Pause tokens, Loop, hidden-state feedback: config/pythia70m_{pause,loop,hidden}.py).
 One process on a CPU or GPU, or several GPUs and nodes with DDP or FSDP2 (nanoponder/parallel.py). The defaults
 are the headline run: PonderLM-2 with one thought per token (K=1) on pythia-70m, one epoch of MiniPile.
 
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import known_config
-from model import GPT, GPTConfig
+from model import GPT, METHOD_COUNTS, GPTConfig
 from nanoponder.checkpoint import Checkpoint, load_hf_model, model_from_weights, resolve_init_from
 from nanoponder.cost import flops_per_token, plan_memory
 from nanoponder.data import TrainBatches, ValBatches, max_token_id, open_blocks
@@ -82,7 +83,11 @@ n_jacobi = 3                    # PonderLM-2: Jacobi passes in evaluation
 jacobi_train_range = (2, 4)     # PonderLM-2: R drawn uniformly from lo..hi per training iteration
 n_ponder = 0                    # PonderLM: pondering steps (0 = off)
 ponder_multiply = False         # PonderLM: multiply the first input embeddings by n_ponder
-scale_embeds = True             # scale input embeddings (sqrt(2.5 H) with thoughts, sqrt(H) otherwise)
+n_pause = 0                     # Pause: K pause slots after every token (0 = off)
+pause_token_id = 50288          # Pause: the embedding row of the pause vector, an id the data never holds
+n_loop = 0                      # Loop: K extra runs of the layer stack, same weights (0 = off)
+n_hidden = 0                    # hidden-state feedback: N steps (0 = off)
+scale_embeds = True             # scale the embeddings: sqrt(2.5 H) with thoughts, else sqrt(H) (Loop, Hidden: model.py)
 weight_init = 'small'           # 'small' (the papers') or 'normal' (normal(0, 0.02), stock Pythia): model.py
 # AdamW
 learning_rate = 1e-3            # peak
@@ -235,13 +240,17 @@ def make_config(**kwargs):
     try:
         return GPTConfig(**kwargs)
     except (ValueError, TypeError) as e:
-        raise UserError(f"bad model config: {e}") from None
+        hint = ''
+        if sum(kwargs.get(k, 0) > 0 for k in METHOD_COUNTS) > 1 and kwargs.get('n_thoughts') == 1:
+            hint = " (train.py's default is PonderLM-2 K=1: pass --n_thoughts=0 for another method)"
+        raise UserError(f"bad model config: {e}{hint}") from None
 
 
 def method_overrides(cfg):
     """The GPTConfig fields cfg sets on any model, also one loaded from Hugging Face."""
     return {'block_size': cfg.block_size, 'n_thoughts': cfg.n_thoughts, 'n_jacobi': cfg.n_jacobi,
-            'n_ponder': cfg.n_ponder, 'ponder_multiply': cfg.ponder_multiply}
+            'n_ponder': cfg.n_ponder, 'ponder_multiply': cfg.ponder_multiply, 'n_pause': cfg.n_pause,
+            'pause_token_id': cfg.pause_token_id, 'n_loop': cfg.n_loop, 'n_hidden': cfg.n_hidden}
 
 
 def check_resume_matches(ckpt, path, cfg):
@@ -277,9 +286,11 @@ def build_model(cfg, ckpt_path, data_vocab):
             raise UserError(f"init_from=resume but there is no checkpoint {ckpt_path}: train once with "
                             f"--init_from=scratch --out_dir={cfg.out_dir} (it saves ckpt.pt at each evaluation)")
         ckpt = Checkpoint.load(ckpt_path)
+        check_pause_token(cfg, data_vocab, ckpt.gpt_config().vocab_size if ckpt.pretrained else cfg.vocab_size)
         raw_model = model_from_weights(check_resume_matches(ckpt, ckpt_path, cfg), ckpt.model)
         pretrained = ckpt.pretrained
     elif cfg.init_from == 'scratch':
+        check_pause_token(cfg, data_vocab, cfg.vocab_size)
         raw_model, pretrained = GPT(model_config(cfg)), None
     else:  # a Hugging Face model, by the rule of every script (checkpoint.resolve_init_from)
         kind, source = resolve_init_from(cfg.init_from, cfg.out_dir, "'scratch', 'resume' (out_dir/ckpt.pt), a "
@@ -289,10 +300,28 @@ def build_model(cfg, ckpt_path, data_vocab):
                             f"from 'scratch' or a Hugging Face model, and goes on with a run by --init_from=resume "
                             f"(with the --out_dir that holds its ckpt.pt)")
         raw_model, pretrained = load_hf_model(source, **method_overrides(cfg)), cfg.init_from
+        check_pause_token(cfg, data_vocab, raw_model.config.vocab_size)  # (a row beyond it is refused on load)
     if raw_model.config.vocab_size < data_vocab:
         raise UserError(f"the data's vocabulary ({data_vocab} ids, {cfg.data_dir}/meta.json) is larger than the "
                         f"model's vocab_size {raw_model.config.vocab_size}: raise vocab_size")
     return raw_model, ckpt, pretrained
+
+
+def check_pause_token(cfg, data_vocab, model_vocab):
+    """Pause's vector is the embedding row pause_token_id: it must be a row of the model (< model_vocab) that no
+    token of the data is (>= data_vocab), or real tokens would be read as pauses and the pause vector trained as a
+    token. Checked before a model of the config's vocab_size is built (its own check would not say what to do)."""
+    p = cfg.pause_token_id
+    if cfg.n_pause <= 0 or data_vocab <= p < model_vocab:  # (a negative count is the model config's to refuse)
+        return
+    what = (f"is a token id of the data ({cfg.data_dir}/meta.json: vocab_size {data_vocab})" if 0 <= p < data_vocab
+            else f"is no row of the model's embedding (vocab_size {model_vocab})")
+    if model_vocab > data_vocab:
+        fix = f"choose a free row ({data_vocab}..{model_vocab - 1}), e.g. --pause_token_id={model_vocab - 1}"
+    else:
+        padded = data_vocab // 8 * 8 + 8  # a few rows more, a multiple of 8
+        fix = f"pad vocab_size by a few rows, e.g. --vocab_size={padded}, and set --pause_token_id={padded - 1}"
+    raise UserError(f"pause_token_id={p} {what}: the pause vector needs an embedding row that no token uses; {fix}")
 
 
 # what a resume may change, but then no longer goes on as the uninterrupted run would have

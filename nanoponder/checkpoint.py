@@ -187,11 +187,16 @@ def load_hf_model(source, **overrides):
         raise UserError(f"cannot load the Hugging Face model {source}: {one_line(e)}") from None
 
 
-def load_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES):
+def load_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES, patch_method=''):
     """The model that init_from names (resolve_init_from) -> (model on the CPU in fp32, its Checkpoint or None,
-    the checkpoint file, Hugging Face directory or hub id it came from). Every mistake is one UserError."""
+    the checkpoint file, Hugging Face directory or hub id it came from). patch_method: for a Hugging Face model,
+    which official modeling file trained it (hf.config_from_hf); '' = what its config.json says. Every mistake is
+    one UserError."""
     kind, source = resolve_init_from(init_from, out_dir, choices)
     if kind == 'checkpoint':
+        if patch_method:
+            raise UserError(f"patch_method={patch_method} says which official modeling file trained a Hugging Face "
+                            f"model; {source} is a training checkpoint, which records its method: leave it out")
         ckpt = Checkpoint.load(source)
         return ckpt.build_model(), ckpt, source
-    return load_hf_model(source), None, source
+    return load_hf_model(source, patch_method=patch_method or None), None, source

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT
+from model import GPT, METHOD_COUNTS
 from nanoponder.runtime import autocast, human_bytes
 
 # dense bf16 peak TFLOP/s, looked up by a substring of torch.cuda.get_device_name()
@@ -39,13 +39,14 @@ def count_params(config):
 
 def passes(config, n_jacobi=None):
     """The trunk passes of one forward, as (slots per token, how many passes of that size): PonderLM-2 builds its
-    stages (1..K slots), then runs R Jacobi passes and the final pass over K+1 slots; PonderLM runs N+1 passes;
-    vanilla one. n_jacobi: R (default config.n_jacobi; a mean R may be fractional for FLOPs)."""
+    stages (1..K slots), then runs R Jacobi passes and the final pass over K+1 slots; Pause one pass over K+1 slots;
+    PonderLM and Hidden N+1 passes, Loop K+1 runs of the layer stack; vanilla one. n_jacobi: R (default
+    config.n_jacobi; a mean R may be fractional for FLOPs)."""
     K = config.n_thoughts
     if K:
         R = config.n_jacobi if n_jacobi is None else n_jacobi
         return [(S, 1) for S in range(1, K + 1)] + [(K + 1, R + 1)]
-    return [(1, config.n_ponder + 1)]
+    return [(config.slots, config.passes)]
 
 
 def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
@@ -189,8 +190,9 @@ def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dt
             optimizer.zero_grad(set_to_none=True)
 
     # warm up on a tiny model of the same method: kernels' one-time buffers are not the plan's business
+    method = {k: getattr(config, k) for k in METHOD_COUNTS + ('pause_token_id',)}
     tiny = GPT(type(config)(n_layer=1, n_head=1, n_embd=8, vocab_size=config.vocab_size, block_size=8,
-                            n_thoughts=config.n_thoughts, n_ponder=config.n_ponder)).to(device)
+                            **method)).to(device)
     tiny.activation_checkpointing = activation_checkpointing
     train(tiny, torch.optim.AdamW(tiny.parameters()), idx[:1, :8])
     del tiny
@@ -225,9 +227,9 @@ def proc_status(key):
 
 
 def kv_cache_slots(config):
-    """The KV cache per token in units of a vanilla model's: PonderLM-2 caches its K thought slots too (K+1),
-    PonderLM keeps one cache per pass (N+1)."""
-    return (config.n_thoughts or config.n_ponder) + 1
+    """The KV cache per token in units of a vanilla model's: PonderLM-2 and Pause cache their K thought or pause
+    slots too (K+1), PonderLM, Hidden and Loop keep one cache per pass (N+1, K+1)."""
+    return config.slots * config.n_caches
 
 
 def kv_cache_bytes_per_token(config, bytes_per_value):

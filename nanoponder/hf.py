@@ -13,15 +13,16 @@ from dataclasses import fields, replace
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, METHOD_COUNTS, GPTConfig
 from nanoponder.runtime import atomic_write, write_json
 
-def load_pretrained(name_or_dir, **overrides):
+def load_pretrained(name_or_dir, patch_method=None, **overrides):
     """A GPT-NeoX / Pythia / PonderLM checkpoint in Hugging Face format: a local directory with config.json and
     model.safetensors / pytorch_model.bin (or a sharded index), or a hub id. overrides replace GPTConfig fields
-    (e.g. n_jacobi=5). The model is fp32 on the CPU."""
+    (e.g. n_jacobi=5). patch_method: which official modeling file the checkpoint was trained with (see
+    config_from_hf), for a config.json that does not say. The model is fp32 on the CPU."""
     path = name_or_dir if os.path.isdir(name_or_dir) else download_from_hub(name_or_dir)
-    config = replace(config_from_hf(read_config(path)), **checked_overrides(overrides))
+    config = replace(config_from_hf(read_config(path), patch_method), **checked_overrides(overrides))
     model = empty_model(config)
     load_hf_weights(model, read_state_dict(path))
     return model
@@ -69,7 +70,7 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
         if eos_id is None:
             raise ValueError(f"tokenizer {tokenizer_path} has no {eos_token} token")
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    if not (config.n_thoughts or config.n_ponder) and config.scale_embeds:
+    if config.method == 'vanilla' and config.scale_embeds:
         sd['embed_in.weight'] = sd['embed_in.weight'] * config.embed_scale
         config = replace(config, scale_embeds=False)
     sd = {(k if k == 'embed_out.weight' else 'gpt_neox.' + k): v for k, v in sd.items()}
@@ -108,11 +109,17 @@ def checked(key, value, kind):
     return value
 
 
-def config_from_hf(hf):
+# the official PonderLM-2 code's --patch_method: which GPT-NeoX modeling file reads num_latent_thoughts, as what
+PATCH_METHODS = {'ours': 'n_thoughts', 'pause': 'n_pause', 'loop': 'n_loop', 'ponderlm': 'n_hidden', 'vanilla': None}
+
+
+def config_from_hf(hf, patch_method=None):
     """GPTConfig from a GPT-NeoX config.json (a dict; old and new key names), with the method keys of the
     official PonderLM-2 / PonderingLM code: num_latent_thoughts, num_jacobi_iterations, random_jacobi_iterations,
     interpolation, interpolation_use_topk, scale_embeds, recurrent_model, ponderinglm, pondering_steps,
-    mutiply_pondering_steps (sic); jacobi_train_range (only our export writes it) is checked, and read by
+    mutiply_pondering_steps (sic), pause_token_id; num_latent_thoughts counts the steps of the method that
+    patch_method names (the official --patch_method: the argument, else config.json's patch_method, which our
+    export writes, else 'ours', PonderLM-2); jacobi_train_range (only our export writes it) is checked, and read by
     jacobi_train_range_from_hf: it is a setting of the training run, not of the model. A missing or mistyped
     field, or a value that would compute something this model does not, is a ValueError naming the key."""
     if not isinstance(hf, dict):
@@ -138,7 +145,8 @@ def config_from_hf(hf):
                          "by this implementation: only PonderLM-2's interpolation=false (the hidden state itself)")
     # Ignored, as they change no logits: interpolation_use_topk (the official code reads it only with
     # interpolation on); recurrent_model (its loader's "pondering on" switch, true for every method but
-    # vanilla, which its GPT-NeoX PonderLM-2 model never reads); output_hidden_states; classifier_dropout.
+    # vanilla, which its GPT-NeoX PonderLM-2 model never reads; its Loop and hidden-feedback files do: see
+    # below); output_hidden_states; classifier_dropout.
     if not get('attention_bias', True, 'flag'):
         raise ValueError("attention_bias=false is not supported: GPT-NeoX has biases everywhere")
     rope = get('rope_parameters', None, 'object') or get('rope_scaling', None, 'object') or {}
@@ -150,14 +158,25 @@ def config_from_hf(hf):
     n_head, n_embd = get('num_attention_heads'), get('hidden_size')
     if n_embd % n_head:
         raise ValueError(f"config.json has hidden_size={n_embd}, not divisible by num_attention_heads={n_head}")
-    n_thoughts = get('num_latent_thoughts', 0, 'count')
-    n_ponder = get('pondering_steps', 0, 'count') if get('ponderinglm', False, 'flag') else 0
+    # the official configs of every method but PonderingLM count its steps in num_latent_thoughts, and do not say
+    # which modeling file trained them: our exports write patch_method, else the caller says (default 'ours')
+    patch_method = patch_method or get('patch_method', 'ours', 'text')
+    if patch_method not in PATCH_METHODS:
+        raise ValueError(f"patch_method {patch_method!r} is none of the official ones: {', '.join(PATCH_METHODS)}")
+    counts = dict.fromkeys(METHOD_COUNTS, 0)
+    if PATCH_METHODS[patch_method]:
+        counts[PATCH_METHODS[patch_method]] = get('num_latent_thoughts', 0, 'count')
+    counts['n_ponder'] = get('pondering_steps', 0, 'count') if get('ponderinglm', False, 'flag') else 0
+    if patch_method in ('loop', 'ponderlm') and any(counts.values()) and get('recurrent_model', True, 'flag') is False:
+        raise ValueError(f"recurrent_model=false with patch_method={patch_method}: the official {patch_method} code "
+                         f"then runs the plain trunk once, which this loader does not build; set it true (as the "
+                         f"official scripts do) or load it as patch_method=vanilla")
     n_jacobi = get('num_jacobi_iterations', 3, 'count')
     get('random_jacobi_iterations', True, 'flag')
     jacobi_train_range_from_hf(hf)  # checked here, so that a mistyped one is refused on load
     # scale_embeds scales what a pondering model feeds back; the official vanilla baseline is stock GPT-NeoX,
     # which has no embedding scale whatever its config.json says (the official loader writes the key anyway)
-    scale_embeds = get('scale_embeds', False, 'flag') and bool(n_thoughts or n_ponder)
+    scale_embeds = get('scale_embeds', False, 'flag') and any(counts.values())
     return GPTConfig(
         block_size=get('max_position_embeddings', 2048),
         vocab_size=get('vocab_size'),
@@ -169,9 +188,9 @@ def config_from_hf(hf):
         rotary_base=float(checked('rotary_emb_base', rotary_base, 'positive')),
         parallel_residual=get('use_parallel_residual', True, 'flag'),
         layer_norm_eps=get('layer_norm_eps', 1e-5, 'positive'),
-        n_thoughts=n_thoughts,
         n_jacobi=n_jacobi,
-        n_ponder=n_ponder,
+        **counts,
+        pause_token_id=get('pause_token_id', 50288, 'count'),  # the official default
         ponder_multiply=get('mutiply_pondering_steps', False, 'flag'),  # (sic) the released key
         scale_embeds=scale_embeds,
     )
@@ -214,13 +233,17 @@ def hf_config(config, eos_id=0, jacobi_train_range=None):
         'use_cache': True,
         'torch_dtype': 'float32',
         # PonderLM-2
-        'num_latent_thoughts': config.n_thoughts,
+        'num_latent_thoughts': config.n_thoughts or config.n_pause or config.n_loop or config.n_hidden,
+        # which official modeling file computes this model (config_from_hf reads it back); PonderingLM has its own
+        'patch_method': next((m for m, field in PATCH_METHODS.items() if field and getattr(config, field)),
+                             'ours' if config.n_ponder else 'vanilla'),
+        'pause_token_id': config.pause_token_id,
         'num_jacobi_iterations': config.n_jacobi,
         'random_jacobi_iterations': lo < hi,
         'jacobi_train_range': [lo, hi],
         'interpolation': False,
         'interpolation_use_topk': False,
-        'recurrent_model': bool(config.n_thoughts or config.n_ponder),  # the official "pondering on" switch
+        'recurrent_model': config.method != 'vanilla',  # the official "pondering on" switch
         # PonderingLM (v1)
         'ponderinglm': config.n_ponder > 0,
         'pondering_steps': config.n_ponder,

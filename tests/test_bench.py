@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT
 
@@ -60,7 +61,7 @@ def figures(node, path=''):
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
-    proc = bench(*TINY, f'--json={out}')
+    proc = bench(*TINY, f'--methods={",".join(METHODS)}', f'--json={out}')
     assert proc.returncode == 0, proc.stderr
     with open(out) as f:
         return proc.stdout, json.load(f)
@@ -118,7 +119,8 @@ def test_json_echoes_the_config_under_its_keys(run):
     _, data = run
     config = data['config']
     assert config['model'] == '' and 'preset' not in config and 'task' not in config
-    assert config['method_settings']['ponderlm2-k2'] == {'n_thoughts': 2, 'n_ponder': 0}
+    assert config['method_settings']['ponderlm2-k2'] == {'n_thoughts': 2, 'n_ponder': 0, 'n_pause': 0, 'n_loop': 0,
+                                                         'n_hidden': 0}
     assert config['attention'] == 'sdpa'  # CPU
 
 
@@ -145,6 +147,38 @@ def test_a_child_measures_one_task_from_its_config_key():
     assert len(lines) == 1 and lines[0].startswith('result: '), proc.stdout
     result = json.loads(lines[0][len('result: '):])
     assert len(result['step_s']) == 2 and len(result['cached']) == 2 and result['mfu'] is None
+
+
+BASELINES = {'vanilla': 'vanilla', 'pause-k1': 'Pause K=1', 'loop-k1': 'Loop K=1', 'hidden-n1': 'Hidden N=1'}
+
+
+def test_the_baselines_get_a_row_in_every_table(monkeypatch, capsys, tmp_path):
+    """bench.py --methods=vanilla,pause-k1,loop-k1,hidden-n1 at the tiny shape, with each child's measurement run
+    in this process (a child process per method and variant costs seconds of importing torch; the plumbing is
+    the module fixture's): training, cached and uncached decoding, checkpointing and the memory plan. One thread,
+    as the children have under ENV: two threads on shared cores take several times as long."""
+    import bench as b
+    import configurator
+    for arg in TINY + [f'--methods={",".join(BASELINES)}', f'--json={tmp_path / "bench.json"}', '--threads=1']:
+        monkeypatch.setattr(b, *configurator.parse_override(arg, configurator.known_config(vars(b))))
+    monkeypatch.setattr(b, 'run_child', lambda name, variant: json.loads(json.dumps(b.measure(name, variant))))
+    threads = torch.get_num_threads()
+    try:
+        b.bench_all()
+    finally:
+        torch.set_num_threads(threads)  # bench sets the process's threads: the other tests keep theirs
+    stdout = capsys.readouterr().out
+    for title in ('training', 'decoding', 'training variants', 'memory'):
+        assert [row[0] for row in table_rows(stdout, title)[1:]] == list(BASELINES.values()), title
+    with open(tmp_path / 'bench.json') as f:
+        methods = json.load(f)['methods']
+    flops = {name: methods[name]['train']['flops_vs_vanilla'] for name in BASELINES}
+    # Loop K=1 and Hidden N=1 both run the trunk twice and the vocabulary once; Pause K=1 runs it once over 2T
+    # slots, whose attention spans a context twice as long
+    assert flops['vanilla'] == 1 and 1 < flops['loop-k1'] == flops['hidden-n1'] < flops['pause-k1'] < 2.5, flops
+    for name in BASELINES:
+        assert all(methods[name]['decode'][mode]['tokens_per_s']['median'] > 0 for mode in ('cached', 'uncached'))
+        assert methods[name]['memory']['plain']['plan_mib'] > methods[name]['memory']['checkpointing']['plan_mib']
 
 
 def test_import_has_no_side_effects(monkeypatch, capsys):

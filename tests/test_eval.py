@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -331,7 +332,8 @@ def test_v1_checkpoint_with_the_official_adapter_loads(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('kw', [dict(), dict(n_thoughts=2, n_jacobi=4, jacobi_train_range=(1, 5)),
-                                dict(n_ponder=3, ponder_multiply=True), dict(scale_embeds=False)])
+                                dict(n_ponder=3, ponder_multiply=True), dict(scale_embeds=False),
+                                dict(n_pause=2, pause_token_id=299), dict(n_loop=2), dict(n_hidden=2)])
 def test_export_round_trips_through_from_pretrained(tmp_path, tokenizer_json, kw):
     train_range = kw.pop('jacobi_train_range', None)  # a setting of the training run, which the export records
     model = randomize(tiny(vocab_size=300, **kw), std=0.1)
@@ -339,7 +341,8 @@ def test_export_round_trips_through_from_pretrained(tmp_path, tokenizer_json, kw
     assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors', 'tokenizer.json',
                                             'tokenizer_config.json']
     loaded = load_pretrained(str(tmp_path)).eval()
-    for key in ('n_thoughts', 'n_jacobi', 'n_ponder', 'ponder_multiply', 'block_size'):
+    for key in ('n_thoughts', 'n_jacobi', 'n_ponder', 'ponder_multiply', 'block_size', 'n_pause', 'pause_token_id',
+                'n_loop', 'n_hidden'):
         assert getattr(loaded.config, key) == getattr(model.config, key), key
     if train_range:
         assert jacobi_train_range_from_hf(read_config(str(tmp_path))) == train_range
@@ -366,19 +369,38 @@ def test_exported_vanilla_model_runs_in_stock_transformers(tmp_path, tokenizer_j
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
-def test_export_script(monkeypatch, tmp_path, tokenizer_json):
+@pytest.mark.parametrize('kw', [dict(n_pause=1, pause_token_id=299), dict(n_loop=1), dict(n_hidden=1)])
+def test_stock_transformers_runs_an_exported_baseline_as_a_plain_gpt_neox(tmp_path, kw):
+    """What export_hf.py's closing note says: the same weights, one pass, no pause slots, no embedding scale."""
+    transformers = pytest.importorskip('transformers')
+    model = randomize(tiny(vocab_size=300, **kw), std=0.3)
+    save_pretrained(model, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    plain = GPT(replace(model.config, n_pause=0, n_loop=0, n_hidden=0, scale_embeds=False)).eval()
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        torch.testing.assert_close(theirs, plain(idx)[0], atol=1e-4, rtol=1e-4)
+        assert (theirs - model(idx)[0]).abs().max() > 0.1  # not the method's own logits
+
+
+@pytest.mark.parametrize('kw, label', [(dict(n_thoughts=1), 'PonderLM-2 K=1'), (dict(n_loop=1), 'Loop K=1')])
+def test_export_script(monkeypatch, capsys, tmp_path, tokenizer_json, kw, label):
     from prepare_data import prepare
     (tmp_path / 'corpus.txt').write_text('the cat sat on a mat\n' * 20, encoding='utf-8')
     prepare('text', input=str(tmp_path / 'corpus.txt'), tokenizer=tokenizer_json, out_dir=str(tmp_path / 'data'),
             num_proc=1)
-    model = tiny(n_thoughts=1, vocab_size=300)
+    model = tiny(vocab_size=300, **kw)
     write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path / 'data')
     import export_hf
     monkeypatch.setattr(export_hf, 'init_from', str(tmp_path / 'ckpt.pt'))
     monkeypatch.setattr(export_hf, 'out', str(tmp_path / 'hf'))
+    capsys.readouterr()
     export_hf.main()
+    assert f'stock transformers would run it as a plain GPT-NeoX, without its {label}' in capsys.readouterr().err
     loaded = load_pretrained(str(tmp_path / 'hf'))
-    assert loaded.config.n_thoughts == 1 and torch.equal(loaded.embed_in.weight, model.embed_in.weight)
+    assert loaded.config.method == model.config.method and torch.equal(loaded.embed_in.weight, model.embed_in.weight)
     assert (tmp_path / 'hf' / 'tokenizer.json').read_bytes() == (tmp_path / 'data' / 'tokenizer.json').read_bytes()
     with pytest.raises(ev.UserError, match='already holds a model'):
         export_hf.main()
@@ -507,27 +529,49 @@ def instance(kind, args):
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
 
+PAIRS = [('the cat sat on', ' a mat'), ('naïve café', ' 🙂'), ('', 'the dog')]  # (context, continuation)
+
+
+def reference_logprob(tok, context, continuation, logits_of):
+    """The log-probability of continuation after context: one unpadded sequence through logits_of, (B, T) ids ->
+    (B, T, V) logits."""
+    ctx = tok.encode(context) if context else [tok.eos_id]
+    cont = tok.encode(context + continuation)[len(ctx):] if context else tok.encode(continuation)
+    idx = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = F.log_softmax(logits_of(idx[:, :-1])[0].float(), dim=-1)
+    return logprobs[len(ctx) - 1:].gather(1, torch.tensor(cont)[:, None]).sum().item()
+
+
 def test_lm_eval_adapter_scores_thought_models_exactly_or_with_jacobi(tok):
     pytest.importorskip('lm_eval')
     model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
-    pairs = [('the cat sat on', ' a mat'), ('naïve café', ' 🙂'), ('', 'the dog')]
-    requests = [instance('loglikelihood', p) for p in pairs]
-
-    def reference(context, continuation, logits_of):
-        ctx = tok.encode(context) if context else [tok.eos_id]
-        cont = tok.encode(context + continuation)[len(ctx):] if context else tok.encode(continuation)
-        idx = torch.tensor([ctx + cont])
-        with torch.no_grad():
-            logprobs = F.log_softmax(logits_of(idx[:, :-1])[0].float(), dim=-1)
-        return logprobs[len(ctx) - 1:].gather(1, torch.tensor(cont)[:, None]).sum().item()
-
+    requests = [instance('loglikelihood', p) for p in PAIRS]
     exact = ev.lm_eval_class()(model=model, tokenizer=tok, batch_size=2).loglikelihood(requests)
     jacobi = ev.lm_eval_class()(model=model, tokenizer=tok, thoughts='jacobi', n_jacobi=0).loglikelihood(requests)
-    for (context, continuation), (lp_exact, _), (lp_jacobi, _) in zip(pairs, exact, jacobi):
-        assert lp_exact == pytest.approx(reference(context, continuation, model.sequential_logits), abs=1e-4)
-        assert lp_jacobi == pytest.approx(reference(context, continuation, lambda x: model(x, n_jacobi=0)[0]),
-                                          abs=1e-4)
+    for (context, continuation), (lp_exact, _), (lp_jacobi, _) in zip(PAIRS, exact, jacobi):
+        assert lp_exact == pytest.approx(reference_logprob(tok, context, continuation, model.sequential_logits),
+                                         abs=1e-4)
+        assert lp_jacobi == pytest.approx(
+            reference_logprob(tok, context, continuation, lambda x: model(x, n_jacobi=0)[0]), abs=1e-4)
     assert max(abs(e[0] - j[0]) for e, j in zip(exact, jacobi)) > 1e-3  # the two ways differ: both are checked
+
+
+@pytest.mark.parametrize('kw', [dict(n_pause=2, pause_token_id=299), dict(n_loop=1), dict(n_hidden=2)])
+def test_lm_eval_adapter_scores_a_baseline_in_one_forward_per_batch(tok, kw):
+    """No thoughts: the parallel forward is exact, right-padded batches included (Pause's slots after the padding
+    come after every slot that is scored)."""
+    pytest.importorskip('lm_eval')
+    model = randomize(tiny(vocab_size=300, **kw), std=0.3)
+    forwards = []
+    counted = model.forward
+    model.forward = lambda *args, **kwargs: forwards.append(args[0].shape) or counted(*args, **kwargs)
+    scores = ev.lm_eval_class()(model=model, tokenizer=tok, batch_size=2).loglikelihood(
+        [instance('loglikelihood', p) for p in PAIRS])
+    assert len(forwards) == 2 and forwards[0][0] == 2  # 3 requests: a batch of 2 and one of 1
+    for (context, continuation), (logprob, _) in zip(PAIRS, scores):
+        assert logprob == pytest.approx(reference_logprob(tok, context, continuation, lambda x: counted(x)[0]),
+                                        abs=1e-4)
 
 
 def test_lm_eval_generate_until_stops_at_strings_and_max_tokens(tok):

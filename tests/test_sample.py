@@ -4,6 +4,7 @@ the context (the sliding window of GPT.generate_stream) on tiny random models of
 
     python -m pytest tests/test_sample.py -q
 """
+import json
 import os
 import random
 import re
@@ -17,8 +18,9 @@ import torch
 from nanoponder.tokenizer import safe_decode
 from prepare_data import prepare
 from nanoponder.checkpoint import Checkpoint
+from nanoponder.methods import method_fields
 from sample import TextStream
-from helpers import ENV, ROOT, randomize, tiny
+from helpers import ENV, ROOT, randomize, tiny, write_checkpoint
 
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'thought', 'token', 'café', 'naïve', '日本語', '🙂', 'line\n']
 PROMPT = 'the king of café 🙂 thought'
@@ -159,6 +161,37 @@ def test_default_length_runs_past_the_context_with_and_without_cache(out_dir):
     (cached, err), (uncached, _) = ok(common + ['--use_cache=True'], common + ['--use_cache=False'])
     assert cached == uncached and cached.startswith(PROMPT)
     assert int(RATE_LINE.match(err[-1]).group(1)) == 200
+
+
+@pytest.mark.parametrize('method, label, cache_slots', [('pause-k2', 'Pause K=2', 3), ('loop-k1', 'Loop K=1', 2),
+                                                        ('hidden-n2', 'Hidden N=2', 3)])
+def test_the_baselines_sample_and_evaluate(out_dir, tmp_path, tok, method, label, cache_slots):
+    """A checkpoint of each baseline on the module run's data (its tokenizer, padded vocabulary 320): sample.py's
+    cached greedy sample is the uncached one (computed here), and eval.py's loss mode scores it in one row, no
+    Jacobi rows, with its KV cache per token. Untrained (random weights, near-uniform logits), so the greedy tokens
+    vary; Pause's pause row is zeroed, else its one pause vector would dominate every prediction."""
+    data_dir = os.path.join(os.path.dirname(out_dir), 'data')
+    model = tiny(vocab_size=320, block_size=48, pause_token_id=319, **method_fields(method))
+    with torch.no_grad():
+        model.embed_in.weight[319] = 0
+    write_checkpoint(tmp_path / 'ckpt.pt', model, data_dir)
+    ckpt = f'--init_from={tmp_path / "ckpt.pt"}'
+    evaluation = subprocess.Popen([sys.executable, 'eval.py', ckpt, '--max_windows=2', '--device=cpu',
+                                   '--dtype=float32'], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)  # at the same time as sample.py: most of each is imports
+    [(sampled, _)] = ok([ckpt, f'--start={PROMPT}', '--temperature=0', '--max_new_tokens=16'])
+    ids = model.generate(torch.tensor([tok.encode(PROMPT)]), 16, temperature=0, use_cache=False)[0].tolist()
+    assert sampled == safe_decode(tok, ids) + '\n' and len(set(ids[-16:])) >= 3, (method, ids[-16:])
+    table, err = evaluation.communicate(timeout=120)
+    assert evaluation.returncode == 0, err
+    lines = table.splitlines()
+    assert lines[0].startswith(f'{tmp_path / "ckpt.pt"}: {label};')
+    # 2 layers x 32 wide, keys and values in fp32, per cache slot
+    assert lines[1] == f'KV cache: {2 * 2 * 32 * 4 * cache_slots:,} bytes per token in float32 ({cache_slots}x vanilla)'
+    rows = [line for line in lines if line.startswith('|')][2:]  # after the header and its rule
+    assert len(rows) == 1 and rows[0].startswith('| none | - |'), table
+    report = json.loads((tmp_path / 'eval.json').read_text())
+    assert report['method'] == method and [row['name'] for row in report['rows']] == [label]
 
 
 # ----------------------------------------------------------------------------- a Hugging Face directory

@@ -18,6 +18,15 @@ from model import GPT, GPTConfig
 from helpers import ENV, METHODS, ROOT, tiny
 
 SHAPE = dict(n_head=2, vocab_size=128, block_size=16)  # the models here, in training mode: tiny(method, **SHAPE).train()
+# the papers' baselines next to METHODS, as GPTConfig fields (Pause: its vector the last embedding row)
+BASELINES = {'pause-k2': {'n_pause': 2, 'pause_token_id': 127}, 'loop-k2': {'n_loop': 2},
+             'hidden-n2': {'n_hidden': 2}}
+EVERY_METHOD = {**METHODS, **BASELINES}
+
+
+def model_of(method):
+    """tiny() of any method of EVERY_METHOD, in training mode."""
+    return tiny('vanilla', **EVERY_METHOD[method], **SHAPE).train()
 
 
 def batch(B=2, T=16):
@@ -44,10 +53,10 @@ def block_calls(model):
 # -----------------------------------------------------------------------------
 # activation checkpointing
 
-@pytest.mark.parametrize('method', list(METHODS))
+@pytest.mark.parametrize('method', list(EVERY_METHOD))
 def test_activation_checkpointing_gives_the_same_gradients(method):
     x, y = batch()
-    model = tiny(method, **SHAPE).train()
+    model = model_of(method)
     calls = block_calls(model)
     loss, grads = loss_and_grads(model, x, y)
     plain_calls = len(calls)
@@ -137,8 +146,8 @@ def test_auto_dtype_is_bf16_only_where_matmuls_are_native(monkeypatch):
 # the memory plan
 
 def test_parameter_count_from_the_config():
-    for method in METHODS:
-        model = tiny(method, **SHAPE).train()
+    for method in EVERY_METHOD:
+        model = model_of(method)
         n = count_params(model.config)
         assert n['total'] == model.get_num_params(non_embedding=False)
         assert n['block'] == sum(p.numel() for p in model.layers[0].parameters())
@@ -188,7 +197,7 @@ def test_memory_plan_matches_the_measured_peak_rss():
     ours (LayerNorm statistics, oneDNN's buffers for bf16 matmuls, page granularity); on this machine the
     measured/plan ratios are 0.88-1.10. The runs are a fresh process whose malloc returns large freed blocks at
     once (MALLOC_MMAP_THRESHOLD_), so that the peak RSS is the peak of live memory."""
-    cases = [(method, kw, 4, 'float32', False, 128) for method, kw in METHODS.items()]
+    cases = [(method, kw, 4, 'float32', False, 128) for method, kw in EVERY_METHOD.items()]
     cases += [('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'float32', True, 128),
               ('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'bfloat16', False, 256)]
     env = {**ENV, 'MALLOC_MMAP_THRESHOLD_': '65536'}

@@ -4,6 +4,7 @@ token files made here: the loss falls, a resumed run repeats an uninterrupted on
 processes equal one process with the same global batch, a checkpoint resumes under another parallelism and
 number of processes, checkpoints are written atomically, and user mistakes end in one `error:` line.
 """
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from model import GPTConfig
 from nanoponder.checkpoint import Checkpoint
+from nanoponder.methods import method_fields
 from helpers import ENV, ROOT, TINY, VOCAB, digest, last_line, load_ckpt, make_data, metrics, run_train
 
 
@@ -211,6 +214,118 @@ def test_fsdp_checkpoints_resume_in_one_process_and_back(tmp_path):
         assert_same_losses(metrics(tmp_path / out)[0], full_train)
 
 
+# -----------------------------------------------------------------------------
+# the papers' baselines (Pause, Loop, hidden-state feedback): exact resume, and DDP and FSDP equal one process.
+# K=2 / N=2, the general case (the last of several pauses predicts; more than one extra pass). Pause needs a row
+# that no token of the data is: the vocabulary padded by 8, the last row.
+BASELINES = {'pause-k2': ['--vocab_size=136', '--pause_token_id=135'], 'loop-k2': [], 'hidden-n2': []}
+# the same global batch of 8 sequences: 1 process x 4 micro-batches, or 2 x 2; the schedule pinned, so that the run
+# stopped at 2 has the learning rates of the run to 4. lr 1e-3: Adam turns the rounding noise of a near-zero
+# gradient into a step of up to lr (at 1e-2 one weight of pause-k2 ended 2e-5 apart under DDP); a gradient that is
+# not synced still moves the weights ~lr apart
+BASELINE_COMMON = ['--batch_size=2', '--gradient_accumulation_steps=4', '--eval_interval=2', '--warmup_iters=1',
+                   '--lr_decay_iters=4', '--learning_rate=1e-3']
+
+# train.py once per (processes, arguments) of the list in argv[1] (json), all in this one interpreter: torch and
+# every module are imported once, not per run (3 s of a tiny run's 4). A run of N > 1 processes is N forks of it,
+# each given torchrun's environment (torchrun's workers cannot start a second process group: its store keeps the
+# first one's keys). Stops at a failed run.
+SEVERAL_RUNS = r'''
+import json, os, runpy, socket, sys
+import matplotlib
+matplotlib.use('Agg')
+# what train.py imports, and what it imports only when it runs (the forks would each import it again)
+import matplotlib.pyplot, numpy.random, torch._dynamo, torch.distributed.checkpoint.state_dict  # noqa: F401
+import torch.distributed.fsdp, train  # noqa: F401
+
+
+def run(args, env={}):
+    os.environ.update(env)
+    sys.argv = ['train.py', *args]
+    try:
+        runpy.run_path('train.py', run_name='__main__')
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+for nproc, args in json.loads(sys.argv[1]):
+    if nproc == 1:
+        code = run(args)
+    else:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        pids = []
+        for rank in range(nproc):
+            pid = os.fork()
+            if pid == 0:
+                code = run(args, {'RANK': str(rank), 'LOCAL_RANK': str(rank), 'WORLD_SIZE': str(nproc),
+                                  'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)})
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+            pids.append(pid)
+        codes = []
+        while pids:  # a rank that fails ends the others (as torchrun does), or they would wait for it forever
+            pid, status = os.wait()
+            pids.remove(pid)
+            codes.append(abs(os.waitstatus_to_exitcode(status)))
+            if codes[-1]:
+                for other in pids:
+                    os.kill(other, 9)
+        code = max(codes)
+    if code:
+        sys.exit(code)
+'''
+
+
+def train_several(tmp_path, runs):
+    """Each (out, processes, args) of runs: train.py with the tiny model on tmp_path/data into tmp_path/out, one
+    run after the other in one interpreter (SEVERAL_RUNS)."""
+    argvs = [(nproc, [*TINY, f"--data_dir={tmp_path / 'data'}", f'--out_dir={tmp_path / out}', *args])
+             for out, nproc, args in runs]
+    r = subprocess.run([sys.executable, '-c', SEVERAL_RUNS, json.dumps(argvs)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+@pytest.fixture(scope='module')
+def baseline_runs(tmp_path_factory):
+    """For each baseline: a run of 4 iterations ('full'), one stopped at 2 and resumed to 4 ('half'), and the full
+    run under DDP and under FSDP with 2 processes."""
+    tmp = tmp_path_factory.mktemp('baselines')
+    make_data(tmp / 'data')
+    runs = []
+    for method, extra in BASELINES.items():
+        args = [f'--{key}={value}' for key, value in method_fields(method).items()] + extra + BASELINE_COMMON
+        runs += [(f'{method}-{p}', 2, args + ['--max_iters=4', f'--parallelism={p}']) for p in ('ddp', 'fsdp')]
+        runs += [(f'{method}-half', 1, args + ['--max_iters=2']), (f'{method}-full', 1, args + ['--max_iters=4']),
+                 (f'{method}-half', 1, args + ['--max_iters=4', '--init_from=resume'])]
+    train_several(tmp, runs)
+    return tmp
+
+
+@pytest.mark.parametrize('method', list(BASELINES))
+def test_the_baselines_resume_exactly_and_train_alike_under_ddp_and_fsdp(baseline_runs, method):
+    full = load_ckpt(baseline_runs / f'{method}-full' / 'ckpt.pt')
+    assert GPTConfig(**full['model_args']).method == method and full['iter_num'] == 4
+    full_train, full_val = metrics(baseline_runs / f'{method}-full')
+    assert [i for i, _ in full_train] == [1, 2, 3, 4] and [i for i, _ in full_val] == [0, 2, 4]
+    # stopped at 2 and resumed: bit for bit the uninterrupted run
+    resumed = load_ckpt(baseline_runs / f'{method}-half' / 'ckpt.pt')
+    assert metrics(baseline_runs / f'{method}-half') == (full_train, full_val)
+    assert resumed['data_state'] == full['data_state'] and full['model'].keys() == resumed['model'].keys()
+    for k in full['model']:
+        assert torch.equal(full['model'][k], resumed['model'][k]), k
+    # 2 processes: within 1e-5 (they add the gradients in another order)
+    for parallelism in ('ddp', 'fsdp'):
+        two = load_ckpt(baseline_runs / f'{method}-{parallelism}' / 'ckpt.pt')
+        assert two['config']['parallelism'] == parallelism and two['data_state'] == full['data_state']
+        assert_same_weights(two['model'], full['model'])
+        assert_same_optimizer_layout(two['optimizer'], full['optimizer'])
+        assert_same_losses(metrics(baseline_runs / f'{method}-{parallelism}')[0], full_train)
+
+
 def checkpoint(iter_num, w):
     return Checkpoint(model_args={}, model={'w': w}, optimizer={}, scaler={}, iter_num=iter_num, data_state={},
                       rng={}, best_val_loss=1.0, config={})
@@ -249,6 +364,9 @@ def assert_one_error_line(r, *needles):
     (['--batch_size=64'], ['larger than the data']),
     (['--init_from=resume'], ['ckpt.pt', 'init_from=scratch']),
     (['--vocab_size=64'], ['vocab']),
+    # Pause's row beyond the model's embedding, which has free rows above the data's 128 ids
+    (['--n_thoughts=0', '--n_pause=1', '--vocab_size=130'],
+     ['pause_token_id=50288 is no row', 'vocab_size 130', '(128..129)', '--pause_token_id=129']),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, needles):
     assert_one_error_line(run_train(tmp_path, '--max_iters=1', *args, check=False), *needles)

@@ -55,6 +55,9 @@ def test_best_pt_is_the_best_saved_checkpoint(finished):
     (['--weight_decay=1e999'], ['weight_decay', 'finite', 'inf']),
     (['--max_iters=1e20'], ['max_iters', '<= 1e+12']),
     (['--max_iters=0', '--num_epochs=1e15'], ['num_epochs', 'iterations', 'lower num_epochs']),
+    # Pause's row is a token of the data, and the embedding (vocab_size 128, the data's) has no row to spare
+    (['--n_thoughts=0', '--n_pause=1', '--pause_token_id=5'],
+     ['pause_token_id=5 is a token id of the data', 'meta.json', '--vocab_size=136', '--pause_token_id=135']),
 ])
 def test_bad_values_are_one_line_exit_2_and_touch_nothing(finished, args, needles):
     before = checksums(finished / 'out')

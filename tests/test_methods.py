@@ -1,0 +1,328 @@
+"""The three baselines of the PonderLM papers (Pause, Loop, hidden-state feedback) against slow, obviously-correct
+references written here from the official GPT-NeoX files' definitions (LUMIA-Group/PonderLM-2,
+modeling_gpt_neox_addpausetoken.py, ..._addhidden_weightshare.py, ..._addhidden.py): the training forward, cached
+greedy decoding, the Hugging Face export and the official directories, the init, the FLOPs and the config checks.
+
+    python -m pytest tests/test_methods.py -q
+"""
+import itertools
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model import GPT, METHOD_COUNTS, GPTConfig
+from nanoponder.cost import flops_per_token, kv_cache_slots, plan_memory
+from nanoponder.hf import load_pretrained, save_pretrained
+from nanoponder.methods import method_fields
+from helpers import TINY_MODEL, randomize, tiny
+
+V = TINY_MODEL['vocab_size']
+PAUSE_ID = V - 1  # the last row: the tiny models' vocabulary has no room for the official 50288
+NEW = {'pause-k2': dict(n_pause=2, pause_token_id=PAUSE_ID), 'loop-k2': dict(n_loop=2), 'hidden-n2': dict(n_hidden=2)}
+TOL = 1e-5  # fp32
+
+
+def new_model(name, **config):
+    """A tiny model of the method, with weights large enough that its logits are far from uniform."""
+    model = randomize(tiny('vanilla', **{**NEW[name], **config}))
+    # random biases and LayerNorm shifts add one vector at every position, which makes greedy decoding repeat one
+    # token forever (a weak comparison): random matrices only
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith('bias'):
+                p.zero_()
+            elif 'norm' in key:
+                p.fill_(1.0)
+    return model
+
+
+def tokens(shape, seed):
+    # ids below PAUSE_ID: a real token is never the pause row (as no tokenizer produces it)
+    return torch.randint(0, PAUSE_ID, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# the references: every Block in order, no cache, the positions spelled out
+
+def stack(model, x, pos):
+    """The layer stack once over x (B, S, C) at position ids pos (a list of S ints), without a cache."""
+    pos = torch.tensor(pos)
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+    for i in range(model.config.n_layer):
+        x = model.layers[i](x, cos, sin)
+    return x
+
+
+def pause_reference(model, idx):
+    """Pause as defined: the slot sequence x1 P..P x2 P..P ... (K pauses after every token, each at its token's
+    position id), the embeddings * sqrt(H) if scale_embeds (the official file's scale), one pass, the logits read
+    at each token's last pause."""
+    cfg = model.config
+    B, T = idx.size()
+    ids, pos, last = [], [], []
+    for t in range(T):
+        ids.append(idx[:, t])
+        pos.append(t)
+        for _ in range(cfg.n_pause):
+            ids.append(torch.full((B,), cfg.pause_token_id))
+            pos.append(t)
+        last.append(len(ids) - 1)
+    x = model.embed_in(torch.stack(ids, dim=1)) * (math.sqrt(cfg.n_embd) if cfg.scale_embeds else 1.0)
+    h = model.final_layer_norm(stack(model, x, pos))
+    return model.embed_out(h[:, last])
+
+
+def pause_token_by_token(model, idx):
+    """Pause, one token at a time: for each t the whole slot sequence up to t's last pause, its last output."""
+    return torch.stack([pause_reference(model, idx[:, :t + 1])[:, -1] for t in range(idx.size(1))], dim=1)
+
+
+def loop_reference(model, idx):
+    """Loop, the official formula: h = E[x] * sqrt(2.5 H) (always), K+1 times every Block in order, the final
+    LayerNorm once."""
+    cfg = model.config
+    pos = list(range(idx.size(1)))
+    h = model.embed_in(idx) * math.sqrt(2.5 * cfg.n_embd)
+    for _ in range(cfg.n_loop + 1):
+        h = stack(model, h, pos)
+    return model.embed_out(model.final_layer_norm(h))
+
+
+def hidden_reference(model, idx):
+    """Hidden-state feedback, the official formula: c = E[x] (no scale), N times c = c + f(c) with f the trunk
+    (the stack and the final LayerNorm), then the logits of f(c)."""
+    pos = list(range(idx.size(1)))
+    f = lambda c: model.final_layer_norm(stack(model, c, pos))  # noqa: E731
+    c = model.embed_in(idx)
+    for _ in range(model.config.n_hidden):
+        c = c + f(c)
+    return model.embed_out(f(c))
+
+
+REFERENCE = {'pause': pause_reference, 'loop': loop_reference, 'hidden': hidden_reference}
+
+
+def reference(model, idx):
+    return REFERENCE[model.config.method.split('-')[0]](model, idx)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# the training forward
+
+@pytest.mark.parametrize('name', NEW)
+def test_forward_equals_reference(name):
+    model = new_model(name)
+    idx, targets = tokens((2, 9), 1), tokens((2, 9), 2)
+    targets[0, 3] = -1  # ignored
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        ref = reference(model, idx)
+        # the same weights as vanilla: the method must change the logits, or this test could not tell
+        vanilla = GPT(GPTConfig(**{**vars(model.config), **dict.fromkeys(METHOD_COUNTS, 0)})).eval()
+        vanilla.load_state_dict(model.state_dict())
+        plain = vanilla(idx)[0]
+    assert ref.std() > 0.5 and max_diff(ref, plain) > 0.1
+    assert max_diff(logits, ref) < TOL, max_diff(logits, ref)
+    if name.startswith('pause'):
+        with torch.no_grad():
+            by_token = pause_token_by_token(model, idx)
+        assert max_diff(logits, by_token) < TOL, max_diff(logits, by_token)
+    keep = targets >= 0  # cross-entropy over the kept targets, spelled out
+    want = -ref.log_softmax(-1)[keep].gather(1, targets[keep][:, None]).mean()
+    assert abs(loss.item() - want.item()) < TOL, (loss.item(), want.item())
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+@pytest.mark.parametrize('name', NEW)
+def test_cached_greedy_decoding_equals_reference(name):
+    # block_size 8, a prompt of 5 and 10 new tokens: the window slides (to its last 4 tokens) twice
+    block = 8
+    model = new_model(name, block_size=block)
+    prompt = tokens((2, 5), 3)
+    steps = list(model.generate_stream(prompt, 10, temperature=0))
+    cached = torch.cat([prompt] + [t for t, _ in steps], dim=1)
+    assert torch.equal(cached, model.generate(prompt, 10, temperature=0, use_cache=False))
+    window, out = prompt, [prompt]  # greedy decoding driven by the reference, with the documented sliding window
+    with torch.no_grad():
+        for i in range(10):
+            logits = reference(model, window)[:, -1]
+            assert max_diff(steps[i][1], logits) < TOL, (i, max_diff(steps[i][1], logits))
+            out.append(logits.argmax(dim=-1, keepdim=True))
+            window = torch.cat((window, out[-1]), dim=1)
+            if window.size(1) > block:
+                window = window[:, -(block // 2):]
+    assert torch.equal(cached, torch.cat(out, dim=1))
+    assert len(set(cached[:, 5:].flatten().tolist())) > 2  # not one token repeated: the comparison means something
+    # a prompt fed to the caches in two chunks (several new positions after a cache)
+    idx = tokens((2, 7), 4)
+    with torch.no_grad():
+        caches = model.new_caches(2, 7, 'cpu')
+        h = torch.cat([model.causal(idx[:, :3], caches), model.causal(idx[:, 3:], caches)], dim=1)
+        ref = reference(model, idx)
+    assert max_diff(model.embed_out(h), ref) < TOL, max_diff(model.embed_out(h), ref)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face directories
+
+# a stock GPT-NeoX config.json of the tiny shape (Pythia's keys), and what the official loader adds
+STOCK = {'architectures': ['GPTNeoXForCausalLM'], 'bos_token_id': 0, 'eos_token_id': 0, 'hidden_act': 'gelu',
+         'hidden_size': TINY_MODEL['n_embd'], 'initializer_range': 0.02, 'intermediate_size': 4 * TINY_MODEL['n_embd'],
+         'layer_norm_eps': 1e-05, 'max_position_embeddings': TINY_MODEL['block_size'], 'model_type': 'gpt_neox',
+         'num_attention_heads': TINY_MODEL['n_head'], 'num_hidden_layers': TINY_MODEL['n_layer'],
+         'rotary_emb_base': 10000, 'rotary_pct': 0.25, 'tie_word_embeddings': False, 'torch_dtype': 'float32',
+         'transformers_version': '4.46.1', 'use_cache': True, 'use_parallel_residual': True, 'vocab_size': V}
+PATCH = {'pause': 'pause', 'loop': 'loop', 'hidden': 'ponderlm'}  # our method -> the official --patch_method
+
+
+def official_keys(config):
+    """The keys the official loader writes (src/llamafactory/model/loader.py), for config's method; the Pause
+    file reads pause_token_id too. None says which modeling file trained the model."""
+    keys = dict(output_hidden_states=False, num_latent_thoughts=config.n_pause or config.n_loop or config.n_hidden,
+                num_jacobi_iterations=3, random_jacobi_iterations=True, interpolation=False,
+                interpolation_use_topk=False, scale_embeds=True, recurrent_model=True, classifier_dropout=0)
+    if config.n_pause:
+        keys['pause_token_id'] = config.pause_token_id
+    return keys
+
+
+@pytest.mark.parametrize('name', NEW)
+def test_hf_export_round_trip_and_official_directories(tmp_path, name):
+    model = new_model(name)
+    idx = tokens((2, 7), 5)
+    save_pretrained(model, str(tmp_path))
+    loaded = load_pretrained(str(tmp_path)).eval()
+    # the whole config comes back (the MLP width written out: None means 4 H)
+    assert loaded.config == replace(model.config, n_inner=4 * model.config.n_embd) and loaded.config.method == name
+    with torch.no_grad():
+        logits, ref = model(idx)[0], reference(model, idx)
+        assert torch.equal(loaded(idx)[0], logits)
+    # the same weights as the official code saves them: its config.json names no method
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert 'patch_method' in config  # (our export's key, the only thing that would say)
+    (tmp_path / 'config.json').write_text(json.dumps({**STOCK, **official_keys(model.config)}))
+    official = load_pretrained(str(tmp_path), patch_method=PATCH[name.split('-')[0]]).eval()
+    assert official.config.method == name
+    with torch.no_grad():
+        assert max_diff(official(idx)[0], ref) < TOL, max_diff(official(idx)[0], ref)
+    # without patch_method, num_latent_thoughts means PonderLM-2's thoughts (the official default, --patch_method
+    # ours): the same directory is then a PonderLM-2 model with K = the method's count
+    K = official_keys(model.config)['num_latent_thoughts']
+    assert load_pretrained(str(tmp_path)).config.method == f'ponderlm2-k{K}'
+
+
+# -----------------------------------------------------------------------------
+# the init
+
+@pytest.mark.parametrize('name,passes', [('pause-k2', 1), ('loop-k2', 3), ('hidden-n2', 3)])
+def test_small_init_shrinks_output_projections_by_passes(name, passes):
+    H, L = 256, 2
+    shape = dict(block_size=8, vocab_size=V, n_layer=L, n_head=4, n_embd=H, **NEW[name])
+    torch.manual_seed(0)
+    small, normal = GPT(GPTConfig(**shape)), GPT(GPTConfig(**shape, weight_init='normal'))
+    sigma = math.sqrt(2 / (5 * H))
+    trunc = 0.986  # std of a normal truncated at +-3 sigma, in units of sigma
+    for i in range(L):
+        for proj in (small.layers[i].attention.dense, small.layers[i].mlp.dense_4h_to_h):
+            assert proj.weight.std().item() == pytest.approx(trunc * sigma / math.sqrt(2 * L * passes), rel=0.05)
+        assert small.layers[i].attention.query_key_value.weight.std().item() == pytest.approx(trunc * sigma, rel=0.05)
+        for proj in (normal.layers[i].attention.dense, normal.layers[i].mlp.dense_4h_to_h):
+            assert proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# -----------------------------------------------------------------------------
+# the cost
+
+@pytest.mark.parametrize('name', ['pause-k1', 'pause-k3', 'loop-k1', 'loop-k3', 'hidden-n1', 'hidden-n3'])
+def test_flops_memory_and_cache_follow_the_passes(name):
+    count = int(name.split('-')[1][1:])
+    slots = count + 1 if name.startswith('pause') else 1  # positions per token the trunk sees
+    passes = 1 if name.startswith('pause') else count + 1
+
+    def config(**kw):
+        return GPTConfig(**{'block_size': 4, 'vocab_size': 2, 'n_layer': 2, 'n_head': 4, 'n_embd': 256, **kw})
+
+    def method(**kw):
+        return config(**method_fields(name), pause_token_id=1, **kw)
+
+    # attention and the vocabulary negligible: the dense work of every slot of every pass
+    assert flops_per_token(method()) / flops_per_token(config()) == pytest.approx(slots * passes, rel=0.02)
+    # the vocabulary projection once per token: the head term is vanilla's
+    head = flops_per_token(method(vocab_size=50000)) - flops_per_token(method())
+    assert head == pytest.approx(flops_per_token(config(vocab_size=50000)) - flops_per_token(config()), rel=1e-9)
+    # the attention term (what grows with the context): Pause's slots each see a context slots x longer
+    attn = flops_per_token(method(), seq_len=64) - flops_per_token(method(), seq_len=32)
+    vanilla_attn = flops_per_token(config(), seq_len=64) - flops_per_token(config(), seq_len=32)
+    assert attn == pytest.approx(slots * slots * passes * vanilla_attn, rel=1e-9)
+    # the memory plan runs, and grows with the count
+    bigger = method_fields(name.replace(str(count), str(count + 1)))
+    plans = [plan_memory(GPTConfig(**TINY_MODEL, **f, pause_token_id=PAUSE_ID), batch_size=2)
+             for f in (method_fields(name), bigger)]
+    assert plans[0].total < plans[1].total and name in plans[0].summary()
+    # the KV cache: K+1 (N+1) slots per token, and the model's caches are that big
+    cfg = GPTConfig(**TINY_MODEL, **method_fields(name), pause_token_id=PAUSE_ID)
+    assert kv_cache_slots(cfg) == count + 1
+    caches = GPT(cfg).new_caches(2, 10, 'cpu')
+    plain = GPT(GPTConfig(**TINY_MODEL)).new_caches(2, 10, 'cpu')
+    assert sum(c.k.numel() for c in caches) == (count + 1) * sum(c.k.numel() for c in plain)
+
+
+# -----------------------------------------------------------------------------
+# the config
+
+def test_config_checks_and_method_names():
+    for a, b in itertools.combinations(METHOD_COUNTS, 2):
+        with pytest.raises(ValueError, match='different methods'):
+            GPTConfig(**{a: 1, b: 2})
+    for bad in (V, 50288, -1):  # no row of a vocabulary of V
+        with pytest.raises(ValueError, match='pause_token_id'):
+            GPTConfig(**TINY_MODEL, n_pause=1, pause_token_id=bad)
+    assert GPTConfig(**TINY_MODEL).method == 'vanilla'  # the default pause_token_id matters to Pause only
+    for name in ['vanilla', 'ponderlm2-k1', 'ponderlm1-n3', 'pause-k2', 'loop-k1', 'hidden-n3']:
+        fields = method_fields(name)
+        assert set(fields) == set(METHOD_COUNTS)
+        config = GPTConfig(**fields)
+        assert config.method == name and method_fields(config.method) == fields
+    assert [GPTConfig(**method_fields(n)).method_label for n in ('pause-k2', 'loop-k1', 'hidden-n3')] == \
+        ['Pause K=2', 'Loop K=1', 'Hidden N=3']
+    for name in ('pause-k0', 'loop-k', 'hidden-2'):
+        with pytest.raises(ValueError, match='method'):
+            method_fields(name)
+
+
+def test_the_scripts_take_patch_method_for_an_official_directory(tmp_path, tiny_tokenizer):
+    """sample.py --patch_method=pause samples an official Pause directory as Pause (greedy, as the model does); on a
+    training checkpoint, which records its method, the option is one error line."""
+    import subprocess
+    import sys
+    from helpers import ENV, ROOT, write_checkpoint
+    tokenizer_json = tiny_tokenizer(['the', 'cat', 'sat', 'on', 'a', 'mat'])
+    model = new_model('pause-k2', vocab_size=300, pause_token_id=299)
+    save_pretrained(model, str(tmp_path / 'hf'), tokenizer_json)
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**STOCK, 'vocab_size': 300,
+                                                             **official_keys(model.config)}))
+
+    def sample(*args):
+        return subprocess.run([sys.executable, 'sample.py', *args, '--start=', '--max_new_tokens=6', '--temperature=0',
+                               '--compile=False', '--device=cpu', '--dtype=float32'],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+
+    r = sample(f'--init_from={tmp_path / "hf"}', '--patch_method=pause')
+    assert r.returncode == 0, r.stderr
+    from nanoponder.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_json)
+    expected = model.generate(torch.tensor([[tok.eos_id]]), 6, temperature=0)[0].tolist()
+    assert r.stdout == tok.decode(expected[1:]) + '\n'  # (an empty prompt starts from EOS, which is not printed)
+    write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path)
+    r = sample(f'--init_from={tmp_path / "ckpt.pt"}', '--patch_method=pause')
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith('error: patch_method=pause')
+    assert r.stderr.count('error:') == 1 and 'Traceback' not in r.stderr
