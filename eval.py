@@ -38,6 +38,7 @@ from model import settled
 from nanoponder.checkpoint import load_init_from, resolve_init_from
 from nanoponder.cost import kv_cache_bytes_per_token, kv_cache_slots
 from nanoponder.data import read_meta, read_tokens
+from nanoponder.methods import check_thought_mode
 from nanoponder.runtime import (UserError, autocast, check_output_file, failure, one_line, resolve_device,
                                 resolve_dtype, run_cli, write_json, write_result)
 from nanoponder.tokenizer import checkpoint_data_dir, data_dir_tokenizer, model_tokenizer, tokenizer_mismatch
@@ -79,7 +80,6 @@ seed = 1337             # of lm-eval's few-shot draws and of any sampling
 # -----------------------------------------------------------------------------
 _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout is the results table
 
-THOUGHT_MODES = ('exact', 'jacobi')
 
 
 # -----------------------------------------------------------------------------
@@ -434,8 +434,7 @@ def check_options():
             raise UserError(f"{key} must be >= {lowest}, got {globals()[key]}")
     if task_dir and not os.path.isdir(task_dir):
         raise UserError(f"task_dir {task_dir!r} is not a directory: it names a folder of lm-eval task YAMLs")
-    if thoughts not in THOUGHT_MODES:
-        raise UserError(f"thoughts must be one of {', '.join(THOUGHT_MODES)}, got {thoughts!r}")
+    check_thought_mode(thoughts)
     for key, value in (('n_jacobi', n_jacobi), ('jacobi_tol', jacobi_tol)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise UserError(f"{key} must be a number >= 0 (or None), got {value!r}")

@@ -613,11 +613,9 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def relative_change(new, old):
-    """||new - old|| / ||new|| of two tensors (or two lists of tensors), as a float."""
-    new, old = (new if isinstance(new, (list, tuple)) else [new]), (old if isinstance(old, (list, tuple)) else [old])
-    diff = sum(((a.float() - b.float()) ** 2).sum() for a, b in zip(new, old))
-    size = sum((a.float() ** 2).sum() for a in new)
-    return (diff / size.clamp_min(1e-30)).sqrt().item()
+    """||new - old|| / ||new|| of two tensors, as a float."""
+    new, old = new.float(), old.float()
+    return ((new - old).norm() / new.norm().clamp_min(1e-30)).item()
 
 
 def settled(tol):

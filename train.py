@@ -325,7 +325,8 @@ def check_pause_token(cfg, data_vocab, model_vocab):
 
 
 # what a resume may change, but then no longer goes on as the uninterrupted run would have
-EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'learning_rate', 'min_lr_ratio', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
+EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'learning_rate', 'min_lr_ratio', 'weight_decay', 'beta1', 'beta2',
+                     'eps', 'grad_clip')
 
 
 def resume_notes(saved, cfg):

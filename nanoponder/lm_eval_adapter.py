@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from model import settled
 from nanoponder.checkpoint import load_init_from
+from nanoponder.methods import check_thought_mode
 from nanoponder.runtime import UserError, autocast, resolve_device, resolve_dtype
 from nanoponder.tokenizer import model_tokenizer
 
-THOUGHT_MODES = ('exact', 'jacobi')
 
 
 def next_token_logits(model, idx, thoughts='exact', n_jacobi=None, jacobi_tol=None):
@@ -65,8 +65,7 @@ class NanoPonderLM(TemplateLM):
         if model is None:
             model, ckpt, source = load_init_from(init_from, 'out')
             tokenizer = model_tokenizer(source, ckpt, tokenizer or '')
-        if thoughts not in THOUGHT_MODES:
-            raise UserError(f"thoughts must be one of {', '.join(THOUGHT_MODES)}, got {thoughts!r}")
+        check_thought_mode(thoughts)
         self._device = resolve_device(str(device))
         device_type = torch.device(self._device).type
         self.ctx = autocast(device_type, resolve_dtype(dtype, device_type))

@@ -9,9 +9,19 @@ The methods' short names, as GPTConfig.method spells them (model.METHOD_NAMES), 
 import re
 
 from model import METHOD_NAMES
+from nanoponder.runtime import UserError
 
 FIELDS = {short: field for field, (short, _) in METHOD_NAMES.items()}  # 'pause-k' -> 'n_pause': what K or N sets
 METHOD_RE = re.compile(r'vanilla|(' + '|'.join(FIELDS) + r')([1-9][0-9]*)')
+
+
+THOUGHT_MODES = ('exact', 'jacobi')  # how a PonderLM-2 model's thoughts are computed when it is scored
+
+
+def check_thought_mode(thoughts):
+    """A UserError unless thoughts names one of THOUGHT_MODES."""
+    if thoughts not in THOUGHT_MODES:
+        raise UserError(f"thoughts must be one of {', '.join(THOUGHT_MODES)}, got {thoughts!r}")
 
 
 def method_fields(name):

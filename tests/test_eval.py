@@ -136,7 +136,7 @@ def test_stop_sees_what_each_number_of_fixed_passes_computes():
         for r in range(6):
             assert torch.equal(seen[r][1], model.think(idx, r))
     assert seen[0][0].shape == (2, 7, 2, 32)
-    assert relative_change([seen[1][0]], [seen[0][0]]) > 1e-3  # the passes do move the thoughts
+    assert relative_change(seen[1][0], seen[0][0]) > 1e-3  # the passes do move the thoughts
 
 
 @pytest.mark.parametrize('K', [1, 2])
