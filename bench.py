@@ -11,6 +11,8 @@ cache, as a markdown table.
     python bench.py --methods=vanilla,ponderlm2-k1,pause-k1,loop-k1,hidden-n1   # the thought against more compute
     python bench.py --model= --n_layer=2 --n_head=2 --n_embd=32 --vocab_size=128  # explicit dims
     python bench.py --model=pythia-14m --task=ponderlm2-k1:main   # one measurement: its `result: {...}` line
+    python bench.py --model= --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4 \
+        --methods=vanilla,ponderlm2-k1 --dtype=bfloat16 --profile=True   # + torch.profiler's top ops per method
 
 Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained
 with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N
@@ -20,9 +22,15 @@ its own child process, bench.py run again with the whole config on its command l
 so its peak memory is its own and not the high-water mark of the methods before it. Variants: main (training
 and decoding), compile (each Block compiled, as train.py's compile=True), checkpoint (activation checkpointing),
 memory (the memory plan of a training step against its measured peak, with and without checkpointing) and sdpa
-(on CUDA when flash_attn imports: flash-attn vs SDPA). On a CPU, compiling costs about a minute per method:
---compare_compile=False.
+(on CUDA when flash_attn imports: flash-attn vs SDPA), and hf (vanilla's decoding against Hugging Face's
+GPTNeoXForCausalLM.generate on the same weights, alternating in one process, when transformers imports). On a CPU,
+compiling costs about a minute per method: --compare_compile=False.
+
+Speed is judged against this machine's own limit: the best FLOP/s of a square matmul in the run's dtype
+(nanoponder.cost.matmul_peak, measured once per machine and cached), next to each step's FLOPs (flops_per_token).
+MFU is against a known GPU's datasheet peak, else against that measured peak.
 """
+import dataclasses
 import json as jsonlib  # `json` is the config key for the output path
 import os
 import resource
@@ -35,7 +43,8 @@ import torch
 
 from configurator import known_config
 from model import GPT, Attention, GPTConfig
-from nanoponder.cost import estimate_mfu, flops_per_token, measure_training_peak, plan_memory
+from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_peak, measure_training_peak, mfu_peak,
+                             plan_memory)
 from nanoponder.methods import method_fields
 from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure, resolve_device,
                                 resolve_dtype, run_cli, write_json)
@@ -65,13 +74,15 @@ compare_compile = True  # also time the training step with each Block torch.comp
 compare_checkpointing = True  # also time it with activation checkpointing (train.py's activation_checkpointing)
 check_memory = True  # also check the memory plan of a training step against its measured peak
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
+compare_hf = True  # also time Hugging Face's generate on vanilla's weights (needs transformers)
+profile = False  # also profile one training step per method (torch.profiler): top ops and the matmul share
 seed = 1337  # of the random weights and inputs
 json = ''  # path for every figure as JSON
 task = ''  # internal: 'method:variant' makes this process the child that measures that one thing
 CONFIG_KEYS = list(known_config(globals()))
 # -----------------------------------------------------------------------------
 
-VARIANTS = ('main', 'compile', 'sdpa', 'checkpoint', 'memory')
+VARIANTS = ('main', 'compile', 'sdpa', 'checkpoint', 'memory', 'hf')
 # the memory child's malloc returns large freed blocks at once, so that a CPU's peak RSS is the peak of live memory
 MEMORY_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536'}
 
@@ -184,6 +195,8 @@ def measure(name, variant):
     torch.manual_seed(seed)
     if variant == 'memory':
         return measure_memory(name, dev, ptdtype)
+    if variant == 'hf':
+        return measure_hf_decoding(dev)
     base_mib = rss_mib()  # torch and CUDA runtime, before the model exists
     gpt = GPT(model_config(name)).to(dev)
     if variant == 'sdpa':
@@ -191,29 +204,21 @@ def measure(name, variant):
     gpt.activation_checkpointing = variant == 'checkpoint'
     if variant == 'compile':
         compile_blocks(gpt)  # per Block, as train.py: the same graphs for every R
-    result = measure_training(gpt, variant, ctx, dev)
+    result = measure_training(gpt, variant, ctx, dev, ptdtype)
     if device_type != 'cuda':
         result['base_mem_mib'] = base_mib
+    if variant == 'main' and profile:
+        result['profile'] = profile_training(gpt, ctx, dev)
     if variant == 'main':
         result.update(measure_decoding(gpt, ctx, dev))
     return result
 
 
-def measure_training(gpt, variant, ctx, dev):
+def measure_training(gpt, variant, ctx, dev, ptdtype):
     device_type = torch.device(dev).type
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=device_type == 'cuda')
-    data = torch.randint(vocab_size, (batch_size, block_size + 1), device=dev)
-    x, y = data[:, :-1], data[:, 1:]
-
-    def train_step():
-        with ctx:
-            _, loss = gpt(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by every method but PonderLM-2
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    train_step = training_step(gpt, ctx, dev)
     result = {}
     gpt.train()
     if variant == 'compile':  # the first call compiles: time it apart, it is not a training step
@@ -229,8 +234,45 @@ def measure_training(gpt, variant, ctx, dev):
         result['peak_mem_mib'] = rss_mib()
     result['flops_per_token'] = flops_per_token(gpt.config, n_jacobi, training=True)
     tokens_per_s = batch_size * block_size / statistics.median(result['step_s'])
-    result['mfu'] = estimate_mfu(gpt.config, tokens_per_s, n_jacobi) if device_type == 'cuda' else None
+    result['mfu'] = estimate_mfu(gpt.config, tokens_per_s, n_jacobi, mfu_peak(dev, ptdtype))
     return result  # the optimizer's state goes with it: decoding runs without
+
+
+def training_step(gpt, ctx, dev):
+    """One training step of gpt on random tokens (forward + backward + AdamW), as train.py takes it."""
+    device_type = torch.device(dev).type
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=device_type in ('cuda', 'cpu'))
+    data = torch.randint(vocab_size, (batch_size, block_size + 1), device=dev)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def train_step():
+        with ctx:
+            _, loss = gpt(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by every method but PonderLM-2
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return train_step
+
+
+MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')
+
+
+def profile_training(gpt, ctx, dev):
+    """torch.profiler over one training step (after a warm-up one): the share of the ops' self time that the
+    matmuls take, and the table of the top ops."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    device_type = torch.device(dev).type
+    step = training_step(gpt, ctx, dev)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+        sync(device_type)
+    ops = prof.key_averages()
+    key = 'self_device_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
+    total = sum(getattr(e, key) for e in ops)
+    matmul = sum(getattr(e, key) for e in ops if e.key in MATMUL_OPS)
+    return {'matmul_share': matmul / total if total else None, 'table': ops.table(sort_by=key, row_limit=15)}
 
 
 def measure_memory(name, dev, ptdtype):
@@ -244,6 +286,44 @@ def measure_memory(name, dev, ptdtype):
         measured = measure_training_peak(config, batch_size, block_size, n_jacobi=n_jacobi, dtype=ptdtype, device=dev,
                                          activation_checkpointing=checkpointing)
         result[key] = {'plan_mib': plan.total / 2**20, 'measured_mib': None if measured is None else measured / 2**20}
+    return result
+
+
+def measure_hf_decoding(dev):
+    """Cached greedy decoding of vanilla here and of Hugging Face's GPTNeoXForCausalLM.generate on the same random
+    weights (the model that HF computes: no embedding scale), alternating in this one process; tokens/s each."""
+    try:
+        import transformers
+    except ImportError:
+        return {'error': 'transformers is not installed'}
+    from nanoponder.hf import hf_config
+    gpt = GPT(dataclasses.replace(model_config('vanilla'), scale_embeds=False))
+    hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**hf_config(gpt.config)))
+    with torch.no_grad():  # the same module names under gpt_neox., and the head (embed_out or lm_head by version)
+        for key, p in gpt.state_dict().items():
+            target = hf.get_output_embeddings().weight if key == 'embed_out.weight' else hf.gpt_neox.get_parameter(key)
+            target.copy_(p)
+    gpt, hf = gpt.to(dev).eval(), hf.to(dev).eval()
+    device_type = torch.device(dev).type
+    ctx = autocast(device_type, device_and_dtype()[2])
+    prompt = torch.randint(vocab_size, (1, prompt_len), device=dev)
+    runs = {'ours': lambda: gpt.generate(prompt, new_tokens, temperature=0),
+            'hf': lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      pad_token_id=0)}
+    result = {name: [] for name in runs}
+    with ctx, torch.no_grad():
+        same = torch.equal(runs['ours'](), runs['hf']())
+        for _ in range(warmup):
+            for fn in runs.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                sync(device_type)
+                t0 = time.perf_counter()
+                fn()
+                sync(device_type)
+                result[name].append(new_tokens / (time.perf_counter() - t0))
+    result['same_tokens'] = same
     return result
 
 
@@ -315,18 +395,14 @@ def machine_info(dev, device_type, ptdtype):
         name = torch.cuda.get_device_name(dev)
         extra = f"CUDA {torch.version.cuda}"
     else:
-        name = 'unknown CPU'
-        try:
-            with open('/proc/cpuinfo') as f:
-                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-        except (OSError, StopIteration):
-            pass
+        name = cpu_name()
         extra = f"{os.cpu_count()} cores"
     return {'device': dev, 'name': name, 'detail': extra, 'torch': torch.__version__,
-            'threads': torch.get_num_threads(), 'dtype': dtype_name(ptdtype)}
+            'threads': torch.get_num_threads(), 'dtype': dtype_name(ptdtype),
+            'matmul_peak_flops': matmul_peak(dev, ptdtype), 'mfu_peak_flops': mfu_peak(dev, ptdtype)}
 
 
-def collect(names, device_type, ptdtype):
+def collect(names, device_type, ptdtype, peak_flops):
     """Run every child and arrange the figures per method, with ratios to vanilla. Also returns whether the
     main runs used flash-attn (then SDPA is the comparison)."""
     flash = Attention.flash_suits(device_type, ptdtype)
@@ -337,10 +413,15 @@ def collect(names, device_type, ptdtype):
         if 'error' in r:
             entry['error'] = r['error']
             continue
+        step_flops = r['flops_per_token'] * batch_size * block_size
         train = entry['train'] = {'step_s': stats(r['step_s']),
                                   'tokens_per_s': training_speed(r['step_s']),
                                   'peak_mem_mib': r['peak_mem_mib'], 'mfu': r['mfu'],
-                                  'flops_per_token': r['flops_per_token']}
+                                  'flops_per_token': r['flops_per_token'], 'flops_per_step': step_flops,
+                                  'flops_per_s': step_flops / statistics.median(r['step_s'])}
+        train['matmul_peak_share'] = train['flops_per_s'] / peak_flops
+        if 'profile' in r:
+            entry['profile'] = r['profile']
         if 'base_mem_mib' in r:
             train['base_mem_mib'] = r['base_mem_mib']
         entry['decode'] = {'cached': {'new_tokens': new_tokens, 'tokens_per_s': stats(r['cached'])},
@@ -360,6 +441,11 @@ def collect(names, device_type, ptdtype):
         if flash and compare_attention:
             s = run_child(name, 'sdpa')
             entry['sdpa'] = s if 'error' in s else {'tokens_per_s': training_speed(s['step_s'])}
+        if name == 'vanilla' and compare_hf:
+            h = run_child(name, 'hf')
+            entry['hf'] = h if 'error' in h else {
+                'ours_tokens_per_s': stats(h['ours']), 'hf_tokens_per_s': stats(h['hf']),
+                'same_tokens': h['same_tokens'], 'speedup': ratio(statistics.median(h['ours']), statistics.median(h['hf']))}
     add_ratios(out)
     return out, flash
 
@@ -425,7 +511,7 @@ def report(info, out, flash):
     dims = model_config('vanilla')
     size = model or 'custom'
     print(f"machine: {info['name']} ({info['detail']}) | torch {info['torch']} | threads {info['threads']} | "
-          f"{info['device']} {info['dtype']}")
+          f"{info['device']} {info['dtype']} | matmul peak {num(info['matmul_peak_flops'] / 1e9)} GFLOP/s")
     print(f"model: {size} ({dims.n_layer} layers, {dims.n_head} heads, {dims.n_embd} embd, vocab "
           f"{dims.vocab_size}) | batch {batch_size} x {block_size} tokens | PonderLM-2 R={n_jacobi} | "
           f"warmup {warmup}, repeats {repeats} | median (min-max)")
@@ -435,18 +521,24 @@ def report(info, out, flash):
     rows = []
     for entry in out.values():
         if 'error' in entry:
-            rows.append([entry['label'], f"failed: {entry['error']}"] + ['-'] * 6)
+            rows.append([entry['label'], f"failed: {entry['error']}"] + ['-'] * 9)
             continue
         t = entry['train']
         mem = num(t['peak_mem_mib'])
         if 'base_mem_mib' in t:
             mem += f" (+{num(t['peak_mem_mib'] - t['base_mem_mib'])})"
         mfu = 'n/a' if t['mfu'] is None else f"{100 * t['mfu']:.1f}%"
-        rows.append([entry['label'], spread(t['step_s'], 1000), spread(t['tokens_per_s']), mem, mfu,
+        rows.append([entry['label'], spread(t['step_s'], 1000), spread(t['tokens_per_s']), num(t['flops_per_step'] / 1e9),
+                     num(t['flops_per_s'] / 1e9), f"{100 * t['matmul_peak_share']:.0f}%", mfu, mem,
                      times(t['time_vs_vanilla']), times(t['flops_vs_vanilla']), times(t['overhead'])])
-    print(table(['method', 'step ms', 'tokens/s', 'peak mem MiB', 'MFU', 'time vs vanilla',
-                 'FLOPs vs vanilla', 'overhead'], rows))
+    print(table(['method', 'step ms', 'tokens/s', 'GFLOP/step', 'GFLOP/s', 'of matmul peak', 'MFU', 'peak mem MiB',
+                 'time vs vanilla', 'FLOPs vs vanilla', 'overhead'], rows))
     print()
+    print(f"GFLOP/step: flops_per_token x {batch_size * block_size} tokens (matmuls, attention over the full "
+          f"context); of matmul peak: GFLOP/s / this machine's best {info['dtype']} matmul "
+          f"({num(info['matmul_peak_flops'] / 1e9)} GFLOP/s, measured); MFU: against "
+          + ("the GPU's datasheet peak." if cuda and info['mfu_peak_flops'] != info['matmul_peak_flops'] else
+             "that measured peak."))
     if cuda:
         print("peak mem: torch.cuda.max_memory_allocated (weights, grads, AdamW state, activations).")
     else:
@@ -469,6 +561,23 @@ def report(info, out, flash):
     print()
     print(f"no cache: every step recomputes the whole sequence (PonderLM-2 with exact thoughts), so only "
           f"{new_tokens_uncached} new tokens. PonderLM-2 K=1's cached floor is 0.5x vanilla.")
+    h = out.get('vanilla', {}).get('hf')
+    if h is not None:
+        print()
+        if 'error' in h:
+            print(f"Hugging Face generate: not measured ({h['error']})")
+        else:
+            print(f"Hugging Face generate (GPTNeoXForCausalLM, vanilla's weights, {new_tokens} new, alternating with "
+                  f"ours in one process): {spread(h['hf_tokens_per_s'])} tokens/s; ours {spread(h['ours_tokens_per_s'])}"
+                  f" = {times(h['speedup'])}; the same tokens: {'yes' if h['same_tokens'] else 'NO'}")
+    for entry in out.values():
+        if 'profile' in entry:
+            share = entry['profile']['matmul_share']
+            print()
+            print(f"## profile of one training step: {entry['label']} (matmuls "
+                  f"{'n/a' if share is None else f'{100 * share:.0f}%'} of the ops' self time)")
+            print()
+            print(entry['profile']['table'])
     variants(out, flash)
     if check_memory:
         memory_table(out, cuda)
@@ -548,7 +657,7 @@ def bench_all():
     if threads:
         torch.set_num_threads(threads)  # the children do the same; here it is for the machine line
     info = machine_info(dev, device_type, ptdtype)
-    out, flash = collect(names, device_type, ptdtype)
+    out, flash = collect(names, device_type, ptdtype, info['matmul_peak_flops'])
     report(info, out, flash)
     if json:
         config = {k: globals()[k] for k in CONFIG_KEYS if k != 'task'}

@@ -154,12 +154,13 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate the first cos.size(-1) dims of x (B, nh, T, hs); the rest pass through (partial rotary)."""
+def apply_rotary_(x, cos, sin):
+    """Rotate the first cos.size(-1) dims of x (..., hs) in place; the rest pass through (partial rotary). In place,
+    so that nothing is concatenated around the rotated dims, in forward or in backward."""
     rot = cos.size(-1)
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1)
+    x_rot = x[..., :rot]
+    x_rot.copy_(x_rot * cos + rotate_half(x_rot) * sin)  # the math in the tables' dtype, rounded once to x's
+    return x
 
 
 class KVCache:
@@ -217,9 +218,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, C = x.size()
         # HF's fused layout is per head: the 3C output rows are grouped [head, (q, k, v), head_size]
-        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size)
-        q, k, v = qkv.transpose(1, 2).split(self.head_size, dim=-1)  # each (B, nh, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_size)
+        apply_rotary_(qkv[:, :, :, :2], cos, sin)  # q and k at once, with cos, sin (T, 1, 1, rot)
+        q, k, v = qkv.transpose(1, 2).unbind(dim=3)  # each (B, nh, T, hs)
         past = 0
         if cache is not None:
             past = cache.pos
@@ -230,17 +231,15 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, past):
         """Causal attention of q (B, nh, T, hs) over k, v (B, nh, past + T, hs), with the chosen backend."""
-        # under autocast the fp32 rotary tables promote q and k back to fp32: the attention itself runs in
-        # autocast's dtype (SDPA casts to it), so that is the dtype that decides whether flash-attn can run
-        device_type = q.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+        # q, k, v come out of query_key_value in the dtype the layers compute in (autocast's, if it is on)
+        device_type, dtype = q.device.type, q.dtype
         flash = self.attn_backend == 'flash' or (self.attn_backend == 'auto' and self.flash_suits(device_type, dtype))
         if flash:
             if device_type != 'cuda' or dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(f"attention backend 'flash' runs on CUDA in bfloat16 or float16, not on "
                                  f"{device_type} in {dtype}; use 'auto' or 'sdpa'")
             # flash-attn aligns its causal mask to the bottom right, so it is right with a cache too
-            y = flash_attn_func(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)), causal=True)
+            y = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
             return y.transpose(1, 2)
         T = q.size(2)
         if past == 0:  # query and key lengths equal: SDPA's top-left aligned is_causal is right
@@ -351,8 +350,7 @@ class GPT(nn.Module):
     def blocks(self, x, pos, cache=None):
         """The layer stack alone: x (B, T, C) at positions pos (T,) -> the residual stream (B, T, C) after it;
         with a cache, every layer also appends its keys and values to it."""
-        cos = self.rope_cos[pos].to(x.dtype)  # (T, rot), broadcasts over (B, nh)
-        sin = self.rope_sin[pos].to(x.dtype)
+        cos, sin = self.rotary(pos, x.dtype)
         # nothing to recompute without a backward (evaluation, decoding with its KV cache)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
@@ -365,6 +363,11 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += x.size(1)
         return x
+
+    def rotary(self, pos, dtype):
+        """The rotary tables at position ids pos (T,) in dtype, shaped (T, 1, 1, rot) as the Blocks take them: they
+        broadcast over q and k laid out (B, T, nh, 2, hs)."""
+        return self.rope_cos[pos].to(dtype)[:, None, None], self.rope_sin[pos].to(dtype)[:, None, None]
 
     def embed(self, idx):
         return self.embed_in(idx) * self.config.embed_scale  # (B, T, C)
@@ -389,7 +392,7 @@ class GPT(nn.Module):
         logits = self.embed_out(h)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def think(self, idx, n_jacobi, cache=None, stop=None):
@@ -489,11 +492,15 @@ class GPT(nn.Module):
     def new_caches(self, batch_size, max_len, device):
         """Empty KV caches for max_len tokens (and their thought or pause slots), in the dtype the layers compute in
         (autocast's, if it is on): one per pass of PonderLM, Hidden and Loop, else one."""
-        cfg = self.config
-        dtype = self.embed_in.weight.dtype
-        if torch.is_autocast_enabled(torch.device(device).type):
-            dtype = torch.get_autocast_dtype(torch.device(device).type)
+        cfg, dtype = self.config, self.compute_dtype(device)
         return [KVCache(cfg, batch_size, cfg.slots * max_len, device, dtype) for _ in range(cfg.n_caches)]
+
+    def compute_dtype(self, device):
+        """The dtype the layers compute in on device: autocast's, if it is on, else the weights'."""
+        device_type = torch.device(device).type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.embed_in.weight.dtype
 
     def sequential(self, idx, caches):
         """Run the tokens idx (B, T) through the caches after what they hold, exactly as decoding does: PonderLM-2
@@ -520,7 +527,8 @@ class GPT(nn.Module):
         return self.embed_out(h)
 
     def prefill(self, idx, max_len, n_jacobi=None, stop=None, exact=False):
-        """Run a prompt (B, T) into fresh caches with room for max_len tokens -> (next-token logits (B, V), caches).
+        """Run a prompt (B, T) into fresh caches with room for max_len tokens -> (the hidden state that predicts the
+        next token (B, C), caches).
         PonderLM-2 computes the prompt's thoughts with n_jacobi passes (default config.n_jacobi; with a stop
         predicate, up to the exact K(T-1)), or sequentially when exact."""
         B, T = idx.size()
@@ -532,12 +540,12 @@ class GPT(nn.Module):
             h = self.think(idx, n_jacobi, caches[0], stop)
         else:
             h, _ = self.sequential(idx, caches)
-        return self.embed_out(h[:, -1]), caches
+        return h[:, -1], caches
 
     def decode_one(self, idx_next, caches):
-        """Feed one new token (B, 1) through the caches; return the next-token logits (B, V)."""
+        """Feed one new token (B, 1) through the caches; return the hidden state that predicts the next (B, C)."""
         h, _ = self.sequential(idx_next, caches)
-        return self.embed_out(h[:, -1])
+        return h[:, -1]
 
     def recompute_logits(self, idx):
         """Next-token logits (B, V) recomputed from scratch without a cache, with enough Jacobi passes to be exact:
@@ -573,7 +581,12 @@ class GPT(nn.Module):
         L = self.config.block_size
         window = idx  # (B, L) with L <= block_size: the tokens the next logits are computed from
         if use_cache:  # (the caches never need more room than the context)
-            logits, caches = self.prefill(idx, min(T + max_new_tokens, L), n_jacobi, stop, exact)
+            # embed_out's weight copied once as a (C, V) matrix in the layers' dtype: a few rows times it read the
+            # weight in memory order, which a CPU's BLAS does about 2.5x faster than through nn.Linear's (V, C)
+            # layout, and at batch 1 that product is most of a step (see bench.py)
+            head = self.embed_out.weight.detach().t().to(self.compute_dtype(idx.device)).contiguous()  # (C, V)
+            h, caches = self.prefill(idx, min(T + max_new_tokens, L), n_jacobi, stop, exact)
+            logits = h.to(head.dtype) @ head  # (B, V)
         else:
             logits = self.recompute_logits(window)
         for i in range(max_new_tokens):
@@ -587,10 +600,12 @@ class GPT(nn.Module):
                 window = window[:, -max(1, L // 2):]
             if not use_cache:
                 logits = self.recompute_logits(window)
-            elif slide:
-                logits, caches = self.prefill(window, min(window.size(1) + max_new_tokens - i, L), exact=True)
             else:
-                logits = self.decode_one(idx_next, caches)
+                if slide:
+                    h, caches = self.prefill(window, min(window.size(1) + max_new_tokens - i, L), exact=True)
+                else:
+                    h = self.decode_one(idx_next, caches)
+                logits = h.to(head.dtype) @ head  # (B, V)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
@@ -610,6 +625,39 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -float('inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+class CrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), targets, ignore_index=-1), the same float32 math, a few rows at a time: the
+    logits (N, V) stay in their dtype (autocast's bf16) and are never copied whole to float32, and backward writes
+    the gradient softmax - one-hot straight in that dtype. Over a 50k vocabulary that is a fifth of the time."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows):
+        keep = targets != -1  # (N,)
+        t = targets.clamp_min(0)[:, None]  # (N, 1): an ignored row picks class 0, weighted 0
+        logp = torch.cat([F.log_softmax(x, dim=-1, dtype=torch.float32).gather(1, tj)
+                          for x, tj in zip(logits.split(rows), t.split(rows))])  # (N, 1): log p(target)
+        n = keep.sum()
+        ctx.save_for_backward(logits, t, keep, n)
+        ctx.rows = rows
+        return -(logp.squeeze(1) * keep).sum() / n  # no row kept: nan, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, t, keep, n = ctx.saved_tensors
+        scale = (grad / n * keep)[:, None]  # (N, 1)
+        out = torch.empty_like(logits)
+        for o, x, tj, sj in zip(*(a.split(ctx.rows) for a in (out, logits, t, scale))):
+            p = F.softmax(x, dim=-1, dtype=torch.float32)  # (rows, V)
+            p.scatter_add_(1, tj, torch.full_like(sj, -1.0))  # minus the one-hot
+            torch.mul(p, sj, out=o)  # rounded once, into the logits' dtype
+        return out, None, None
+
+
+def cross_entropy(logits, targets, rows=16):
+    """The mean cross-entropy of logits (N, V) against targets (N,), -1 = ignore; see CrossEntropy."""
+    return CrossEntropy.apply(logits, targets, rows)
 
 
 def relative_change(new, old):

@@ -415,7 +415,7 @@ class Run:
             compile_blocks(self.raw_model)  # per Block: the same graphs for every number of thought passes
         self.net = wrap(self.raw_model, cfg.parallelism, device_str, self.ptdtype)  # fsdp: raw_model is now sharded
         self.eval_net = getattr(self.net, 'module', self.net)  # DDP's module: evaluation needs no gradient sync
-        self.optimizer = make_optimizer(self.raw_model, cfg, fused=device_type == 'cuda')
+        self.optimizer = make_optimizer(self.raw_model, cfg, fused=device_type in ('cuda', 'cpu'))  # one kernel
         self.scaler = torch.amp.GradScaler(device_type, enabled=self.ptdtype == torch.float16)  # fp16: loss scaling
         self.plan_schedule()
         self.iter_num, self.epoch, self.position, self.best_val_loss = 0, 0, 0, math.inf

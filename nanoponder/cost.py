@@ -14,12 +14,16 @@ schedule from one place, passes(), and takes the Jacobi passes R explicitly (the
 The plan counts what eager PyTorch's autograd saves, tensor by tensor (activation_bytes), not the allocator's
 slack; measure_training_peak measures the real peak to compare it with.
 """
+import json
+import os
+import platform
+import time
 from dataclasses import dataclass
 
 import torch
 
 from model import GPT, METHOD_COUNTS
-from nanoponder.runtime import autocast, human_bytes
+from nanoponder.runtime import atomic_write, autocast, human_bytes
 
 # dense bf16 peak TFLOP/s, looked up by a substring of torch.cuda.get_device_name()
 PEAK_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'A10G': 125, 'A6000': 155, 'L40S': 362, 'L4': 121,
@@ -79,36 +83,104 @@ def device_peak_flops():
 
 
 def estimate_mfu(config, tokens_per_sec, n_jacobi=None, peak_flops=None):
-    """Model FLOPs utilization of training at tokens_per_sec real tokens per second (of one GPU) with R = n_jacobi,
-    against peak_flops or the bf16 peak of the current CUDA device; None when unknown (e.g. CPU)."""
+    """Model FLOPs utilization of training at tokens_per_sec real tokens per second (of one device) with
+    R = n_jacobi, against peak_flops (see mfu_peak) or the bf16 datasheet peak of the current CUDA device; None when
+    neither is known."""
     peak_flops = peak_flops or device_peak_flops()
     if not peak_flops:
         return None
     return flops_per_token(config, n_jacobi, training=True) * tokens_per_sec / peak_flops
 
 
+def mfu_peak(device, dtype):
+    """The FLOP/s that MFU is reported against: a known GPU's datasheet bf16 peak (PEAK_TFLOPS, the usual MFU),
+    else this machine's measured matmul peak in dtype (matmul_peak; a CPU has no datasheet figure that its two
+    cores reach)."""
+    if torch.device(device).type == 'cuda':
+        return device_peak_flops() or matmul_peak(device, dtype)
+    return matmul_peak(device, dtype)
+
+
+def measure_matmul_peak(device='cpu', dtype=torch.float32, seconds=1.0):
+    """The best FLOP/s of one square matmul in dtype on device (n = 2048 on a CPU, 8192 on a GPU) over about
+    `seconds` of repeats: the practical limit of the machine's matrix units, which a model's big matmuls approach."""
+    device = torch.device(device)
+    n = 8192 if device.type == 'cuda' else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    out = torch.mm(a, b)  # the first product pays for the kernel's setup
+    best, start = float('inf'), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def matmul_peak(device='cpu', dtype=torch.float32):
+    """measure_matmul_peak, measured once per machine, device, dtype, thread count and torch version and kept in
+    $XDG_CACHE_HOME/nanoponder/matmul_peak.json (~/.cache by default; delete the file to measure again, e.g. after
+    it was measured on a busy machine). A cache that cannot be written is skipped."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_name()
+    key = f"{platform.node()} | {name} | {device.type} | {str(dtype).removeprefix('torch.')} | " \
+          f"{torch.get_num_threads()} threads | torch {torch.__version__}"
+    path = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'nanoponder',
+                        'matmul_peak.json')
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: measure
+        known = {}
+    if not isinstance(known.get(key), (int, float)):
+        known[key] = measure_matmul_peak(device, dtype)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with atomic_write(path, 'w') as f:
+                json.dump(known, f, indent=2)
+        except OSError:
+            pass
+    return float(known[key])
+
+
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or 'unknown CPU'
+
+
 def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_jacobi=None):
     """-> (kept, working): the bytes that one micro-batch's forward keeps for backward, and the most that
     backward adds on top at once. Per slot and layer, in eager mode, autograd keeps the block input (fp32, the
-    residual stream) and, in the compute dtype, the two LayerNorm outputs, q k v (3C), the rotated q and k,
+    residual stream) and, in the compute dtype, the two LayerNorm outputs, q k v (3C, rotated in place),
     the attention output (and its log-sum-exp), the re-laid-out heads, and the MLP's hidden layer before and
     after GELU (2 x n_inner). With checkpointing only the block input stays; backward recomputes one block's
-    insides at a time. The loss keeps fp32 log-probabilities over the vocabulary for every token."""
+    insides at a time. The loss keeps the logits (in the compute dtype) for every token."""
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     inner = config.n_inner or 4 * C
     B, T = batch_size, seq_len
-    block_inside = (9 * C + 2 * inner) * dtype_bytes + 4 * config.n_head  # per slot
+    block_inside = (7 * C + 2 * inner) * dtype_bytes + 4 * config.n_head  # per slot
     per_slot_layer = 4 * C + (0 if checkpointing else block_inside)
     slots = [S * T for S, count in passes(config, n_jacobi) for _ in range(count)]
-    kept = B * sum(slots) * (L * per_slot_layer + 4 * C)  # + each pass's final LayerNorm input
-    kept += B * T * (4 * C + dtype_bytes * C + 4 * V)  # embeddings, the head's input, the log-probabilities
+    final_ln = T if config.n_loop else sum(slots)  # Loop runs the final LayerNorm once, the others every pass
+    kept = B * (sum(slots) * L * per_slot_layer + final_ln * 4 * C)  # + the final LayerNorms' inputs
+    kept += B * T * (4 * C + dtype_bytes * C + dtype_bytes * V)  # embeddings, the head's input, the logits
     if config.n_ponder:  # each pondering step keeps its fp32 softmax (and its cast for the matmul)
         kept += config.n_ponder * B * T * V * (4 + (dtype_bytes if dtype_bytes != 4 else 0))
-    # backward's peak on top: the loss's gradients over the vocabulary (2 x fp32) or, when checkpointing, one
+    # backward's peak on top: the logits' gradient (in the compute dtype) or, when checkpointing, one
     # block's recomputed insides over the longest pass (without checkpointing, the gradients that backward
     # makes roughly take the place of the saved tensors it frees)
     recomputed = B * max(slots) * (4 * C + block_inside) if checkpointing else 0
-    working = max(8 * B * T * V, recomputed)
+    working = max(dtype_bytes * B * T * V, recomputed)
     return kept, working
 
 

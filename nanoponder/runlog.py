@@ -14,7 +14,7 @@ import sys
 
 from tqdm import tqdm
 
-from nanoponder.cost import estimate_mfu
+from nanoponder.cost import estimate_mfu, mfu_peak
 from nanoponder.runtime import failure, write_result
 
 
@@ -33,6 +33,7 @@ class RunLog:
             f.writelines(json_line(e) for e in self.entries)
         self.total, self.warmup = run.total_iters, run.warmup
         self.window_time, self.window_iters = 0.0, 0  # training time and iterations since the last log line
+        self.peak_flops = None  # what MFU is against: measured on a CPU at the first log line (see mfu_peak)
         self.no_matplotlib = False
         self.bar = None
         if sys.stdout.isatty() and terminal_has_size():
@@ -73,7 +74,9 @@ class RunLog:
         if run.iter_num % self.log_interval:
             return
         tokens_per_sec = self.window_iters * run.tokens_per_iter / self.window_time
-        mfu = estimate_mfu(run.raw_model.config, tokens_per_sec / run.world_size, run.mean_jacobi)  # None on a CPU
+        if self.peak_flops is None:
+            self.peak_flops = mfu_peak(run.device, run.ptdtype)
+        mfu = estimate_mfu(run.raw_model.config, tokens_per_sec / run.world_size, run.mean_jacobi, self.peak_flops)
         grad_norm = stats['grad_norm']
         self.record({'iter': run.iter_num, 'loss': stats['loss'], 'lr': stats['lr'], 'tokens_per_sec': tokens_per_sec,
                      'mfu': mfu, 'R': stats['R'], 'grad_norm': None if grad_norm is None else grad_norm.item(),

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: the scripts run fr
 # one thread: ops this small gain nothing from two, and when other jobs share the cores every op of a two-thread
 # process waits for its descheduled partner (8 ms per op instead of 0.1 ms here); offline: a hub id or a hub
 # dataset fails at once, never reaches the network
+# the measured matmul peak (MFU on a CPU) is cached here, not in the user's ~/.cache: measured once per test session
+os.environ['XDG_CACHE_HOME'] = os.path.join(tempfile.gettempdir(), 'nanoponder-tests-cache')
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
 
 # -----------------------------------------------------------------------------

@@ -6,13 +6,14 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ENV, ROOT
 
 TINY = ['--model=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=128', '--block_size=32',
         '--batch_size=2', '--warmup=1', '--repeats=2', '--prompt_len=4', '--new_tokens=8',
@@ -23,7 +24,8 @@ METHODS = {'vanilla': 'vanilla', 'ponderlm2-k1': 'PonderLM-2 K=1', 'ponderlm2-k2
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *args], cwd=ROOT,
+    # ENV: one thread, which the children inherit (on shared cores about half the time of torch's default)
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -47,7 +49,7 @@ def table_rows(stdout, title):
 
 
 def figures(node, path=''):
-    """Every number in the JSON outside the echo of the config, with where it is."""
+    """Every number (and flag: a bool) in the JSON outside the echo of the config, with where it is."""
     if isinstance(node, dict):
         for key, value in node.items():
             yield from figures(value, f"{path}/{key}")
@@ -68,19 +70,29 @@ def run(tmp_path_factory):
 
 
 def test_tables_have_a_row_per_method_and_the_columns(run):
-    stdout, _ = run
+    stdout, data = run
     body = stdout[stdout.index('machine: '):]  # configurator's `config:` echo may come first
-    assert body.startswith('machine: ') and 'torch ' in body.splitlines()[0]
+    machine = body.splitlines()[0]
+    assert body.startswith('machine: ') and 'torch ' in machine
+    peak = re.search(r' \| matmul peak ([\d,.]+) GFLOP/s$', machine)
+    assert peak and float(peak[1].replace(',', '')) > 0, machine
     train = table_rows(body, 'training')
-    assert train[0] == ['method', 'step ms', 'tokens/s', 'peak mem MiB', 'MFU', 'time vs vanilla',
-                        'FLOPs vs vanilla', 'overhead']
+    assert train[0] == ['method', 'step ms', 'tokens/s', 'GFLOP/step', 'GFLOP/s', 'of matmul peak', 'MFU',
+                        'peak mem MiB', 'time vs vanilla', 'FLOPs vs vanilla', 'overhead']
     assert [row[0] for row in train[1:]] == list(METHODS.values())
-    assert all(len(row) == len(train[0]) and row[4] == 'n/a' for row in train[1:])  # no MFU on CPU
-    assert train[1][5] == train[1][6] == '1.00x'  # vanilla against itself
+    for name, row in zip(METHODS, train[1:]):
+        assert len(row) == len(train[0]), row
+        # on a CPU both are against the measured matmul peak: percentages (a model this tiny may round to 0%)
+        assert re.fullmatch(r'\d+%', row[5]) and re.fullmatch(r'\d+\.\d%', row[6]), row
+        assert row[6] == f"{100 * data['methods'][name]['train']['mfu']:.1f}%", row
+    assert train[1][8] == train[1][9] == '1.00x'  # vanilla against itself
     decode = table_rows(body, 'decoding')
     assert decode[0] == ['method', 'KV cache tokens/s (8 new)', 'vs vanilla', 'no cache tokens/s (4 new)',
                          'vs vanilla']
     assert [row[0] for row in decode[1:]] == list(METHODS.values())
+    hf = [line for line in body.splitlines() if line.startswith('Hugging Face generate (')]
+    assert len(hf) == 1 and 'the same tokens: yes' in hf[0], hf
+    assert '## profile of one training step' not in body  # profile=False by default
     assert '## training on CUDA' not in body
     variants = table_rows(body, 'training variants')
     assert variants[0] == ['method', 'eager tokens/s', 'checkpointed tokens/s', 'time vs eager', 'peak mem vs eager']
@@ -93,20 +105,35 @@ def test_tables_have_a_row_per_method_and_the_columns(run):
 
 def test_json_has_every_figure_positive_and_finite(run):
     _, data = run
-    assert data['machine']['device'] == 'cpu'
+    machine = data['machine']
+    assert machine['device'] == 'cpu'
+    # a CPU has no datasheet peak: MFU is against the measured matmul peak too
+    assert machine['matmul_peak_flops'] > 0 and machine['mfu_peak_flops'] == machine['matmul_peak_flops']
     assert list(data['methods']) == list(METHODS)
     for name, entry in data['methods'].items():
         assert entry['label'] == METHODS[name]
-        assert set(entry) == {'label', 'train', 'decode', 'checkpoint', 'memory'}
+        assert set(entry) == {'label', 'train', 'decode', 'checkpoint', 'memory'} | ({'hf'} if name == 'vanilla'
+                                                                                     else set())
         assert set(entry['memory']) == {'plain', 'checkpointing'}
         assert entry['memory']['plain']['plan_mib'] > entry['memory']['checkpointing']['plan_mib']
-        assert len(entry['train']['step_s']['samples']) == 2
+        train = entry['train']
+        assert len(train['step_s']['samples']) == 2
+        assert train['flops_per_step'] == train['flops_per_token'] * 2 * 32  # batch_size x block_size
+        assert train['flops_per_s'] == pytest.approx(train['flops_per_step'] / train['step_s']['median'])
+        assert train['matmul_peak_share'] == pytest.approx(train['flops_per_s'] / machine['matmul_peak_flops'])
+        # the child's MFU is against the same peak (read from the cache the parent wrote): the same share
+        assert train['mfu'] == pytest.approx(train['matmul_peak_share']), name
         assert entry['decode']['cached']['new_tokens'] == 8 and entry['decode']['uncached']['new_tokens'] == 4
+    hf = data['methods']['vanilla']['hf']
+    assert set(hf) == {'ours_tokens_per_s', 'hf_tokens_per_s', 'same_tokens', 'speedup'}
+    assert len(hf['ours_tokens_per_s']['samples']) == len(hf['hf_tokens_per_s']['samples']) == 2
+    assert hf['speedup'] == pytest.approx(hf['ours_tokens_per_s']['median'] / hf['hf_tokens_per_s']['median'])
     numbers = list(figures(data['methods']))
     assert len(numbers) > 100
+    assert [path for path, _ in numbers if path.endswith('/same_tokens')] == ['/vanilla/hf/same_tokens']
     for path, value in numbers:
-        if path.endswith('/mfu'):
-            assert value is None, path  # CPU: no peak FLOP/s to compare with
+        if path.endswith('/same_tokens'):
+            assert value is True, path  # greedy decoding of the same weights: Hugging Face's tokens are ours
         elif path.endswith(('/measured_mib', '/measured_vs_plan')):
             assert value >= 0, path  # a model this tiny may not move the RSS at all
         else:
@@ -131,7 +158,7 @@ def test_json_echoes_the_config_under_its_keys(run):
     (['--prompt_len=30'], 'exceeds block_size'),
     (['--preset=pythia-14m'], "unknown config key 'preset'"),  # renamed model=, as train.py says
     (['--dtype=float16'], 'needs CUDA'),
-    (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa'),
+    (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa, checkpoint, memory, hf, got'),
 ])
 def test_mistakes_are_one_error_line_and_exit_2(args, message):
     proc = bench(*TINY, *args)
@@ -146,7 +173,11 @@ def test_a_child_measures_one_task_from_its_config_key():
     lines = without_echo(proc.stdout)
     assert len(lines) == 1 and lines[0].startswith('result: '), proc.stdout
     result = json.loads(lines[0][len('result: '):])
-    assert len(result['step_s']) == 2 and len(result['cached']) == 2 and result['mfu'] is None
+    assert len(result['step_s']) == 2 and len(result['cached']) == 2
+    # against this machine's measured matmul peak on a CPU: a share of it
+    assert isinstance(result['mfu'], float) and 0 < result['mfu'] < 1, result['mfu']
+    assert set(result) == {'step_s', 'peak_mem_mib', 'base_mem_mib', 'flops_per_token', 'mfu', 'cached',
+                           'uncached'}  # profile=False: no profile
 
 
 BASELINES = {'vanilla': 'vanilla', 'pause-k1': 'Pause K=1', 'loop-k1': 'Loop K=1', 'hidden-n1': 'Hidden N=1'}
@@ -179,6 +210,36 @@ def test_the_baselines_get_a_row_in_every_table(monkeypatch, capsys, tmp_path):
     for name in BASELINES:
         assert all(methods[name]['decode'][mode]['tokens_per_s']['median'] > 0 for mode in ('cached', 'uncached'))
         assert methods[name]['memory']['plain']['plan_mib'] > methods[name]['memory']['checkpointing']['plan_mib']
+
+
+def test_profile_reports_the_matmul_share_of_one_training_step(monkeypatch, capsys, tmp_path):
+    """--profile=True at the tiny shape for vanilla alone, its main child run in this process (as above): the
+    JSON's profile (the matmuls' share of the ops' self time, torch.profiler's table) and its report section."""
+    import bench as b
+    import configurator
+    for arg in TINY + ['--methods=vanilla', '--profile=True', '--compare_checkpointing=False',
+                       '--check_memory=False', '--compare_hf=False', f'--json={tmp_path / "bench.json"}',
+                       '--threads=1']:
+        monkeypatch.setattr(b, *configurator.parse_override(arg, configurator.known_config(vars(b))))
+    variants = []
+    monkeypatch.setattr(b, 'run_child', lambda name, variant: variants.append(variant) or
+                        json.loads(json.dumps(b.measure(name, variant))))
+    threads = torch.get_num_threads()
+    try:
+        b.bench_all()
+    finally:
+        torch.set_num_threads(threads)
+    stdout = capsys.readouterr().out
+    assert variants == ['main']  # the profile is the main child's, no child of its own
+    with open(tmp_path / 'bench.json') as f:
+        profile = json.load(f)['methods']['vanilla']['profile']
+    assert set(profile) == {'matmul_share', 'table'}
+    assert 0 < profile['matmul_share'] <= 1, profile['matmul_share']  # every Linear is an aten::addmm or aten::mm
+    assert 'aten::' in profile['table'] and 'Self CPU' in profile['table']
+    heading = (f"## profile of one training step: vanilla (matmuls {100 * profile['matmul_share']:.0f}% of the ops' "
+               f"self time)")
+    assert heading in stdout.splitlines(), stdout
+    assert profile['table'].strip() in stdout[stdout.index(heading):]  # the table follows its heading
 
 
 def test_import_has_no_side_effects(monkeypatch, capsys):

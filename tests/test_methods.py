@@ -50,7 +50,7 @@ def tokens(shape, seed):
 def stack(model, x, pos):
     """The layer stack once over x (B, S, C) at position ids pos (a list of S ints), without a cache."""
     pos = torch.tensor(pos)
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+    cos, sin = model.rotary(pos, x.dtype)
     for i in range(model.config.n_layer):
         x = model.layers[i](x, cos, sin)
     return x

@@ -71,6 +71,55 @@ def test_parity_with_hf_gpt_neox(tmp_path, parallel_residual, rotary_pct):
     assert torch.equal(model.generate(prompt, 20, temperature=0), ref_tokens)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_loss_and_gradients_equal_hf_gpt_neox(tmp_path, dtype):
+    """Training against the peer: the loss (model.cross_entropy) and every weight's gradient (through the in-place
+    rotary on q and k) equal HF's, in fp32 and under bf16 autocast, where HF upcasts the logits for its loss."""
+    hf = random_hf_model(tmp_path, True, 0.25)
+    model = load_pretrained(str(tmp_path))
+    idx = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.autocast('cpu', dtype, enabled=dtype != torch.float32):
+        ref = hf(idx, labels=idx).loss  # HF shifts the labels: logits at t predict idx[t + 1]
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+    ref.backward()
+    loss.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert ref.item() > 1.0
+    torch.testing.assert_close(loss, ref, atol=tol, rtol=tol)
+    ours = dict(model.named_parameters())
+    theirs = {name.removeprefix('gpt_neox.'): p for name, p in hf.named_parameters()}
+    theirs['embed_out.weight'] = hf.get_output_embeddings().weight
+    assert set(ours) <= set(theirs)
+    for name, p in ours.items():
+        g = theirs[name].grad
+        assert g.abs().max() > 0, name
+        err = (p.grad - g).abs().max() / g.abs().max()
+        assert err < (1e-4 if dtype == torch.float32 else 2e-2), (name, err.item())
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_cross_entropy_equals_torch(dtype):
+    """model.cross_entropy, a few rows at a time, against F.cross_entropy on the logits upcast to fp32: the loss,
+    ignore_index -1, the gradient (in the logits' dtype), rows that do not divide N, and nan when nothing is kept."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 50, generator=g) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[[0, 5, 36]] = -1
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=-1)
+    (2 * ref).backward()
+    ref_grad, logits.grad = logits.grad, None
+    for rows in (1, 8, 64):
+        loss = model_module.cross_entropy(logits, targets, rows)
+        (2 * loss).backward()
+        assert loss.dtype == torch.float32 and logits.grad.dtype == dtype
+        torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(logits.grad, ref_grad, atol=1e-6, rtol=0)
+        assert logits.grad[0].abs().max() == 0  # an ignored row gets no gradient
+        logits.grad = None
+    assert model_module.cross_entropy(logits, torch.full_like(targets, -1)).isnan()
+
+
 def test_chunked_cache_equals_one_pass():
     """Attention with a cache and several new positions needs a shifted causal mask (not SDPA's is_causal)."""
     from model import KVCache

@@ -169,7 +169,7 @@ def test_memory_plan_shards_under_fsdp_and_checkpointing_shrinks_activations():
     assert ddp.optimizer == 8 * P and fsdp.optimizer == 8 * P / 16
     assert fsdp.weights < ddp.weights / 4 and fsdp.activations == ddp.activations
     assert fsdp_ac.activations < fsdp.activations / 5
-    assert fsdp_ac.total < 20e9 < 60e9 < ddp.total  # the budget: 1.4B does not fit well under ddp
+    assert fsdp_ac.total < 20e9 < 50e9 < ddp.total  # the budget: 1.4B does not fit well under ddp
     # R: the plan is for the largest R of training; more thoughts, more slots
     assert plan_memory(GPTConfig.preset('pythia-70m', n_thoughts=2), 1).activations > \
         plan_memory(GPTConfig.preset('pythia-70m', n_thoughts=1), 1).activations
@@ -205,5 +205,39 @@ def test_memory_plan_matches_the_measured_peak_rss():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for method, dtype, checkpointing, measured, planned in json.loads(r.stdout):
-        assert planned > 20e6  # big enough that the process's own noise (a few MB) does not matter
+        assert planned > 15e6  # big enough that the process's own noise (a few MB) does not matter
         assert 0.85 < measured / planned < 1.15, (method, dtype, checkpointing, measured / 1e6, planned / 1e6)
+
+
+# -----------------------------------------------------------------------------
+# the measured matmul peak that MFU is against on a CPU
+
+def test_matmul_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
+    from nanoponder import cost
+    measured = []
+
+    def fake_measure(device, dtype, seconds=1.0):
+        measured.append(dtype)
+        return 1e11 if dtype == torch.float32 else 3e11
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setattr(cost, 'measure_matmul_peak', fake_measure)
+    assert cost.matmul_peak('cpu', torch.float32) == 1e11
+    assert cost.matmul_peak('cpu', torch.float32) == 1e11 and measured == [torch.float32]  # from the cache
+    assert cost.mfu_peak('cpu', torch.bfloat16) == 3e11 and measured == [torch.float32, torch.bfloat16]
+    with open(tmp_path / 'nanoponder' / 'matmul_peak.json') as f:
+        keys = list(json.load(f))
+    assert len(keys) == 2 and all('cpu' in k and f'{torch.get_num_threads()} threads' in k for k in keys)
+    # a cache that cannot be written (here: its directory is a file) is skipped, the figure still comes back
+    blocked = tmp_path / 'file'
+    blocked.write_text('')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(blocked))
+    assert cost.matmul_peak('cpu', torch.float32) == 1e11 and len(measured) == 3
+
+
+def test_measured_matmul_peak_is_a_real_rate():
+    from nanoponder import cost
+    peak = cost.measure_matmul_peak('cpu', torch.float32, seconds=0.05)
+    assert 1e8 < peak < 1e14  # a 2048^3 product: from a slow core to far beyond any CPU
+    # the step's FLOPs against it give an MFU below 1 for a real step time
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=128, block_size=32)
+    assert cost.estimate_mfu(config, 1000.0, peak_flops=peak) < 1
