@@ -282,7 +282,7 @@ def measure_memory(name, dev, ptdtype):
     result = {}
     for key, checkpointing in (('plain', False), ('checkpointing', True)):
         plan = plan_memory(config, batch_size, block_size, n_jacobi=n_jacobi, dtype=ptdtype,
-                           activation_checkpointing=checkpointing)
+                           activation_checkpointing=checkpointing, device_type=torch.device(dev).type)
         measured = measure_training_peak(config, batch_size, block_size, n_jacobi=n_jacobi, dtype=ptdtype, device=dev,
                                          activation_checkpointing=checkpointing)
         result[key] = {'plan_mib': plan.total / 2**20, 'measured_mib': None if measured is None else measured / 2**20}

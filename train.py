@@ -583,7 +583,8 @@ def summary(run):
     plan = plan_memory(config, cfg.batch_size, cfg.block_size, n_jacobi=max(cfg.jacobi_train_range),
                        dtype=run.ptdtype, parallelism=cfg.parallelism, world_size=run.world_size, grad_accum=run.accum,
                        activation_checkpointing=cfg.activation_checkpointing,
-                       gather_dtype=gather_dtype(cfg.parallelism, run.device, run.ptdtype))
+                       gather_dtype=gather_dtype(cfg.parallelism, run.device, run.ptdtype),
+                       device_type=torch.device(run.device).type)
     return [
         f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {method}; "
         f"{human(run.raw_model.get_num_params())} non-embedding params "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, METHOD_COUNTS
+from model import GPT, METHOD_COUNTS, Attention
 from nanoponder.runtime import atomic_write, autocast, human_bytes
 
 # dense bf16 peak TFLOP/s, looked up by a substring of torch.cuda.get_device_name()
@@ -158,13 +158,20 @@ def cpu_name():
         return platform.processor() or 'unknown CPU'
 
 
-def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_jacobi=None):
+def attention_probability_count(length, block=Attention.BLOCK):
+    """The probabilities that Attention.attend_blocks keeps per head for `length` positions: each block of queries
+    over the keys up to its last."""
+    return sum(min(block, length - a) * min(a + block, length) for a in range(0, length, block))
+
+
+def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_jacobi=None, blocks=None):
     """-> (kept, working): the bytes that one micro-batch's forward keeps for backward, and the most that
     backward adds on top at once. Per slot and layer, in eager mode, autograd keeps the block input (fp32, the
     residual stream) and, in the compute dtype, the two LayerNorm outputs, q k v (3C, rotated in place),
     the attention output (and its log-sum-exp), the re-laid-out heads, and the MLP's hidden layer before and
     after GELU (2 x n_inner). With checkpointing only the block input stays; backward recomputes one block's
-    insides at a time. The loss keeps the logits (in the compute dtype) for every token."""
+    insides at a time. The loss keeps the logits (in the compute dtype) for every token. blocks(length): whether
+    attention over that many positions runs Attention.attend_blocks, which also keeps its probabilities."""
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     inner = config.n_inner or 4 * C
     B, T = batch_size, seq_len
@@ -173,13 +180,18 @@ def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_
     slots = [S * T for S, count in passes(config, n_jacobi) for _ in range(count)]
     final_ln = T if config.n_loop else sum(slots)  # Loop runs the final LayerNorm once, the others every pass
     kept = B * (sum(slots) * L * per_slot_layer + final_ln * 4 * C)  # + the final LayerNorms' inputs
+
+    def probabilities(length):  # of one layer's attend_blocks over `length` positions, all heads
+        return B * config.n_head * attention_probability_count(length) * dtype_bytes if blocks and blocks(length) else 0
+    if not checkpointing:
+        kept += L * sum(probabilities(length) for length in slots)
     kept += B * T * (4 * C + dtype_bytes * C + dtype_bytes * V)  # embeddings, the head's input, the logits
     if config.n_ponder:  # each pondering step keeps its fp32 softmax (and its cast for the matmul)
         kept += config.n_ponder * B * T * V * (4 + (dtype_bytes if dtype_bytes != 4 else 0))
     # backward's peak on top: the logits' gradient (in the compute dtype) or, when checkpointing, one
     # block's recomputed insides over the longest pass (without checkpointing, the gradients that backward
     # makes roughly take the place of the saved tensors it frees)
-    recomputed = B * max(slots) * (4 * C + block_inside) if checkpointing else 0
+    recomputed = B * max(slots) * (4 * C + block_inside) + probabilities(max(slots)) if checkpointing else 0
     working = max(dtype_bytes * B * T * V, recomputed)
     return kept, working
 
@@ -203,13 +215,14 @@ class MemoryPlan:
 
 
 def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.float32, parallelism='ddp',
-                world_size=1, grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32):
+                world_size=1, grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32,
+                device_type='cuda'):
     """The peak bytes per process of training GPT(config) with micro-batches of batch_size x seq_len tokens
     (default block_size), dtype the autocast compute dtype, grad_accum micro-batches per process and
     iteration, n_jacobi PonderLM-2's R (training: the largest it draws). ddp (and one process) replicates weights,
     gradients and AdamW state; fsdp shards them over world_size, and gathers a block at a time (gather_dtype: its
     MixedPrecisionPolicy's param_dtype) plus the root (embeddings, final LayerNorm), which stays gathered through
-    forward and backward."""
+    forward and backward. device_type: where it trains, which decides the attention kernel (Attention.blocks_suit)."""
     n = count_params(config)
     P = n['total']
     T = seq_len or config.block_size
@@ -227,7 +240,8 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
             cast = n['root']
     if c < 4:
         weights += c * cast
-    kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing, n_jacobi)
+    kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing, n_jacobi,
+                                     blocks=lambda length: Attention.blocks_suit(device_type, dtype, length))
     slots = '+'.join(str(S) for S, count in passes(config, n_jacobi) for _ in range(count))
     description = (f"{config.method}, micro-batch {batch_size} x {T}, passes over {slots} slots per token, "
                    f"{str(dtype).removeprefix('torch.')}, {parallelism if world_size > 1 else 'one process'}"

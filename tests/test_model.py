@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import model as model_module
 from model import GPT, Attention, GPTConfig, sample
@@ -143,7 +144,7 @@ def test_attention_backend_choice(monkeypatch):
     assert {m.attn_backend for m in model.modules() if isinstance(m, Attention)} == {'sdpa'}
     assert torch.equal(model(idx)[0], auto)
     assert torch.equal(model.generate(idx[:1, :4], 6, temperature=0), auto_tokens)
-    with pytest.raises(ValueError, match="one of auto, sdpa, flash"):
+    with pytest.raises(ValueError, match="one of auto, sdpa, flash, blocks"):
         Attention.set_backend(model, 'xformers')
 
     monkeypatch.setattr(model_module, 'flash_attn_func', None)  # as without the package
@@ -160,6 +161,51 @@ def test_attention_backend_choice(monkeypatch):
     Attention.set_backend(model, 'flash')
     with pytest.raises(ValueError, match="runs on CUDA in bfloat16 or float16"):
         model(idx)
+
+
+@pytest.mark.parametrize('T', [5, 128, 300])
+def test_attend_blocks_equals_sdpa(monkeypatch, T):
+    """Causal attention a block of queries at a time (what 'auto' runs on a CPU in bf16) against SDPA: outputs and
+    gradients, T below, at and across block boundaries (blocks of 64 here), in fp32 to float precision and in bf16
+    to its rounding of the probabilities."""
+    monkeypatch.setattr(Attention, 'BLOCK', 64)
+    attn = Attention(GPTConfig(n_layer=1, n_head=2, n_embd=32))
+    g = torch.Generator().manual_seed(T)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        q, k, v = (torch.randn(2, 2, T, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        grad = torch.randn(2, 2, T, 16, generator=g).to(dtype)
+        results = []
+        for fn in (attn.attend_blocks, lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=True)):
+            y = fn(q, k, v)
+            y.backward(grad)
+            results.append([y] + [t.grad for t in (q, k, v)])
+            q.grad = k.grad = v.grad = None
+        for ours, ref in zip(*results):
+            assert ours.dtype == dtype
+            torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_auto_attention_is_blocks_on_a_cpu_in_bf16_up_to_its_length(monkeypatch):
+    calls = []
+    original = Attention.attend_blocks
+    monkeypatch.setattr(Attention, 'attend_blocks', lambda self, *a: calls.append(a[0].dtype) or original(self, *a))
+    model = tiny(block_size=BLOCK, n_thoughts=1)
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    model(idx)  # fp32: SDPA
+    assert calls == []
+    with torch.autocast('cpu', torch.bfloat16):
+        model(idx)
+        assert set(calls) == {torch.bfloat16} and len(calls) > 0
+        calls.clear()
+        monkeypatch.setattr(Attention, 'BLOCKS_MAX_LEN', 10)  # the 10 tokens' stage pass, not the 20 slots'
+        model(idx, n_jacobi=0)
+        assert len(calls) == model.config.n_layer
+        calls.clear()
+        model.generate(idx[:1, :4], 2, temperature=0)
+        prefill = len(calls)
+        model.generate(idx[:1, :4], 6, temperature=0)  # the prompt's passes again; each new token: SDPA on the cache
+        assert prefill > 0 and len(calls) == 2 * prefill
+    assert not Attention.blocks_suit('cuda', torch.bfloat16, 8) and Attention.blocks_suit('cpu', torch.bfloat16, 8)
 
 
 # -----------------------------------------------------------------------------

@@ -185,7 +185,7 @@ for method, kw, batch_size, dtype, checkpointing, n_embd in json.loads(sys.argv[
     config = GPTConfig(n_layer=2, n_head=4, n_embd=n_embd, vocab_size=512, block_size=128, **kw)
     dtype = getattr(torch, dtype)
     measured = measure_training_peak(config, batch_size, dtype=dtype, activation_checkpointing=checkpointing)
-    plan = plan_memory(config, batch_size, dtype=dtype, activation_checkpointing=checkpointing)
+    plan = plan_memory(config, batch_size, dtype=dtype, activation_checkpointing=checkpointing, device_type='cpu')
     out.append([method, str(dtype), checkpointing, measured, plan.total])
 print(json.dumps(out))
 '''
