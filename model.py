@@ -196,8 +196,8 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.dense = nn.Linear(config.n_embd, config.n_embd)
         # the kernel: 'auto' = flash-attn where it can run (installed, CUDA, bf16/fp16), attend_blocks on a CPU in
-        # bf16 up to BLOCKS_MAX_LEN positions, SDPA elsewhere; 'sdpa', 'flash' or 'blocks' to force one. See
-        # set_backend.
+        # bf16 up to BLOCKS_MAX_LEN positions, SDPA elsewhere; 'sdpa', 'flash' or 'blocks' to force one ('blocks'
+        # runs where no cache is filled: decoding steps after a cache take SDPA). See set_backend.
         self.attn_backend = 'auto'
 
     @staticmethod
@@ -250,17 +250,16 @@ class Attention(nn.Module):
             y = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
             return y.transpose(1, 2)
         T = q.size(2)
-        if past == 0 and (self.attn_backend == 'blocks' or
-                          self.attn_backend == 'auto' and self.blocks_suit(device_type, dtype, T)):
-            return self.attend_blocks(q, k, v)
-        if past == 0:  # query and key lengths equal: SDPA's top-left aligned is_causal is right
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if past == 0:  # query and key lengths equal
+            blocks = self.attn_backend == 'auto' and self.blocks_suit(device_type, dtype, T)
+            if blocks or self.attn_backend == 'blocks':
+                return self.attend_blocks(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # top-left aligned is_causal is right
         if T == 1:  # one new position sees the whole cache: no mask at all
             return F.scaled_dot_product_attention(q, k, v)
         # several new positions after a cache: query i sees keys up to past + i
         mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
 
     def attend_blocks(self, q, k, v):
         """Causal attention of q, k, v (B, nh, T, hs) as plain matmuls, BLOCK queries at a time over the keys up to
