@@ -612,7 +612,7 @@ class GPT(nn.Module):
         if use_cache:  # (the caches never need more room than the context)
             # embed_out's weight copied once as a (C, V) matrix in the layers' dtype: a few rows times it read the
             # weight in memory order, which a CPU's BLAS does about 2.5x faster than through nn.Linear's (V, C)
-            # layout, and at batch 1 that product is most of a step (see bench.py)
+            # layout, and at batch 1 that product is most of a step (measured in docs/cost.md)
             head = self.embed_out.weight.detach().t().to(self.compute_dtype(idx.device)).contiguous()  # (C, V)
             h, caches = self.prefill(idx, min(T + max_new_tokens, L), n_jacobi, stop, exact)
             logits = h.to(head.dtype) @ head  # (B, V)
