@@ -1,18 +1,20 @@
 """
-The CPU experiment of the README "Results": do latent thoughts pay off when the model is mostly trunk? On Tiny
-Shakespeare with a 512-id BPE, every run has the same tokens, the same init and the same 6x128 trunk, over several
-seeds:
-  (a) vanilla and PonderLM-2 K=1: equal parameters and tokens;
-  (b) vanilla-2x: vanilla with 2x the non-embedding parameters (12 layers), equal inference FLOPs with K=1;
-  (c) PonderLM-2 K=2;
-  (d) vanilla-flops: vanilla trained on as many FLOPs as K=1 (more iterations on more tokens: more epochs);
-  (e) PonderLM N=3 (PonderLM v1).
+The CPU experiment of the README "Results": is it the thought or the compute? On Tiny Shakespeare with a 512-id BPE,
+every run has the same tokens, the same init seed and the same 6x128 trunk, over several seeds:
+  vanilla and PonderLM-2 K=1: equal parameters and tokens;
+  vanilla-2x: vanilla with 2x the non-embedding parameters (12 layers), the inference FLOPs of K=1;
+  PonderLM-2 K=2;
+  vanilla-flops: vanilla trained on as many FLOPs as K=1 (more iterations on more tokens: more epochs);
+  PonderLM N=3 (PonderLM v1);
+  the official repository's baselines at K=1's extra compute: Pause K=1 (the extra slot without a thought in it),
+  Loop K=1 (the extra pass through the layers without feeding anything back through the sequence) and Hidden N=1
+  (the output added to the input instead of given a slot).
 Thought models report the val loss with Jacobi thoughts (R=3, as the papers) and with exact thoughts (eval.py).
 
-    python experiments/repro.py                              # ~60 min on 2 CPU cores; results in out-repro/
-    python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # offline: a local copy of the text
+    python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # every run, 3 seeds (~3.5 h on 2 cores)
+    python experiments/repro.py --runs=ponderlm2-k1,pause-k1,vanilla --seeds=1337   # some runs (names: RUNS below)
     python experiments/repro.py --seeds=1337 --runs=vanilla,ponderlm2-k1 --max_iters=100   # a quicker look
-    python experiments/repro.py --trained_only=True          # the table and plots of the runs trained so far
+    python experiments/repro.py --report=True   # the table and plots again, from experiments/results/ alone
 
 It prepares its data if missing (prepare_data.py --dataset=shakespeare --tokenizer=bpe:512, downloading the text
 unless --input names a copy) and works from any directory: train.py, eval.py, the configs
@@ -21,7 +23,10 @@ out_root (out-repro) are found in the repository. Each run is `python train.py c
 experiments/repro_shakespeare.py <its overrides> --seed=S --out_dir=<out_root>/<name>-s<S>` with OMP_NUM_THREADS=1
 (two single-threaded runs share two cores better than one run with two threads), then eval.py on its checkpoint;
 logs in the run's folder. A run whose train_time.json exists is finished and reused (delete its folder to train it
-again). Writes <out_root>/results.md, results.json and the plots val_loss_tokens.png and val_loss_flops.png.
+again). Each evaluated run writes its small result file, results_dir/<name>-s<S>.json (the final losses, the
+val-loss curve, the costs, the config); the table (results.md) and the plots val_loss_tokens.png,
+val_loss_flops.png and val_loss_inference_flops.png are rebuilt from every result file there, so a set of runs
+can be continued on another machine, or in another sitting, from the committed files.
 """
 import json
 import os
@@ -38,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
 from model import GPT  # noqa: E402
 from nanoponder.checkpoint import Checkpoint  # noqa: E402
-from nanoponder.cost import flops_per_token  # noqa: E402
+from nanoponder.cost import cpu_name, flops_per_token, inference_flops_per_token, kv_cache_bytes_per_token  # noqa: E402
 from nanoponder.data import read_meta, read_tokens  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
 from nanoponder.runlog import read_metrics  # noqa: E402
@@ -51,6 +56,9 @@ RUNS = {
     'vanilla-flops': ('vanilla', [], 'training FLOPs of K=1'),
     'ponderlm2-k1': ('ponderlm2-k1', [], ''),
     'ponderlm1-n3': ('ponderlm1-n3', [], ''),
+    'pause-k1': ('pause-k1', ['--vocab_size=520', '--pause_token_id=519'], ''),  # a free embedding row for the pause
+    'loop-k1': ('loop-k1', [], ''),
+    'hidden-n1': ('hidden-n1', [], ''),
     'vanilla-2x': ('vanilla', ['--n_layer=12'], '2x non-embedding params'),
     'vanilla': ('vanilla', [], ''),
 }
@@ -61,13 +69,15 @@ BASE_CONFIG = os.path.join(ROOT, 'config', 'shakespeare_ponder.py')  # the data,
 config = os.path.join(ROOT, 'experiments', 'repro_shakespeare.py')  # the budget and the method, over BASE_CONFIG
 data_dir = os.path.join(ROOT, 'data', 'shakespeare-bpe512')
 input = ''              # a local copy of Tiny Shakespeare, to prepare the data offline
-out_root = os.path.join(ROOT, 'out-repro')
+out_root = os.path.join(ROOT, 'out-repro')  # the run folders: checkpoints and logs
+results_dir = os.path.join(ROOT, 'experiments', 'results')  # one small file per finished run, the table, the plots
 runs = ','.join(RUNS)
 seeds = '1337,1338,1339'
 jobs = 2
 max_iters = 0           # 0 -> the config's
 train_args = ''         # more train.py overrides for every run, space-separated (the tests' toy budget)
-trained_only = False    # report the runs of runs x seeds that are already trained; train nothing
+trained_only = False    # evaluate the runs of runs x seeds that are already trained; train nothing
+report = False          # rebuild the table and plots from the files in results_dir alone; train and evaluate nothing
 # -----------------------------------------------------------------------------
 
 
@@ -186,7 +196,44 @@ def evaluate(name, seed, out_dir, seconds):
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
     return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
                 jacobi=jacobi, exact=exact, seconds=seconds, params=params, iters=ckpt.iter_num, tokens=tokens,
-                train_flops=tokens * flops, flops_per_token=flops, curve=val_curve(out_dir))
+                train_flops=tokens * flops, flops_per_token=flops,
+                inference_flops_per_token=inference_flops_per_token(cfg),
+                kv_bytes_per_token=kv_cache_bytes_per_token(cfg, 2),  # bf16 keys and values
+                curve=val_curve(out_dir), config=ckpt.config, model_args=ckpt.model_args,
+                commit=git_commit(), machine=f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
+
+
+def git_commit():
+    """The repository's commit, for the record (None outside a git checkout)."""
+    r = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def save_result(result):
+    """The run's small result file, results_dir/<name>-s<seed>.json: what the table and plots are built from when
+    the run folders are gone (commit it)."""
+    os.makedirs(results_dir, exist_ok=True)
+    with atomic_write(os.path.join(results_dir, f"{result['name']}-s{result['seed']}.json"), 'w') as f:
+        json.dump(result, f, indent=1)
+
+
+def load_results():
+    """Every run's result file in results_dir, in RUNS then seed order (the files of runs RUNS no longer names are
+    skipped, with a line)."""
+    results = []
+    names = sorted(f for f in os.listdir(results_dir) if f.endswith('.json')) if os.path.isdir(results_dir) else []
+    for f in names:
+        with open(os.path.join(results_dir, f)) as fh:
+            r = json.load(fh)
+        if not isinstance(r, dict) or 'name' not in r:
+            continue  # not a run's file
+        if r['name'] not in RUNS:
+            print(f"skipping {f}: run {r['name']!r} is not one of {', '.join(RUNS)}")
+            continue
+        results.append(r)
+    if not results:
+        raise UserError(f"no result files in {results_dir}: train some runs first (python experiments/repro.py)")
+    return sorted(results, key=lambda r: (list(RUNS).index(r['name']), r['seed']))
 
 
 def by_run(results):
@@ -231,28 +278,68 @@ def spread(values, fmt):
     return f"{fmt.format(sum(values) / len(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
+def paired(results, name, base):
+    """[(seed, run's val loss (Jacobi) - base's)] over the seeds both have: a seed fixes the init and the data order
+    of both runs, so their difference is what the seeds' spread is about."""
+    of = {r['seed']: r['jacobi'] for r in results if r['name'] == base}
+    return [(r['seed'], r['jacobi'] - of[r['seed']]) for r in results if r['name'] == name and r['seed'] in of]
+
+
 def table(results):
-    lines = ['| run | seeds | non-emb params | tokens | training FLOPs | val loss (Jacobi R=3) | val loss (exact) '
-             '| train time (min) |', '|---|---|---|---|---|---|---|---|']
-    for runs_ in by_run(results).values():
+    lines = ['| run | seeds | non-emb params | tokens | training FLOPs | inference FLOPs / token | KV cache / token '
+             '| val loss (Jacobi R=3) | val loss (exact) | - PonderLM-2 K=1, per seed | train time (min) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
+    for name, runs_ in by_run(results).items():
         r0 = runs_[0]
         exact = spread([r['exact'] for r in runs_], '{:.4f}') if r0['exact'] is not None else '-'
+        diffs = ', '.join(f"{d:+.3f}" for _, d in paired(results, name, 'ponderlm2-k1')) if name != 'ponderlm2-k1' else ''
         lines.append(f"| {r0['label']} | {len(runs_)} | {r0['params'] / 1e6:.2f}M | {r0['tokens'] / 1e6:.2f}M "
-                     f"| {r0['train_flops']:.2e} | {spread([r['jacobi'] for r in runs_], '{:.4f}')} | {exact} "
-                     f"| {spread([r['seconds'] / 60 for r in runs_], '{:.1f}')} |")
+                     f"| {r0['train_flops']:.2e} | {r0['inference_flops_per_token'] / 1e6:.1f}M "
+                     f"| {r0['kv_bytes_per_token'] / 1024:.0f} KiB | {spread([r['jacobi'] for r in runs_], '{:.4f}')} "
+                     f"| {exact} | {diffs} | {spread([r['seconds'] / 60 for r in runs_], '{:.1f}')} |")
     return '\n'.join(lines)
 
 
-def paired_differences(results):
-    """Each run's val loss (Jacobi) minus vanilla's of the same seed: the comparison the seeds' spread is about."""
-    base = {r['seed']: r['jacobi'] for r in results if r['name'] == 'vanilla'}
+def paired_differences(results, base):
+    """Each run's paired differences against base: their mean, sd over the seeds, and whether the mean stands out of
+    them (|mean| > 3 sd: the seeds agree on the sign by far more than they scatter)."""
+    label = {r['name']: r['label'] for r in results}
     lines = []
-    for name, runs_ in by_run(results).items():
-        diffs = [r['jacobi'] - base[r['seed']] for r in runs_ if r['seed'] in base]
-        if name != 'vanilla' and diffs:
-            per_seed = ', '.join(f"{d:+.4f}" for d in diffs)
-            lines.append(f"{runs_[0]['label']} - vanilla: mean {sum(diffs) / len(diffs):+.4f} (per seed {per_seed})")
-    return '\n'.join(lines)
+    for name in by_run(results):
+        diffs = [d for _, d in paired(results, name, base)]
+        if name == base or not diffs:
+            continue
+        mean = sum(diffs) / len(diffs)
+        line = f"{label[name]} - {label[base]}: mean {mean:+.4f} (per seed {', '.join(f'{d:+.4f}' for d in diffs)})"
+        if len(diffs) > 1:
+            sd = float(np.std(diffs, ddof=1))
+            line += f", sd {sd:.4f}: " + ('stands out' if abs(mean) > 3 * sd else 'within 3 sd')
+        lines.append(line)
+    return lines
+
+
+def plot_inference(results, path):
+    """Final val loss (whole split, Jacobi) against inference FLOPs per token: one point per run, the mean over the
+    seeds with the min-max as error bars. The plot to read first: what a token costs to generate, and what it buys."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for runs_ in by_run(results).values():
+        x, losses = runs_[0]['inference_flops_per_token'], np.array([r['jacobi'] for r in runs_])
+        err = [[losses.mean() - losses.min()], [losses.max() - losses.mean()]]
+        bar = ax.errorbar([x], [losses.mean()], yerr=err, fmt='o', capsize=3)
+        ax.annotate(f"{runs_[0]['label']} ({len(runs_)})", (x, losses.mean()), textcoords='offset points',
+                    xytext=(6, 3), fontsize=7, color=bar[0].get_color())
+    ax.set_xscale('log')
+    ax.set_xlabel('inference FLOPs per token (exact decoding through the KV cache)')
+    ax.set_ylabel('final val loss (whole val split, R=3)')
+    ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk: mean and min-max over seeds')
+    ax.grid(alpha=0.3, which='both')
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format='png', dpi=120)
+    plt.close(fig)
 
 
 def chosen_runs():
@@ -296,21 +383,26 @@ def check_inputs():
     read_tokens(data_dir, 'val')
 
 
-def write_results(results):
-    md = table(results) + '\n\n' + paired_differences(results)
+def write_report():
+    """The table (results.md) and the three plots, rebuilt from the result files in results_dir alone."""
+    results = load_results()
+    md = '\n'.join([table(results), '', 'Paired differences of the val loss (Jacobi R=3, whole val split), per seed:', '',
+                    *(f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base))])
     print(md)
-    with atomic_write(os.path.join(out_root, 'results.md'), 'w') as f:
+    with atomic_write(os.path.join(results_dir, 'results.md'), 'w') as f:
         f.write(md + '\n')
-    with atomic_write(os.path.join(out_root, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=1)
-    plot(results, os.path.join(out_root, 'val_loss_tokens.png'), lambda tokens, r: tokens / 1e6, 'tokens trained (M)',
-         leave_out=('vanilla-flops',))  # 10x the tokens: it is the FLOPs plot's comparison
-    plot(results, os.path.join(out_root, 'val_loss_flops.png'), lambda tokens, r: tokens * r['flops_per_token'],
+    plot(results, os.path.join(results_dir, 'val_loss_tokens.png'), lambda tokens, r: tokens / 1e6,
+         'tokens trained (M)', leave_out=('vanilla-flops',))  # 10x the tokens: it is the FLOPs plot's comparison
+    plot(results, os.path.join(results_dir, 'val_loss_flops.png'), lambda tokens, r: tokens * r['flops_per_token'],
          'training FLOPs')
-    print(f"wrote {out_root}/results.md, results.json, val_loss_tokens.png, val_loss_flops.png")
+    plot_inference(results, os.path.join(results_dir, 'val_loss_inference_flops.png'))
+    print(f"wrote {results_dir}/results.md, val_loss_tokens.png, val_loss_flops.png, val_loss_inference_flops.png "
+          f"from {len(results)} result files")
 
 
 def main():
+    if report:
+        return write_report()
     names, seed_list = chosen_runs(), chosen_seeds()
     check_inputs()
     tasks = [(n, s) for s in seed_list for n in names]
@@ -321,8 +413,9 @@ def main():
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the training subprocesses
         trained = list(pool.map(lambda task: train(*task), tasks))
-        results = list(pool.map(lambda t: evaluate(*t[0], *t[1]), zip(tasks, trained)))
-    write_results(results)
+        for result in pool.map(lambda t: evaluate(*t[0], *t[1]), zip(tasks, trained)):
+            save_result(result)
+    write_report()
     print(f"total wall time {(time.time() - t0) / 60:.1f} min")
 
 

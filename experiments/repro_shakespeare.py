@@ -8,14 +8,14 @@
 # repository root, e.g.:
 #   python train.py config/shakespeare_ponder.py experiments/repro_shakespeare.py --n_thoughts=1 \
 #       --out_dir=out-repro/ponderlm2-k1-s1337
-# 160 iterations of 16 x 128 tokens = 328K tokens, about 0.63 epoch of the 517K train tokens; each evaluation
+# 600 iterations of 16 x 128 tokens = 1.23M tokens, about 2.4 epochs of the 517K train tokens; each evaluation
 # reads the same 8 x 16 val blocks (16K of the 59K val tokens).
 
 out_dir = 'out-repro/vanilla'
 wandb_run_name = 'repro-vanilla'
-eval_interval = 20
+eval_interval = 50
 always_save_checkpoint = True
-max_iters = 160
+max_iters = 600
 
 n_thoughts = 0
 n_ponder = 0

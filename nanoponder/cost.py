@@ -7,6 +7,7 @@ schedule from one place, passes(), and takes the Jacobi passes R explicitly (the
     from nanoponder.cost import flops_per_token, plan_memory
     config = GPTConfig.preset('pythia-1.4b', n_thoughts=1)
     flops_per_token(config, n_jacobi=3)                      # one training step, per token
+    inference_flops_per_token(config)                        # decoding one token exactly through the KV cache
     plan = plan_memory(config, batch_size=1, n_jacobi=4, dtype=torch.bfloat16, parallelism='fsdp', world_size=16,
                        grad_accum=8, activation_checkpointing=True)
     print(plan.summary())
@@ -69,6 +70,21 @@ def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
     if config.n_ponder:  # N more vocabulary projections and N probability-weighted embedding sums
         fwd += 2 * config.n_ponder * head
     return 3 * fwd if training else fwd
+
+
+def inference_flops_per_token(config, position=None):
+    """FLOPs of decoding one token exactly through the KV cache, what generate spends per new token, with `position`
+    tokens before it (default: the mean over a block_size context, (block_size - 1) / 2). Each of the token's
+    slots runs once through the trunk in every pass (PonderLM-2's thoughts and Pause's pauses are slots, the others
+    run N+1 or K+1 passes over one slot, each pass with its own cache), and slot j attends to the position x slots
+    cached before it and to the j + 1 slots of its own token up to itself. One vocabulary projection predicts the
+    next token; PonderLM's N steps add N projections and N expected embeddings. Matmuls only, as flops_per_token."""
+    t = (config.block_size - 1) / 2 if position is None else position
+    L, H, V, S = config.n_layer, config.n_embd, config.vocab_size, config.slots
+    trunk = 2 * L * count_params(config)['matmul']  # the weight matmuls of one slot through the layers
+    one_pass = sum(trunk + 4 * L * H * (t * S + j + 1) for j in range(S))  # q.k and attn.v over the keys it sees
+    head = 2 * H * V
+    return config.n_caches * one_pass + head + 2 * config.n_ponder * head
 
 
 def device_peak_flops():

@@ -1,8 +1,10 @@
 """experiments/repro.py end to end on a toy budget: it prepares its BPE data from a local text, trains vanilla,
-PonderLM-2 K=1 and the FLOPs-matched vanilla over two seeds, evaluates them with eval.py, and writes its table and
-plots; a second call reuses the finished runs."""
+PonderLM-2 K=1, the FLOPs-matched vanilla and Pause K=1 over two seeds, evaluates them with eval.py, writes one
+result file per run, its table and plots; a second call reuses the finished runs, and --report=True rebuilds the
+table and plots from the result files alone, the run folders gone."""
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -18,22 +20,40 @@ def test_repro_runs_end_to_end_on_a_toy_budget(tmp_path):
     text = ''.join(' '.join(rng.choice(words) for _ in range(12)) + '\n' for _ in range(600))
     (tmp_path / 'input.txt').write_text(text)
     cmd = [sys.executable, str(ROOT / 'experiments' / 'repro.py'), f'--input={tmp_path / "input.txt"}',
-           f'--data_dir={tmp_path / "data"}', f'--out_root={tmp_path / "out"}', '--seeds=1,2',
-           '--runs=vanilla,ponderlm2-k1,vanilla-flops', f'--train_args={TOY}']
+           f'--data_dir={tmp_path / "data"}', f'--out_root={tmp_path / "out"}', f'--results_dir={tmp_path / "res"}',
+           '--seeds=1,2', '--runs=vanilla,ponderlm2-k1,vanilla-flops,pause-k1', f'--train_args={TOY}']
+    names = ('vanilla', 'ponderlm2-k1', 'vanilla-flops', 'pause-k1')
     r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)  # not from ROOT
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((tmp_path / 'data' / 'meta.json').read_text())['tokenizer'] == 'bpe:512'
-    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
-    assert sorted((x['name'], x['seed']) for x in results) == sorted(
-        (n, s) for n in ('vanilla', 'ponderlm2-k1', 'vanilla-flops') for s in (1, 2))
-    by = {(x['name'], x['seed']): x for x in results}
-    k1, van, flops = by['ponderlm2-k1', 1], by['vanilla', 1], by['vanilla-flops', 1]
+    files = sorted(p.name for p in (tmp_path / 'res').glob('*.json'))
+    assert files == sorted(f'{n}-s{s}.json' for n in names for s in (1, 2))
+    by = {(n, s): json.loads((tmp_path / 'res' / f'{n}-s{s}.json').read_text()) for n in names for s in (1, 2)}
+    k1, van, flops, pause = by['ponderlm2-k1', 1], by['vanilla', 1], by['vanilla-flops', 1], by['pause-k1', 1]
     assert k1['exact'] is not None and van['exact'] is None
     assert van['iters'] == k1['iters'] == 2 and flops['iters'] > 2
     assert abs(flops['train_flops'] / k1['train_flops'] - 1) < 0.1  # matched training FLOPs, to one iteration
-    table = (tmp_path / 'out' / 'results.md').read_text()
-    assert 'PonderLM-2 K=1' in table and 'training FLOPs of K=1' in table and '- vanilla: mean' in table
-    for png in ('val_loss_tokens.png', 'val_loss_flops.png'):
-        assert (tmp_path / 'out' / png).stat().st_size > 0
+    # K=1 and Pause K=1 decode two slots per token, vanilla one: twice the cache and a little more than twice the
+    # trunk's FLOPs (the second slot attends to one more key), the vocabulary projection once
+    assert k1['kv_bytes_per_token'] == pause['kv_bytes_per_token'] == 2 * van['kv_bytes_per_token']
+    head = 2 * 16 * 512
+    assert 2 < (k1['inference_flops_per_token'] - head) / (van['inference_flops_per_token'] - head) < 2.5
+    assert pause['config']['pause_token_id'] == pause['model_args']['pause_token_id'] == 519
+    assert [x['seed'] for x in by.values()] == [1, 2] * 4 and len(k1['curve']) == 3  # iterations 0, 1, 2
+    table = (tmp_path / 'res' / 'results.md').read_text()
+    assert 'PonderLM-2 K=1' in table and 'training FLOPs of K=1' in table and 'Pause K=1' in table
+    assert 'Pause K=1 - PonderLM-2 K=1: mean' in table and 'PonderLM-2 K=1 - vanilla: mean' in table
+    pngs = ('val_loss_tokens.png', 'val_loss_flops.png', 'val_loss_inference_flops.png')
+    for png in pngs:
+        assert (tmp_path / 'res' / png).stat().st_size > 0
     r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.count('reusing it') == 6, r.stdout[-3000:]
+    assert r.returncode == 0 and r.stdout.count('reusing it') == 8, r.stdout[-3000:]
+    # the run folders gone (a new machine): the report comes from the result files alone, the same table
+    shutil.rmtree(tmp_path / 'out')
+    for png in pngs:
+        (tmp_path / 'res' / png).unlink()
+    (tmp_path / 'res' / 'results.md').unlink()
+    r = subprocess.run([*cmd, '--report=True'], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / 'res' / 'results.md').read_text() == table
+    assert all((tmp_path / 'res' / png).stat().st_size > 0 for png in pngs)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model import GPT, METHOD_COUNTS, GPTConfig
-from nanoponder.cost import flops_per_token, kv_cache_slots, plan_memory
+from nanoponder.cost import flops_per_token, inference_flops_per_token, kv_cache_slots, plan_memory
 from nanoponder.hf import load_pretrained, save_pretrained
 from nanoponder.methods import method_fields
 from helpers import TINY_MODEL, randomize, tiny
@@ -274,6 +274,30 @@ def test_flops_memory_and_cache_follow_the_passes(name):
     caches = GPT(cfg).new_caches(2, 10, 'cpu')
     plain = GPT(GPTConfig(**TINY_MODEL)).new_caches(2, 10, 'cpu')
     assert sum(c.k.numel() for c in caches) == (count + 1) * sum(c.k.numel() for c in plain)
+
+
+@pytest.mark.parametrize('name', ['vanilla', 'ponderlm2-k2', 'ponderlm1-n2', 'pause-k2', 'loop-k1', 'hidden-n2'])
+def test_inference_flops_are_what_decoding_one_token_multiplies(name):
+    """inference_flops_per_token against torch's FLOP counter around one cached decoding step after t tokens, the
+    vocabulary projection included; SDPA's math backend, so that attention is counted as its two matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = GPTConfig(**TINY_MODEL, **method_fields(name), pause_token_id=PAUSE_ID)
+    model = GPT(cfg).eval()
+    t = 5
+    idx = torch.randint(0, V - 1, (1, t + 1))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, caches = model.prefill(idx[:, :t], max_len=t + 1, exact=True)
+        with FlopCounterMode(display=False) as counter:
+            model.embed_out(model.decode_one(idx[:, t:], caches))
+    # Pause's K+1 slots go through together, so SDPA also multiplies its later slots' keys that the mask hides
+    masked = 4 * cfg.n_layer * cfg.n_embd * cfg.slots * (cfg.slots - 1) // 2 if cfg.n_pause else 0
+    assert counter.get_total_flops() == inference_flops_per_token(cfg, position=t) + masked
+    # the default is the mean over a block: the FLOPs at the mean position
+    assert inference_flops_per_token(cfg) == pytest.approx(inference_flops_per_token(cfg, (cfg.block_size - 1) / 2))
+    if name == 'vanilla':  # one trunk pass of one slot and the head: the forward of flops_per_token at t + 1 = T
+        short = replace(cfg, block_size=t + 1)
+        assert inference_flops_per_token(short, position=t) == flops_per_token(short, training=False)
 
 
 # -----------------------------------------------------------------------------
