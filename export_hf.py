@@ -1,17 +1,18 @@
 """
-Export a model as a Hugging Face GPT-NeoX directory, to share it on the Hub or load it elsewhere:
-config.json (GPT-NeoX, plus the method's keys in the official PonderLM code's spelling), model.safetensors,
-tokenizer.json and tokenizer_config.json.
+Export a model as a Hugging Face directory, to share it on the Hub or load it elsewhere: config.json (GPT-NeoX,
+plus the method's keys in the official PonderLM code's spelling), model.safetensors, tokenizer.json and
+tokenizer_config.json; every method but vanilla also gets its code (modeling_nanoponder.py and model.py), so that
+transformers runs it as itself with trust_remote_code=True.
 
     python export_hf.py --init_from=out-shakespeare-ponder/ckpt.pt --out=hf-shakespeare-ponder
     python export_hf.py --out_dir=out --out=hf-out            # init_from=resume: out_dir/ckpt.pt
     huggingface-cli upload you/your-model hf-out               # then share it
 
-Load it back with nanoponder.hf.load_pretrained('hf-out') (sample.py / eval.py --init_from=hf-out), or, for a
-vanilla model, with stock transformers (AutoModelForCausalLM.from_pretrained('hf-out')) and the same logits: the
-embedding scale of a vanilla nanoPonder model is folded into its weights. Stock transformers has none of the
-other methods (latent thoughts, pondering, pause slots, loops, hidden-state feedback): it would load such a model
-as a plain GPT-NeoX, computing something else.
+Load it back with nanoponder.hf.load_pretrained('hf-out') (sample.py / eval.py --init_from=hf-out), or in
+transformers: a vanilla model is a stock GPT-NeoX (AutoModelForCausalLM.from_pretrained('hf-out'), the embedding
+scale folded into its weights), every other method needs AutoModelForCausalLM.from_pretrained('hf-out',
+trust_remote_code=True), which gives nanoPonder's logits and generation; without it transformers refuses the
+directory (its model type is 'nanoponder') instead of building a plain GPT-NeoX that would compute something else.
 --init_from takes what sample.py and eval.py take (nanoponder.checkpoint.load_init_from). Exit codes:
 nanoponder/runtime.py.
 """
@@ -20,7 +21,7 @@ import sys
 import tempfile
 
 from nanoponder.checkpoint import load_init_from
-from nanoponder.hf import read_config, jacobi_train_range_from_hf, save_pretrained
+from nanoponder.hf import REMOTE_CODE, read_config, jacobi_train_range_from_hf, save_pretrained
 from nanoponder.runtime import UserError, failure, one_line, run_cli
 from nanoponder.tokenizer import model_tokenizer
 
@@ -35,7 +36,8 @@ overwrite = False       # write into an out directory that already holds a model
 # -----------------------------------------------------------------------------
 
 
-WRITTEN = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json')  # hf.save_pretrained's
+WRITTEN = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json',
+           *REMOTE_CODE)  # hf.save_pretrained's
 NOT_WRITTEN = ('model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')  # other weights
 
 
@@ -80,8 +82,9 @@ def main():
     print(f"wrote {out}: {cfg.method_label}, {model.get_num_params(non_embedding=False):,} parameters, "
           f"tokenizer {tok.name}")
     if cfg.method != 'vanilla':
-        print(f"note: load it with nanoPonder (nanoponder.hf.load_pretrained) or the official PonderLM code; stock "
-              f"transformers would run it as a plain GPT-NeoX, without its {cfg.method_label}", file=sys.stderr)
+        print(f"note: in transformers, load it with AutoModelForCausalLM.from_pretrained({out!r}, "
+              f"trust_remote_code=True): its code ({', '.join(REMOTE_CODE)}) runs its {cfg.method_label}",
+              file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ GPTConfig, the Hub download, and reading and writing model directories (safetens
     model = load_pretrained('EleutherAI/pythia-70m')          # or a local directory
     save_pretrained(model, 'export/my-model', tokenizer_path='data/shakespeare-bpe512/tokenizer.json')
 """
+import inspect
 import json
 import os
 import sys
@@ -56,12 +57,15 @@ def empty_model(config):
 
 
 def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftext|>', jacobi_train_range=None):
-    """Write a Hugging Face GPT-NeoX directory that load_pretrained reads back: config.json (hf_config: the method's
-    keys in the official spelling, and jacobi_train_range, the training run's R range, if given), model.safetensors
-    (fp32, Hugging Face names) and, given tokenizer_path, its tokenizer.json with a tokenizer_config.json. A vanilla
-    model's embedding scale is folded into embed_in (and scale_embeds written false), so stock transformers computes
-    the same logits; a PonderLM model keeps scale_embeds as the official code reads it. Each file is written whole
-    or not at all."""
+    """Write a Hugging Face directory that load_pretrained reads back: config.json (hf_config: the method's keys in
+    the official spelling, and jacobi_train_range, the training run's R range, if given), model.safetensors (fp32,
+    Hugging Face names) and, given tokenizer_path, its tokenizer.json with a tokenizer_config.json.
+    A vanilla model is a stock GPT-NeoX: its embedding scale is folded into embed_in (and scale_embeds written
+    false), so stock transformers computes the same logits. Every other method also gets its code, so that
+    transformers runs it as itself with trust_remote_code=True: modeling_nanoponder.py and model.py copied beside
+    the weights, and config.json's model_type 'nanoponder' with an auto_map naming the classes (REMOTE_CODE); a
+    model type transformers does not know makes it refuse to load the directory without trust_remote_code, rather
+    than build a plain GPT-NeoX. Each file is written whole or not at all."""
     from safetensors.torch import save as safetensors_bytes
     config, eos_id = model.config, 0
     if tokenizer_path is not None:
@@ -77,15 +81,28 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
     os.makedirs(directory, exist_ok=True)
     with atomic_write(os.path.join(directory, 'model.safetensors')) as f:
         f.write(safetensors_bytes(sd, metadata={'format': 'pt'}))
-    write_json(os.path.join(directory, 'config.json'), hf_config(config, eos_id, jacobi_train_range))
+    hf = hf_config(config, eos_id, jacobi_train_range)
+    if config.method != 'vanilla':
+        for name, source in REMOTE_CODE.items():
+            with open(source, 'rb') as src, atomic_write(os.path.join(directory, name)) as f:
+                f.write(src.read())
+        hf.update(model_type='nanoponder', architectures=['NanoPonderForCausalLM'], thoughts='jacobi',
+                  # transformers checks every *_token_id against the vocabulary: only Pause has a pause row
+                  pause_token_id=config.pause_token_id if config.n_pause else None,
+                  auto_map={'AutoConfig': 'modeling_nanoponder.NanoPonderConfig',
+                            'AutoModelForCausalLM': 'modeling_nanoponder.NanoPonderForCausalLM'})
     if tokenizer_path is not None:
         with open(tokenizer_path, 'rb') as src, atomic_write(os.path.join(directory, 'tokenizer.json')) as f:
             f.write(src.read())
         write_json(os.path.join(directory, 'tokenizer_config.json'), {
             'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': eos_token, 'eos_token': eos_token,
             'unk_token': eos_token, 'model_max_length': config.block_size})
+    write_json(os.path.join(directory, 'config.json'), hf)  # last: a directory without it is no model yet
 
 
+# the code that a non-vanilla export carries for transformers' trust_remote_code: file name -> its source here
+REMOTE_CODE = {'modeling_nanoponder.py': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'modeling_nanoponder.py'),
+               'model.py': inspect.getsourcefile(GPT)}
 REQUIRED = object()  # config_from_hf: a key without a default
 HF_KINDS = {  # config.json value kinds: (test, what it must be)
     'size': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an integer >= 1'),
@@ -133,7 +150,7 @@ def config_from_hf(hf, patch_method=None):
         return checked(key, hf[key], kind)
 
     model_type = get('model_type', 'gpt_neox', 'text')
-    if model_type != 'gpt_neox':
+    if model_type not in ('gpt_neox', 'nanoponder'):  # nanoponder: our export with its code (save_pretrained)
         raise ValueError(f"model_type {model_type!r} is not supported: this model is GPT-NeoX (Pythia), 'gpt_neox'")
     act = get('hidden_act', 'gelu', 'text')
     if act != 'gelu':

@@ -11,7 +11,6 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -338,8 +337,9 @@ def test_export_round_trips_through_from_pretrained(tmp_path, tokenizer_json, kw
     train_range = kw.pop('jacobi_train_range', None)  # a setting of the training run, which the export records
     model = randomize(tiny(vocab_size=300, **kw), std=0.1)
     save_pretrained(model, str(tmp_path), tokenizer_json, jacobi_train_range=train_range)
-    assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors', 'tokenizer.json',
-                                            'tokenizer_config.json']
+    code = ['model.py', 'modeling_nanoponder.py'] if model.config.method != 'vanilla' else []  # test_share.py
+    assert sorted(os.listdir(tmp_path)) == sorted(['config.json', 'model.safetensors', 'tokenizer.json',
+                                                   'tokenizer_config.json', *code])
     loaded = load_pretrained(str(tmp_path)).eval()
     for key in ('n_thoughts', 'n_jacobi', 'n_ponder', 'ponder_multiply', 'block_size', 'n_pause', 'pause_token_id',
                 'n_loop', 'n_hidden'):
@@ -350,7 +350,7 @@ def test_export_round_trips_through_from_pretrained(tmp_path, tokenizer_json, kw
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
     hf = json.loads((tmp_path / 'config.json').read_text())
-    assert set(OFFICIAL_KEYS) <= set(hf) and hf['model_type'] == 'gpt_neox'
+    assert set(OFFICIAL_KEYS) <= set(hf) and hf['model_type'] == ('nanoponder' if code else 'gpt_neox')
 
 
 def test_exported_vanilla_model_runs_in_stock_transformers(tmp_path, tokenizer_json, tok):
@@ -369,22 +369,6 @@ def test_exported_vanilla_model_runs_in_stock_transformers(tmp_path, tokenizer_j
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('kw', [dict(n_pause=1, pause_token_id=299), dict(n_loop=1), dict(n_hidden=1)])
-def test_stock_transformers_runs_an_exported_baseline_as_a_plain_gpt_neox(tmp_path, kw):
-    """What export_hf.py's closing note says: the same weights, one pass, no pause slots, no embedding scale."""
-    transformers = pytest.importorskip('transformers')
-    model = randomize(tiny(vocab_size=300, **kw), std=0.3)
-    save_pretrained(model, str(tmp_path))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    plain = GPT(replace(model.config, n_pause=0, n_loop=0, n_hidden=0, scale_embeds=False)).eval()
-    plain.load_state_dict(model.state_dict())
-    idx = torch.randint(0, 300, (2, 12))
-    with torch.no_grad():
-        theirs = hf(idx).logits
-        torch.testing.assert_close(theirs, plain(idx)[0], atol=1e-4, rtol=1e-4)
-        assert (theirs - model(idx)[0]).abs().max() > 0.1  # not the method's own logits
-
-
 @pytest.mark.parametrize('kw, label', [(dict(n_thoughts=1), 'PonderLM-2 K=1'), (dict(n_loop=1), 'Loop K=1')])
 def test_export_script(monkeypatch, capsys, tmp_path, tokenizer_json, kw, label):
     from prepare_data import prepare
@@ -398,7 +382,8 @@ def test_export_script(monkeypatch, capsys, tmp_path, tokenizer_json, kw, label)
     monkeypatch.setattr(export_hf, 'out', str(tmp_path / 'hf'))
     capsys.readouterr()
     export_hf.main()
-    assert f'stock transformers would run it as a plain GPT-NeoX, without its {label}' in capsys.readouterr().err
+    assert f"trust_remote_code=True): its code (modeling_nanoponder.py, model.py) runs its {label}" in \
+        capsys.readouterr().err
     loaded = load_pretrained(str(tmp_path / 'hf'))
     assert loaded.config.method == model.config.method and torch.equal(loaded.embed_in.weight, model.embed_in.weight)
     assert (tmp_path / 'hf' / 'tokenizer.json').read_bytes() == (tmp_path / 'data' / 'tokenizer.json').read_bytes()
@@ -493,7 +478,11 @@ def test_lm_eval_adapter_matches_lm_evals_own_hf_model(tmp_path, hf_dir):
     peer = HFLM(pretrained=str(hf_dir), device='cpu', batch_size=3)
     results = [lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
                                        log_samples=True) for lm in (ours, peer)]
-    a, b = results
+    assert_same_results(*results, names)
+
+
+def assert_same_results(a, b, names):
+    """lm-eval results a (ours) and b (the peer's): equal accuracies, every log-likelihood within 1e-4."""
     for name in names:
         for metric, value in b['results'][name].items():
             if isinstance(value, float):
@@ -506,6 +495,28 @@ def test_lm_eval_adapter_matches_lm_evals_own_hf_model(tmp_path, hf_dir):
                     assert x[0] == pytest.approx(y[0], abs=1e-4)
     assert 0 < a['results']['tiny_lambada']['acc,none'] < 1  # both greedy and non-greedy targets were compared
     assert 0 < a['results']['tiny_mc']['acc,none'] < 1
+
+
+def test_lm_evals_own_hf_model_scores_a_ponderlm2_export_as_our_adapter(tmp_path, tokenizer_json):
+    """A PonderLM-2 K=1 export through lm-eval's stock 'hf' model (trust_remote_code=True: the directory's own
+    code, exact thoughts asked through from_pretrained's thoughts=) and through our adapter: the same scores."""
+    lm_eval = pytest.importorskip('lm_eval')
+    pytest.importorskip('accelerate')
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    model = randomize(tiny(vocab_size=300, block_size=48, n_thoughts=1), std=0.3)
+    save_pretrained(model, str(tmp_path / 'hf'), tokenizer_json)
+    path = str(tmp_path / 'hf')
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, thoughts='exact')
+    names = lm_tasks(tmp_path, hf_model.eval())
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    ours = ev.lm_eval_class()(init_from=path, batch_size=3)  # thoughts='exact', its default
+    peer = HFLM(pretrained=path, device='cpu', batch_size=3, trust_remote_code=True, thoughts='exact')
+    assert type(peer.model).__name__ == 'NanoPonderForCausalLM'
+    results = [lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
+                                       log_samples=True) for lm in (ours, peer)]
+    assert_same_results(*results, names)
 
 
 def test_eval_needs_lm_eval_only_for_tasks_and_registers_nanoponder():

@@ -1,0 +1,175 @@
+"""A shared model works in transformers as itself: every method but vanilla exports with its code
+(nanoponder/modeling_nanoponder.py and model.py beside the weights, an auto_map in config.json), and
+AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) gives nanoPonder's logits, loss and generation,
+on tiny random models exported here; without trust_remote_code transformers refuses the directory.
+
+    python -m pytest tests/test_share.py -q
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from nanoponder.hf import load_pretrained, save_pretrained
+from nanoponder.methods import method_fields
+from helpers import ENV, ROOT, TINY_MODEL, randomize
+
+transformers = pytest.importorskip('transformers')
+
+WORDS = ['the', 'cat', 'dog', 'sat', 'on', 'a', 'mat', 'ran', 'far', 'red', 'café', '🙂']
+V = 300  # the tokenizer's ids fit, and the last row is free for Pause's vector
+METHODS = ['ponderlm2-k1', 'ponderlm2-k2', 'ponderlm1-n2', 'pause-k2', 'loop-k1', 'hidden-n2']
+FILES = ['config.json', 'model.py', 'model.safetensors', 'modeling_nanoponder.py', 'tokenizer.json',
+         'tokenizer_config.json']
+
+
+@pytest.fixture(scope='module')
+def tokenizer_json(tiny_tokenizer):
+    return tiny_tokenizer(WORDS, max_words=10)
+
+
+def new_model(name, **config):
+    """A tiny model of the method with weights large enough that its logits are far from uniform; random matrices
+    only (random biases add one vector everywhere, and greedy decoding then repeats one token: a weak test)."""
+    cfg = {**TINY_MODEL, 'vocab_size': V, **method_fields(name), 'pause_token_id': V - 1, **config}
+    model = randomize(GPT(GPTConfig(**cfg)), std=1.0)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith('bias'):
+                p.zero_()
+            elif 'norm' in key:
+                p.fill_(1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope='module', params=METHODS)
+def exported(request, tmp_path_factory, tokenizer_json):
+    """(our model, its export loaded by transformers with trust_remote_code, the directory)."""
+    model = new_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    save_pretrained(model, str(path), tokenizer_json)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
+    return model, hf, path
+
+
+def prompt_thoughts(model, T):
+    """Enough Jacobi passes for a T-token prompt's thoughts to be exact, so that cached greedy decoding can be held
+    to the uncached reference token for token (as tests/test_model.py does)."""
+    return {'n_jacobi': model.exact_passes(T)} if model.config.n_thoughts else {}
+
+
+def test_the_export_loads_as_itself_with_its_logits_and_loss(exported):
+    model, hf, path = exported
+    assert sorted(os.listdir(path)) == FILES
+    assert type(hf).__name__ == 'NanoPonderForCausalLM'
+    for key in ('method', 'n_jacobi', 'block_size', 'ponder_multiply', 'scale_embeds', 'rotary_pct'):
+        assert getattr(hf.gpt_neox.config, key) == getattr(model.config, key), key
+    if model.config.n_pause:
+        assert hf.gpt_neox.config.pause_token_id == model.config.pause_token_id
+    idx = torch.randint(0, V - 1, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        out = hf(idx, labels=idx)
+        _, ours_loss = model(idx[:, :-1], idx[:, 1:])
+    assert ours.abs().max() > 1.0
+    torch.testing.assert_close(out.logits, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ours_loss, atol=1e-5, rtol=1e-5)
+    if model.config.n_thoughts:  # an explicit n_jacobi, and exact thoughts through the config
+        with torch.no_grad():
+            torch.testing.assert_close(hf(idx, n_jacobi=1).logits, model(idx, n_jacobi=1)[0], atol=1e-5, rtol=1e-5)
+            exact = transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True,
+                                                                      thoughts='exact').eval()
+            torch.testing.assert_close(exact(idx).logits, model.sequential_logits(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_is_nanoponders_cached_and_uncached(exported):
+    model, hf, _ = exported
+    for B in (1, 2):  # one sequence, and an unpadded batch
+        prompt = torch.randint(0, V - 1, (B, 6), generator=torch.Generator().manual_seed(B))
+        with torch.no_grad():
+            ours = model.generate(prompt, 20, temperature=0, **prompt_thoughts(model, 6))
+            assert torch.equal(ours, model.generate(prompt, 20, temperature=0, use_cache=False))
+            cached = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True,
+                                 **prompt_thoughts(model, 6))
+            uncached = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+        assert torch.equal(cached, ours) and torch.equal(uncached, ours)
+        assert len(set(ours[:, 6:].flatten().tolist())) > 2  # not one token over and over
+
+
+def test_without_trust_remote_code_transformers_refuses(exported):
+    _, _, path = exported
+    with pytest.raises(ValueError, match='trust_remote_code=True'):
+        transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False)
+    with pytest.raises(ValueError, match='trust_remote_code=True'):
+        transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+
+
+def test_sampling_eos_and_padding(tokenizer_json, tmp_path):
+    model = new_model('ponderlm2-k1')
+    save_pretrained(model, str(tmp_path), tokenizer_json)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    prompt = torch.randint(0, V - 1, (2, 6), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for use_cache in (True, False):  # the same seed: the same draws from the same logits
+        torch.manual_seed(7)
+        with torch.no_grad():
+            runs.append(hf.generate(prompt, max_new_tokens=15, do_sample=True, temperature=0.9, top_k=20, top_p=0.9,
+                                    use_cache=use_cache, **prompt_thoughts(model, 6)))
+    assert torch.equal(*runs) and runs[0].shape == (2, 21)
+    greedy = model.generate(prompt[:1], 12, temperature=0, **prompt_thoughts(model, 6))
+    eos = greedy[0, 9].item()  # the 4th new token as the end: generation stops right after it
+    with torch.no_grad():
+        out = hf.generate(prompt[:1], max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                          **prompt_thoughts(model, 6))
+    first = 6 + greedy[0, 6:].tolist().index(eos)
+    assert torch.equal(out, greedy[:, :first + 1])
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # left padding
+    with pytest.raises(ValueError, match='padded batches are not supported'):
+        hf.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match='max_position_embeddings'):
+        hf.generate(prompt, max_new_tokens=TINY_MODEL['block_size'], do_sample=False)
+
+
+def test_bfloat16_and_save_pretrained_round_trip(tokenizer_json, tmp_path):
+    model = new_model('ponderlm2-k1')
+    save_pretrained(model, str(tmp_path / 'a'), tokenizer_json)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'a'), trust_remote_code=True,
+                                                           dtype=torch.bfloat16).eval()
+    ours = load_pretrained(str(tmp_path / 'a')).to(torch.bfloat16).eval()
+    idx = torch.randint(0, V - 1, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert hf.embed_out.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=0, rtol=0)
+        prompt = idx[:1, :6]
+        assert torch.equal(hf.generate(prompt, max_new_tokens=10, do_sample=False, n_jacobi=5),
+                           ours.generate(prompt, 10, temperature=0, n_jacobi=5))
+    # transformers' own save_pretrained writes the code again: the copy loads in transformers and in nanoPonder
+    fp32 = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'a'), trust_remote_code=True)
+    fp32.save_pretrained(str(tmp_path / 'b'))
+    assert {'model.py', 'modeling_nanoponder.py'} <= set(os.listdir(tmp_path / 'b'))
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'b'), trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, model(idx)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_pretrained(str(tmp_path / 'b'))(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sample_py_greedy_text_is_transformers_generate(tokenizer_json, tmp_path):
+    """sample.py on the export, greedy, 20 tokens, against generate on the same directory in transformers."""
+    model = new_model('ponderlm2-k1')
+    save_pretrained(model, str(tmp_path), tokenizer_json)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = 'the cat sat on a mat'
+    ids = tok(text, return_tensors='pt')['input_ids']
+    T = ids.size(1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=20, do_sample=False, n_jacobi=model.exact_passes(T))
+    r = subprocess.run([sys.executable, 'sample.py', f'--init_from={tmp_path}', f'--start={text}', '--temperature=0',
+                        '--max_new_tokens=20', f'--n_jacobi={model.exact_passes(T)}', '--dtype=float32',
+                        '--device=cpu'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.rstrip('\n') == tok.decode(out[0])
