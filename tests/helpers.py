@@ -48,6 +48,19 @@ def randomize(model, std=0.3, seed=1):
     return model
 
 
+def randomize_matrices(model, std=0.3, seed=1):
+    """randomize, then biases 0 and LayerNorm gains 1: random biases and shifts add one vector at every position,
+    which makes greedy decoding repeat one token forever (a weak comparison). Random matrices only."""
+    randomize(model, std, seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith('bias'):
+                p.zero_()
+            elif 'norm' in key:
+                p.fill_(1.0)
+    return model
+
+
 def write_checkpoint(path, model, data_dir):
     """model as the checkpoint of a train.py run at iteration 0 on the data in data_dir."""
     Checkpoint(model_args=vars(model.config), model=model.state_dict(), optimizer={}, scaler={}, iter_num=0,

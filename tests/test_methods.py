@@ -17,7 +17,7 @@ from model import GPT, METHOD_COUNTS, GPTConfig
 from nanoponder.cost import flops_per_token, inference_flops_per_token, kv_cache_slots, plan_memory
 from nanoponder.hf import load_pretrained, save_pretrained
 from nanoponder.methods import method_fields
-from helpers import TINY_MODEL, randomize, tiny
+from helpers import TINY_MODEL, randomize_matrices, tiny
 
 V = TINY_MODEL['vocab_size']
 PAUSE_ID = V - 1  # the last row: the tiny models' vocabulary has no room for the official 50288
@@ -27,16 +27,7 @@ TOL = 1e-5  # fp32
 
 def new_model(name, **config):
     """A tiny model of the method, with weights large enough that its logits are far from uniform."""
-    model = randomize(tiny('vanilla', **{**NEW[name], **config}))
-    # random biases and LayerNorm shifts add one vector at every position, which makes greedy decoding repeat one
-    # token forever (a weak comparison): random matrices only
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.endswith('bias'):
-                p.zero_()
-            elif 'norm' in key:
-                p.fill_(1.0)
-    return model
+    return randomize_matrices(tiny('vanilla', **{**NEW[name], **config}))
 
 
 def tokens(shape, seed):

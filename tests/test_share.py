@@ -15,7 +15,7 @@ import torch
 from model import GPT, GPTConfig
 from nanoponder.hf import load_pretrained, save_pretrained
 from nanoponder.methods import method_fields
-from helpers import ENV, ROOT, TINY_MODEL, randomize
+from helpers import ENV, ROOT, TINY_MODEL, randomize_matrices
 
 transformers = pytest.importorskip('transformers')
 
@@ -32,16 +32,10 @@ def tokenizer_json(tiny_tokenizer):
 
 
 def new_model(name, **config):
-    """A tiny model of the method with weights large enough that its logits are far from uniform; random matrices
-    only (random biases add one vector everywhere, and greedy decoding then repeats one token: a weak test)."""
+    """A tiny model of the method with weights large enough that its logits are far from uniform (random matrices
+    only: see randomize_matrices)."""
     cfg = {**TINY_MODEL, 'vocab_size': V, **method_fields(name), 'pause_token_id': V - 1, **config}
-    model = randomize(GPT(GPTConfig(**cfg)), std=1.0)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.endswith('bias'):
-                p.zero_()
-            elif 'norm' in key:
-                p.fill_(1.0)
+    model = randomize_matrices(GPT(GPTConfig(**cfg)), std=1.0)
     return model.eval()
 
 
