@@ -106,13 +106,16 @@ def test_sampling_eos_and_padding(tokenizer_json, tmp_path):
     save_pretrained(model, str(tmp_path), tokenizer_json)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
     prompt = torch.randint(0, V - 1, (2, 6), generator=torch.Generator().manual_seed(3))
-    runs = []
-    for use_cache in (True, False):  # the same seed: the same draws from the same logits
-        torch.manual_seed(7)
-        with torch.no_grad():
-            runs.append(hf.generate(prompt, max_new_tokens=15, do_sample=True, temperature=0.9, top_k=20, top_p=0.9,
-                                    use_cache=use_cache, **prompt_thoughts(model, 6)))
-    assert torch.equal(*runs) and runs[0].shape == (2, 21)
+    for options in (dict(temperature=0.9, top_k=20, top_p=0.9), dict(temperature=1.3, top_k=None)):
+        runs = []
+        for use_cache in (True, False):  # the same seed: the same draws from the same logits
+            torch.manual_seed(7)
+            with torch.no_grad():
+                runs.append(hf.generate(prompt, max_new_tokens=15, do_sample=True, use_cache=use_cache, **options,
+                                        **prompt_thoughts(model, 6)))
+        torch.manual_seed(7)  # transformers' temperature, top-k and top-p warpers keep what model.sample keeps
+        ours = model.generate(prompt, 15, **options, **prompt_thoughts(model, 6))
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], ours) and ours.shape == (2, 21)
     greedy = model.generate(prompt[:1], 12, temperature=0, **prompt_thoughts(model, 6))
     eos = greedy[0, 9].item()  # the 4th new token as the end: generation stops right after it
     with torch.no_grad():
