@@ -127,6 +127,8 @@ def test_sampling_eos_and_padding(tokenizer_json, tmp_path):
     mask[1, :2] = 0  # left padding
     with pytest.raises(ValueError, match='padded batches are not supported'):
         hf.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match='beam search is not supported'):
+        hf.generate(prompt[:1], max_new_tokens=3, num_beams=2)
     with pytest.raises(ValueError, match='max_position_embeddings'):
         hf.generate(prompt, max_new_tokens=TINY_MODEL['block_size'], do_sample=False)
 
