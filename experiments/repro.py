@@ -11,7 +11,7 @@ every run has the same tokens, the same init seed and the same 6x128 trunk, over
   (the output added to the input instead of given a slot).
 Thought models report the val loss with Jacobi thoughts (R=3, as the papers) and with exact thoughts (eval.py).
 
-    python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # every run, 3 seeds (~3.5 h on 2 cores)
+    python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # every run, 3 seeds (~3 h on 2 cores)
     python experiments/repro.py --runs=ponderlm2-k1,pause-k1,vanilla --seeds=1337   # some runs (names: RUNS below)
     python experiments/repro.py --seeds=1337 --runs=vanilla,ponderlm2-k1 --max_iters=100   # a quicker look
     python experiments/repro.py --report=True   # the table and plots again, from experiments/results/ alone
