@@ -13,7 +13,8 @@ Thought models report the val loss with Jacobi thoughts (R=3, as the papers) and
 
     python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # every run, 3 seeds (~3 h on 2 cores)
     python experiments/repro.py --runs=ponderlm2-k1,pause-k1,vanilla --seeds=1337   # some runs (names: RUNS below)
-    python experiments/repro.py --seeds=1337 --runs=vanilla,ponderlm2-k1 --max_iters=100   # a quicker look
+    python experiments/repro.py --seeds=1337 --runs=vanilla,ponderlm2-k1 --max_iters=100 \
+        --out_root=out-quick --results_dir=out-quick/results   # a quicker look, apart from the committed runs
     python experiments/repro.py --report=True   # the table and plots again, from experiments/results/ alone
 
 It prepares its data if missing (prepare_data.py --dataset=shakespeare --tokenizer=bpe:512, downloading the text
@@ -43,7 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
 from model import GPT  # noqa: E402
 from nanoponder.checkpoint import Checkpoint  # noqa: E402
-from nanoponder.cost import cpu_name, flops_per_token, inference_flops_per_token, kv_cache_bytes_per_token  # noqa: E402
+from nanoponder.cost import (cpu_name, flops_per_token, inference_flops_per_token,  # noqa: E402
+                              kv_cache_bytes_per_token)
 from nanoponder.data import read_meta, read_tokens  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
 from nanoponder.runlog import read_metrics  # noqa: E402
@@ -217,16 +219,25 @@ def save_result(result):
         json.dump(result, f, indent=1)
 
 
+def read_result(path):
+    """One result file, or a UserError naming it."""
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} is no repro.py result file ({e}): delete it, or restore it (git checkout)") from None
+    if not isinstance(r, dict) or not {'name', 'seed', 'config'} <= set(r):
+        raise UserError(f"{path} is no repro.py result file: delete it, or restore it (git checkout)")
+    return r
+
+
 def load_results():
     """Every run's result file in results_dir, in RUNS then seed order (the files of runs RUNS no longer names are
     skipped, with a line)."""
     results = []
     names = sorted(f for f in os.listdir(results_dir) if f.endswith('.json')) if os.path.isdir(results_dir) else []
     for f in names:
-        with open(os.path.join(results_dir, f)) as fh:
-            r = json.load(fh)
-        if not isinstance(r, dict) or 'name' not in r:
-            continue  # not a run's file
+        r = read_result(os.path.join(results_dir, f))
         if r['name'] not in RUNS:
             print(f"skipping {f}: run {r['name']!r} is not one of {', '.join(RUNS)}")
             continue
@@ -234,6 +245,24 @@ def load_results():
     if not results:
         raise UserError(f"no result files in {results_dir}: train some runs first (python experiments/repro.py)")
     return sorted(results, key=lambda r: (list(RUNS).index(r['name']), r['seed']))
+
+
+BUDGET = ('max_iters', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'learning_rate')
+
+
+def check_results_dir(tasks):
+    """Before any work: a run whose result file results_dir already holds must have that file's budget, else the
+    file would be replaced and the report would mix budgets (a quick look with --max_iters=100 next to the
+    committed 600-iteration runs): such a run belongs in another --results_dir (and --out_root)."""
+    for name, seed in tasks:
+        path = os.path.join(results_dir, f'{name}-s{seed}.json')
+        if not os.path.exists(path):
+            continue
+        had, now = read_result(path)['config'], run_settings(run_overrides(name))
+        differ = [f"{key} {had.get(key)} there, {now.get(key)} here" for key in BUDGET if had.get(key) != now.get(key)]
+        if differ:
+            raise UserError(f"{path} holds run {name} seed {seed} with another budget ({'; '.join(differ)}): pass "
+                            f"another --results_dir and --out_root for these runs")
 
 
 def by_run(results):
@@ -292,7 +321,7 @@ def table(results):
     for name, runs_ in by_run(results).items():
         r0 = runs_[0]
         exact = spread([r['exact'] for r in runs_], '{:.4f}') if r0['exact'] is not None else '-'
-        diffs = ', '.join(f"{d:+.3f}" for _, d in paired(results, name, 'ponderlm2-k1')) if name != 'ponderlm2-k1' else ''
+        diffs = ', '.join(f"{d:+.3f}" for _, d in paired(results, name, 'ponderlm2-k1') if name != 'ponderlm2-k1')
         lines.append(f"| {r0['label']} | {len(runs_)} | {r0['params'] / 1e6:.2f}M | {r0['tokens'] / 1e6:.2f}M "
                      f"| {r0['train_flops']:.2e} | {r0['inference_flops_per_token'] / 1e6:.1f}M "
                      f"| {r0['kv_bytes_per_token'] / 1024:.0f} KiB | {spread([r['jacobi'] for r in runs_], '{:.4f}')} "
@@ -386,8 +415,9 @@ def check_inputs():
 def write_report():
     """The table (results.md) and the three plots, rebuilt from the result files in results_dir alone."""
     results = load_results()
-    md = '\n'.join([table(results), '', 'Paired differences of the val loss (Jacobi R=3, whole val split), per seed:', '',
-                    *(f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base))])
+    pairs = [f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base)]
+    md = '\n'.join([table(results), '', 'Paired differences of the val loss (Jacobi R=3, whole val split), per seed:',
+                    '', *pairs])
     print(md)
     with atomic_write(os.path.join(results_dir, 'results.md'), 'w') as f:
         f.write(md + '\n')
@@ -404,8 +434,9 @@ def main():
     if report:
         return write_report()
     names, seed_list = chosen_runs(), chosen_seeds()
-    check_inputs()
     tasks = [(n, s) for s in seed_list for n in names]
+    check_results_dir(tasks)
+    check_inputs()
     if trained_only:
         tasks = [(n, s) for n, s in tasks if os.path.exists(os.path.join(out_root, f'{n}-s{s}', 'train_time.json'))]
         if not tasks:

@@ -101,7 +101,8 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
 
 
 # the code that a non-vanilla export carries for transformers' trust_remote_code: file name -> its source here
-REMOTE_CODE = {'modeling_nanoponder.py': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'modeling_nanoponder.py'),
+REMOTE_CODE = {'modeling_nanoponder.py': os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      'modeling_nanoponder.py'),
                'model.py': inspect.getsourcefile(GPT)}
 REQUIRED = object()  # config_from_hf: a key without a default
 HF_KINDS = {  # config.json value kinds: (test, what it must be)

@@ -57,3 +57,23 @@ def test_repro_runs_end_to_end_on_a_toy_budget(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / 'res' / 'results.md').read_text() == table
     assert all((tmp_path / 'res' / png).stat().st_size > 0 for png in pngs)
+
+
+def test_results_of_another_budget_and_broken_files_are_one_error(tmp_path):
+    """A run whose result file is already there with another budget is refused before any work (the file would be
+    replaced and the report would mix budgets), and so is a result file that is not one."""
+    from helpers import assert_one_error
+    res = tmp_path / 'res'
+    res.mkdir()
+    committed = {'name': 'vanilla', 'seed': 1, 'config': {'max_iters': 600, 'batch_size': 16, 'block_size': 128,
+                                                           'gradient_accumulation_steps': 1, 'learning_rate': 2e-3}}
+    (res / 'vanilla-s1.json').write_text(json.dumps(committed))
+    cmd = [sys.executable, str(ROOT / 'experiments' / 'repro.py'), f'--results_dir={res}',
+           f'--data_dir={tmp_path / "no-data"}', f'--out_root={tmp_path / "out"}']
+    r = subprocess.run([*cmd, '--runs=vanilla', '--seeds=1', '--max_iters=100'], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert_one_error(r, 2, 'vanilla-s1.json', 'max_iters 600 there, 100 here', '--results_dir')
+    assert json.loads((res / 'vanilla-s1.json').read_text()) == committed and not (tmp_path / 'out').exists()
+    (res / 'loop-k1-s1.json').write_text('{"name": "loop-k1", "se')  # cut short
+    r = subprocess.run([*cmd, '--report=True'], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert_one_error(r, 2, 'loop-k1-s1.json', 'no repro.py result file')
