@@ -668,8 +668,8 @@ class CrossEntropy(torch.autograd.Function):
         keep = targets != -1  # (N,)
         t = targets.clamp_min(0)[:, None]  # (N, 1): an ignored row picks class 0, weighted 0
         x32, out32 = CrossEntropy.buffers(logits, rows)
-        logp = torch.cat([torch.log_softmax(x32[:len(x)].copy_(x), dim=-1, out=out32[:len(x)]).gather(1, tj)
-                          for x, tj in zip(logits.split(rows), t.split(rows))])  # (N, 1): log p(target)
+        logp = torch.cat([torch.log_softmax(CrossEntropy.float32(x, x32), dim=-1, out=out32[:len(x)])
+                          .gather(1, tj) for x, tj in zip(logits.split(rows), t.split(rows))])  # (N, 1): log p(target)
         n = keep.sum()
         ctx.save_for_backward(logits, t, keep, n)
         ctx.rows = rows
@@ -682,7 +682,7 @@ class CrossEntropy(torch.autograd.Function):
         out = torch.empty_like(logits)
         x32, p32 = CrossEntropy.buffers(logits, ctx.rows)
         for o, x, tj, sj in zip(*(a.split(ctx.rows) for a in (out, logits, t, scale))):
-            p = torch.softmax(x32[:len(x)].copy_(x), dim=-1, out=p32[:len(x)])  # (rows, V)
+            p = torch.softmax(CrossEntropy.float32(x, x32), dim=-1, out=p32[:len(x)])  # (rows, V)
             p.scatter_add_(1, tj, torch.full_like(sj, -1.0))  # minus the one-hot
             o.copy_(p.mul_(sj))  # rounded once, into the logits' dtype
         return out, None, None
@@ -692,6 +692,11 @@ class CrossEntropy(torch.autograd.Function):
         """Two float32 (rows, V) buffers that every chunk of rows reuses."""
         shape = (min(rows, logits.size(0)), logits.size(1))
         return (torch.empty(shape, dtype=torch.float32, device=logits.device) for _ in range(2))
+
+    @staticmethod
+    def float32(x, buf):
+        """The chunk x (rows, V) in float32: itself if it already is (no copy), else copied into buf."""
+        return x if x.dtype == torch.float32 else buf[:len(x)].copy_(x)
 
 
 def cross_entropy(logits, targets, rows=16):
