@@ -46,8 +46,8 @@ from model import GPT, Attention, GPTConfig
 from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_peak, measure_training_peak, mfu_peak,
                              plan_memory)
 from nanoponder.methods import method_fields
-from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure, resolve_device,
-                                resolve_dtype, run_cli, write_json)
+from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure,
+                                keep_freed_memory, resolve_device, resolve_dtype, run_cli, write_json)
 
 # -----------------------------------------------------------------------------
 # model
@@ -344,6 +344,7 @@ def measure_decoding(gpt, ctx, dev):
 def child_main():
     name, variant = parse_task(task)
     check_config()
+    keep_freed_memory(torch.device(resolve_device(device)).type)  # as train.py; not in the memory child (its env)
     try:
         result = measure(name, variant)
     except torch.cuda.OutOfMemoryError:  # CUDA says so; a CPU child is SIGKILLed instead

@@ -46,9 +46,9 @@ from nanoponder.parallel import (PARALLELISMS, all_ranks_agree, clip_gradients, 
                                  load_optimizer_state, local_tensors, set_gradient_sync, setup_distributed,
                                  teardown_distributed, wrap)
 from nanoponder.runlog import RunLog, SilentLog
-from nanoponder.runtime import (DirectoryLock, UserError, autocast, compile_blocks, failure, human, move_into_place,
-                                one_line, remove_stale_temp_files, resolve_device, resolve_dtype, run_cli, temp_path,
-                                write_result)
+from nanoponder.runtime import (DirectoryLock, UserError, autocast, compile_blocks, failure, human, keep_freed_memory,
+                                move_into_place, one_line, remove_stale_temp_files, resolve_device, resolve_dtype,
+                                run_cli, temp_path, write_result)
 from nanoponder.tokenizer import tokenizer_mismatch, tokenizer_record
 
 # -----------------------------------------------------------------------------
@@ -393,6 +393,7 @@ class Run:
         self.distributed, self.rank, self.world_size, self.device = distributed, rank, world_size, device_str
         self.master = rank == 0  # rank 0 logs and writes the checkpoints
         device_type = device_str.split(':')[0]
+        keep_freed_memory(device_type)  # a CPU step reuses last step's memory, no page faults (see there)
         self.ptdtype = resolve_dtype(cfg.dtype, device_type)
         self.ctx = autocast(device_type, self.ptdtype)
         self.accum = cfg.gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
