@@ -142,7 +142,8 @@ class GPTConfig:
 
 # each count field > 0 chooses a method: its short name and its name for people, before the count
 METHOD_NAMES = {'n_thoughts': ('ponderlm2-k', 'PonderLM-2 K='), 'n_ponder': ('ponderlm1-n', 'PonderLM N='),
-                'n_pause': ('pause-k', 'Pause K='), 'n_loop': ('loop-k', 'Loop K='), 'n_hidden': ('hidden-n', 'Hidden N=')}
+                'n_pause': ('pause-k', 'Pause K='), 'n_loop': ('loop-k', 'Loop K='),
+                'n_hidden': ('hidden-n', 'Hidden N=')}
 METHOD_COUNTS = tuple(METHOD_NAMES)
 
 
@@ -263,21 +264,50 @@ class Attention(nn.Module):
 
     def attend_blocks(self, q, k, v):
         """Causal attention of q, k, v (B, nh, T, hs) as plain matmuls, BLOCK queries at a time over the keys up to
-        the block's last (the later ones are all masked: about half the work skipped). On a CPU in bf16 its
-        forward + backward takes ~0.7x the time of SDPA's kernel, whose backward is slow there. Backward keeps
-        each block's probabilities, (B * nh, b - a, b) in the compute dtype: softmax sums in fp32 and rounds its
-        output to the scores' dtype, as eager attention does."""
+        the block's last (the later ones are all masked: about half the work skipped); see BlockAttention."""
         B, nh, T, hs = q.size()
-        # (B * nh, T, hs), contiguous once: every block below is a view that the matmuls take without a copy
+        # (B * nh, T, hs), contiguous once: every block is a view that the matmuls take without a copy
         q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))
-        out = []
-        for a in range(0, T, self.BLOCK):
-            b = min(a + self.BLOCK, T)
-            # -inf on the keys after each query, added inside the scores' matmul (no masking pass, none in backward)
+        return BlockAttention.apply(q, k, v, self.BLOCK).view(B, nh, T, hs)
+
+
+class BlockAttention(torch.autograd.Function):
+    """Causal attention of q, k, v (N, T, hs), `block` queries at a time: on a CPU in bf16 its forward + backward
+    takes ~0.7x the time of SDPA's kernel, whose backward is slow there. It keeps each block's probabilities,
+    (N, b - a, b) in the compute dtype (softmax sums in fp32 and rounds its output to the scores' dtype, as eager
+    attention does). Backward is written out because autograd's would give every block's keys and values a
+    gradient the size of the whole sequence, zero past the block, and add them up one by one; here each block
+    adds into the rows it read."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block):
+        N, T, hs = q.size()
+        out = torch.empty_like(q)
+        probs = []
+        for a in range(0, T, block):
+            b = min(a + block, T)
+            # -inf on the keys after each query, added inside the scores' matmul (no masking pass)
             mask = torch.full((b - a, b), float('-inf'), dtype=q.dtype, device=q.device).triu(a + 1)
-            s = torch.baddbmm(mask, q[:, a:b], k[:, :b].transpose(1, 2), alpha=hs ** -0.5)  # (B * nh, b - a, b)
-            out.append(F.softmax(s, dim=-1) @ v[:, :b])  # (B * nh, b - a, hs)
-        return torch.cat(out, dim=1).view(B, nh, T, hs)
+            s = torch.baddbmm(mask, q[:, a:b], k[:, :b].transpose(1, 2), alpha=hs ** -0.5)  # (N, b - a, b)
+            probs.append(torch.softmax(s, dim=-1))
+            out[:, a:b] = probs[-1] @ v[:, :b]  # (N, b - a, hs)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.block = block
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, *probs = ctx.saved_tensors
+        T, scale = q.size(1), q.size(2) ** -0.5
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for a, p in zip(range(0, T, ctx.block), probs):
+            b = a + p.size(1)
+            g = grad[:, a:b]  # (N, b - a, hs)
+            dv[:, :b].baddbmm_(p.transpose(1, 2), g)
+            ds = torch._softmax_backward_data(g @ v[:, :b].transpose(1, 2), p, -1, p.dtype)  # (N, b - a, b)
+            dq[:, a:b] = ds @ k[:, :b]
+            dk[:, :b].baddbmm_(ds.transpose(1, 2), q[:, a:b], alpha=scale)
+        return dq.mul_(scale), dk, dv, None
 
 
 class MLP(nn.Module):
