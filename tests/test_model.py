@@ -135,14 +135,19 @@ def test_chunked_cache_equals_one_pass():
 
 
 def test_attention_backend_choice(monkeypatch):
-    """'sdpa' is what 'auto' runs on the CPU; 'flash' needs flash_attn, and then CUDA in bf16/fp16."""
+    """'blocks' is what 'auto' runs on the CPU, 'sdpa' the same to float precision; 'flash' needs flash_attn, and
+    then CUDA in bf16/fp16."""
     model = tiny(block_size=BLOCK, n_thoughts=1)
     idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
     auto = model(idx)[0]
     auto_tokens = model.generate(idx[:1, :4], 6, temperature=0)
+    Attention.set_backend(model, 'blocks')
+    assert torch.equal(model(idx)[0], auto)
     Attention.set_backend(model, 'sdpa')
     assert {m.attn_backend for m in model.modules() if isinstance(m, Attention)} == {'sdpa'}
-    assert torch.equal(model(idx)[0], auto)
+    sdpa = model(idx)[0]
+    assert not torch.equal(sdpa, auto)  # another kernel, or this test could not tell them apart
+    torch.testing.assert_close(sdpa, auto, atol=1e-5, rtol=1e-5)
     assert torch.equal(model.generate(idx[:1, :4], 6, temperature=0), auto_tokens)
     with pytest.raises(ValueError, match="one of auto, sdpa, flash, blocks"):
         Attention.set_backend(model, 'xformers')
@@ -157,7 +162,7 @@ def test_attention_backend_choice(monkeypatch):
 
     monkeypatch.setattr(model_module, 'flash_attn_func', fake_flash)  # installed, but this is a CPU
     Attention.set_backend(model, 'auto')
-    assert torch.equal(model(idx)[0], auto)  # auto falls back to SDPA
+    assert torch.equal(model(idx)[0], auto)  # auto does not pick flash-attn here
     Attention.set_backend(model, 'flash')
     with pytest.raises(ValueError, match="runs on CUDA in bfloat16 or float16"):
         model(idx)
@@ -165,7 +170,7 @@ def test_attention_backend_choice(monkeypatch):
 
 @pytest.mark.parametrize('T', [5, 128, 300])
 def test_attend_blocks_equals_sdpa(monkeypatch, T):
-    """Causal attention a block of queries at a time (what 'auto' runs on a CPU in bf16) against SDPA: outputs and
+    """Causal attention a block of queries at a time (what 'auto' runs on a CPU) against SDPA: outputs and
     gradients, T below, at and across block boundaries (blocks of 64 here), in fp32 to float precision and in bf16
     to its rounding of the probabilities."""
     monkeypatch.setattr(Attention, 'BLOCK', 64)
@@ -185,14 +190,15 @@ def test_attend_blocks_equals_sdpa(monkeypatch, T):
             torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
 
 
-def test_auto_attention_is_blocks_on_a_cpu_in_bf16_up_to_its_length(monkeypatch):
+def test_auto_attention_is_blocks_on_a_cpu_up_to_its_length(monkeypatch):
     calls = []
     original = Attention.attend_blocks
     monkeypatch.setattr(Attention, 'attend_blocks', lambda self, *a: calls.append(a[0].dtype) or original(self, *a))
     model = tiny(block_size=BLOCK, n_thoughts=1)
     idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
-    model(idx)  # fp32: SDPA
-    assert calls == []
+    model(idx)
+    assert set(calls) == {torch.float32} and len(calls) > 0
+    calls.clear()
     with torch.autocast('cpu', torch.bfloat16):
         model(idx)
         assert set(calls) == {torch.bfloat16} and len(calls) > 0
@@ -205,7 +211,9 @@ def test_auto_attention_is_blocks_on_a_cpu_in_bf16_up_to_its_length(monkeypatch)
         prefill = len(calls)
         model.generate(idx[:1, :4], 6, temperature=0)  # the prompt's passes again; each new token: SDPA on the cache
         assert prefill > 0 and len(calls) == 2 * prefill
-    assert not Attention.blocks_suit('cuda', torch.bfloat16, 8) and Attention.blocks_suit('cpu', torch.bfloat16, 8)
+    assert Attention.blocks_suit('cpu', torch.bfloat16, 8) and Attention.blocks_suit('cpu', torch.float32, 8)
+    assert not Attention.blocks_suit('cuda', torch.bfloat16, 8) and not Attention.blocks_suit('cpu', torch.float16, 8)
+    assert not Attention.blocks_suit('cpu', torch.float32, Attention.BLOCKS_MAX_LEN + 1)
 
 
 # -----------------------------------------------------------------------------
