@@ -254,7 +254,8 @@ def training_step(gpt, ctx, dev):
     return train_step
 
 
-MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')
+# the in-place ones: attend_blocks' backward accumulates with baddbmm_, which runs addmm_ per matrix on a CPU
+MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::baddbmm_', 'aten::addmm_')
 
 
 def profile_training(gpt, ctx, dev):
