@@ -404,10 +404,26 @@ def machine_info(dev, device_type, ptdtype):
             'matmul_peak_flops': matmul_peak(dev, ptdtype), 'mfu_peak_flops': mfu_peak(dev, ptdtype)}
 
 
+def attention_kernel(device_type, ptdtype):
+    """What the main runs attend with (model.Attention's 'auto'): 'flash-attn' (then SDPA is the comparison),
+    'blocks' (attend_blocks up to Attention.BLOCKS_MAX_LEN positions, SDPA beyond) or 'sdpa'."""
+    if Attention.flash_suits(device_type, ptdtype):
+        return 'flash-attn'
+    return 'blocks' if Attention.blocks_suit(device_type, ptdtype, block_size) else 'sdpa'
+
+
+ATTENTION_NOTES = {
+    'flash-attn': "eager uses flash-attn",
+    'blocks': f"eager uses attend_blocks (a CPU) up to {Attention.BLOCKS_MAX_LEN} positions, SDPA beyond",
+    'sdpa': "eager uses SDPA (flash_attn not installed or not CUDA, fp32 on CUDA, or over "
+            f"{Attention.BLOCKS_MAX_LEN} positions on a CPU)"}
+
+
 def collect(names, device_type, ptdtype, peak_flops):
-    """Run every child and arrange the figures per method, with ratios to vanilla. Also returns whether the
-    main runs used flash-attn (then SDPA is the comparison)."""
-    flash = Attention.flash_suits(device_type, ptdtype)
+    """Run every child and arrange the figures per method, with ratios to vanilla. Also returns the main runs'
+    attention kernel (attention_kernel)."""
+    attention = attention_kernel(device_type, ptdtype)
+    flash = attention == 'flash-attn'
     out = {}
     for name in names:
         r = run_child(name, 'main')
@@ -449,7 +465,7 @@ def collect(names, device_type, ptdtype, peak_flops):
                 'ours_tokens_per_s': stats(h['ours']), 'hf_tokens_per_s': stats(h['hf']),
                 'same_tokens': h['same_tokens'], 'speedup': ratio(statistics.median(h['ours']), statistics.median(h['hf']))}
     add_ratios(out)
-    return out, flash
+    return out, attention
 
 
 def add_ratios(out):
@@ -508,7 +524,7 @@ def table(header, rows):
     return '\n'.join(lines)
 
 
-def report(info, out, flash):
+def report(info, out, attention):
     cuda = info['device'].startswith('cuda')
     dims = model_config('vanilla')
     size = model or 'custom'
@@ -580,14 +596,14 @@ def report(info, out, flash):
                   f"{'n/a' if share is None else f'{100 * share:.0f}%'} of the ops' self time)")
             print()
             print(entry['profile']['table'])
-    variants(out, flash)
+    variants(out, attention)
     if check_memory:
         memory_table(out, cuda)
 
 
-def variants(out, flash):
+def variants(out, attention):
     """The training step compiled, with activation checkpointing, and with SDPA instead of flash-attn."""
-    sdpa = flash and compare_attention
+    sdpa = attention == 'flash-attn' and compare_attention
     if not (compare_compile or compare_checkpointing or sdpa):
         return
     print()
@@ -619,7 +635,7 @@ def variants(out, flash):
         rows.append(row)
     print(table(header, rows))
     print()
-    print("eager uses flash-attn" if flash else "eager uses SDPA (flash_attn not installed, not CUDA, or fp32)")
+    print(ATTENTION_NOTES[attention])
     if compare_checkpointing:
         print("checkpointing: each Block recomputed in backward; peak mem as in the training table (its rise, on a CPU).")
 
@@ -659,12 +675,12 @@ def bench_all():
     if threads:
         torch.set_num_threads(threads)  # the children do the same; here it is for the machine line
     info = machine_info(dev, device_type, ptdtype)
-    out, flash = collect(names, device_type, ptdtype, info['matmul_peak_flops'])
-    report(info, out, flash)
+    out, attention = collect(names, device_type, ptdtype, info['matmul_peak_flops'])
+    report(info, out, attention)
     if json:
         config = {k: globals()[k] for k in CONFIG_KEYS if k != 'task'}
         config['method_settings'] = {name: method_fields(name) for name in names}
-        config['attention'] = 'flash-attn' if flash else 'sdpa'
+        config['attention'] = attention
         write_json(json, {'machine': info, 'config': config, 'methods': out})
         print(f"\nwrote {json}")
     if failed(out):

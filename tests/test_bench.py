@@ -148,7 +148,7 @@ def test_json_echoes_the_config_under_its_keys(run):
     assert config['model'] == '' and 'preset' not in config and 'task' not in config
     assert config['method_settings']['ponderlm2-k2'] == {'n_thoughts': 2, 'n_ponder': 0, 'n_pause': 0, 'n_loop': 0,
                                                          'n_hidden': 0}
-    assert config['attention'] == 'sdpa'  # CPU
+    assert config['attention'] == 'blocks'  # a CPU, fp32, 32 positions
 
 
 @pytest.mark.parametrize('args,message', [
