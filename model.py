@@ -197,8 +197,8 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.dense = nn.Linear(config.n_embd, config.n_embd)
         # the kernel: 'auto' = flash-attn where it can run (installed, CUDA, bf16/fp16), attend_blocks on a CPU in
-        # fp32 or bf16 up to BLOCKS_MAX_LEN positions, SDPA elsewhere; 'sdpa', 'flash' or 'blocks' to force one ('blocks'
-        # runs where no cache is filled: decoding steps after a cache take SDPA). See set_backend.
+        # fp32 or bf16 up to BLOCKS_MAX_LEN positions, SDPA elsewhere; 'sdpa', 'flash' or 'blocks' to force one
+        # ('blocks' runs where no cache is filled: decoding steps after a cache take SDPA). See set_backend.
         self.attn_backend = 'auto'
 
     @staticmethod
@@ -275,11 +275,10 @@ class Attention(nn.Module):
 class BlockAttention(torch.autograd.Function):
     """Causal attention of q, k, v (N, T, hs), `block` queries at a time: on a CPU its forward + backward takes
     0.4-0.6x the time of SDPA's kernel in bf16 and 0.7-0.85x in fp32 (T = 256-1024, 64-wide heads), SDPA's
-    backward being slow there. It keeps each block's probabilities,
-    (N, b - a, b) in the compute dtype (softmax sums in fp32 and rounds its output to the scores' dtype, as eager
-    attention does). Backward is written out because autograd's would give every block's keys and values a
-    gradient the size of the whole sequence, zero past the block, and add them up one by one; here each block
-    adds into the rows it read."""
+    backward being slow there. It keeps each block's probabilities P (N, b - a, b) in the compute dtype (softmax
+    sums in fp32 and rounds its output to the scores' dtype, as eager attention does). Backward is written out
+    because autograd's would give every block's keys and values a gradient the size of the whole sequence, zero
+    past the block, and add them up one by one; here each block adds into the rows it read."""
 
     @staticmethod
     def forward(ctx, q, k, v, block):
@@ -302,10 +301,13 @@ class BlockAttention(torch.autograd.Function):
         q, k, v, *probs = ctx.saved_tensors
         T, scale = q.size(1), q.size(2) ** -0.5
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # per block, with G the output's gradient: dV += P^T G, dS = softmax's backward of G V^T,
+        # dQ = scale * dS K, dK += scale * dS^T Q
         for a, p in zip(range(0, T, ctx.block), probs):
             b = a + p.size(1)
             g = grad[:, a:b]  # (N, b - a, hs)
             dv[:, :b].baddbmm_(p.transpose(1, 2), g)
+            # softmax's own backward kernel (what autograd runs): P * (dP - rowsum(dP * P)), summed in fp32
             ds = torch._softmax_backward_data(g @ v[:, :b].transpose(1, 2), p, -1, p.dtype)  # (N, b - a, b)
             dq[:, a:b] = ds @ k[:, :b]
             dk[:, :b].baddbmm_(ds.transpose(1, 2), q[:, a:b], alpha=scale)
