@@ -345,7 +345,9 @@ def measure_decoding(gpt, ctx, dev):
 def child_main():
     name, variant = parse_task(task)
     check_config()
-    keep_freed_memory(torch.device(resolve_device(device)).type)  # as train.py; not in the memory child (its env)
+    # as train.py, in this measuring process only (not in a test that calls measure), and not in the memory
+    # child (MEMORY_ENV sets a MALLOC_ variable)
+    keep_freed_memory(device_and_dtype()[1])
     try:
         result = measure(name, variant)
     except torch.cuda.OutOfMemoryError:  # CUDA says so; a CPU child is SIGKILLed instead

@@ -158,7 +158,6 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type, dtype=dtype)
 
 
-
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
@@ -182,6 +181,7 @@ def keep_freed_memory(device_type):
         return False
     # no block gets its own mmap (so none is unmapped on free), and the heap's free top is never trimmed
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
 
 # -----------------------------------------------------------------------------
 # files that are never half-written
