@@ -26,9 +26,10 @@ memory (the memory plan of a training step against its measured peak, with and w
 GPTNeoXForCausalLM.generate on the same weights, alternating in one process, when transformers imports). On a CPU,
 compiling costs about a minute per method: --compare_compile=False.
 
-Speed is judged against this machine's own limit: the best FLOP/s of a square matmul in the run's dtype
-(nanoponder.cost.matmul_peak, measured once per machine and cached), next to each step's FLOPs (flops_per_token).
-MFU is against a known GPU's datasheet peak, else against that measured peak.
+Speed is judged against this machine's own limit: the best FLOP/s of a square matmul in the run's dtype, measured
+again in each method's process right after its steps (a shared machine's speed drifts over minutes), next to each
+step's FLOPs (flops_per_token). MFU is against a known GPU's datasheet peak, else against the measured peak that
+train.py's log uses too (nanoponder.cost.matmul_peak, measured once per machine and cached).
 """
 import dataclasses
 import json as jsonlib  # `json` is the config key for the output path
@@ -43,8 +44,8 @@ import torch
 
 from configurator import known_config
 from model import GPT, Attention, GPTConfig
-from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_peak, measure_training_peak, mfu_peak,
-                             plan_memory)
+from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_peak, measure_matmul_peak,
+                             measure_training_peak, mfu_peak, plan_memory)
 from nanoponder.methods import method_fields
 from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure,
                                 keep_freed_memory, resolve_device, resolve_dtype, run_cli, write_json)
@@ -76,6 +77,7 @@ check_memory = True  # also check the memory plan of a training step against its
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
 compare_hf = True  # also time Hugging Face's generate on vanilla's weights (needs transformers)
 profile = False  # also profile one training step per method (torch.profiler): top ops and the matmul share
+peak_seconds = 1.0  # each method's matmul peak is measured again this long right after its timed steps
 seed = 1337  # of the random weights and inputs
 json = ''  # path for every figure as JSON
 task = ''  # internal: 'method:variant' makes this process the child that measures that one thing
@@ -124,6 +126,8 @@ def check_config():
                 'new_tokens', 'new_tokens_uncached'):
         if globals()[key] < 1:
             raise UserError(f"{key} must be >= 1, got {globals()[key]}")
+    if not peak_seconds > 0:
+        raise UserError(f"peak_seconds must be > 0, got {peak_seconds}")
     for key in ('warmup', 'n_jacobi', 'threads'):
         if globals()[key] < 0:
             raise UserError(f"{key} must be >= 0, got {globals()[key]}")
@@ -207,6 +211,10 @@ def measure(name, variant):
     result = measure_training(gpt, variant, ctx, dev, ptdtype)
     if device_type != 'cuda':
         result['base_mem_mib'] = base_mib
+    if variant == 'main':
+        # the share of the peak is judged against the machine as it is now: a shared VM's speed drifts by 10-20%
+        # over minutes, and matmul_peak is cached from another moment (measured after the step's peak memory)
+        result['matmul_peak_now'] = measure_matmul_peak(dev, ptdtype, peak_seconds)
     if variant == 'main' and profile:
         result['profile'] = profile_training(gpt, ctx, dev)
     if variant == 'main':
@@ -421,7 +429,7 @@ ATTENTION_NOTES = {
             f"{Attention.BLOCKS_MAX_LEN} positions on a CPU)"}
 
 
-def collect(names, device_type, ptdtype, peak_flops):
+def collect(names, device_type, ptdtype):
     """Run every child and arrange the figures per method, with ratios to vanilla. Also returns the main runs'
     attention kernel (attention_kernel)."""
     attention = attention_kernel(device_type, ptdtype)
@@ -438,8 +446,9 @@ def collect(names, device_type, ptdtype, peak_flops):
                                   'tokens_per_s': training_speed(r['step_s']),
                                   'peak_mem_mib': r['peak_mem_mib'], 'mfu': r['mfu'],
                                   'flops_per_token': r['flops_per_token'], 'flops_per_step': step_flops,
-                                  'flops_per_s': step_flops / statistics.median(r['step_s'])}
-        train['matmul_peak_share'] = train['flops_per_s'] / peak_flops
+                                  'flops_per_s': step_flops / statistics.median(r['step_s']),
+                                  'matmul_peak_now': r['matmul_peak_now']}
+        train['matmul_peak_share'] = train['flops_per_s'] / r['matmul_peak_now']
         if 'profile' in r:
             entry['profile'] = r['profile']
         if 'base_mem_mib' in r:
@@ -554,11 +563,12 @@ def report(info, out, attention):
     print(table(['method', 'step ms', 'tokens/s', 'GFLOP/step', 'GFLOP/s', 'of matmul peak', 'MFU', 'peak mem MiB',
                  'time vs vanilla', 'FLOPs vs vanilla', 'overhead'], rows))
     print()
+    nows = ', '.join(num(e['train']['matmul_peak_now'] / 1e9) for e in out.values() if 'train' in e)
     print(f"GFLOP/step: flops_per_token x {batch_size * block_size} tokens (matmuls, attention over the full "
-          f"context); of matmul peak: GFLOP/s / this machine's best {info['dtype']} matmul "
-          f"({num(info['matmul_peak_flops'] / 1e9)} GFLOP/s, measured); MFU: against "
+          f"context); of matmul peak: GFLOP/s / this machine's best {info['dtype']} matmul, measured in the "
+          f"method's process right after its steps ({nows} GFLOP/s); MFU: against "
           + ("the GPU's datasheet peak." if cuda and info['mfu_peak_flops'] != info['matmul_peak_flops'] else
-             "that measured peak."))
+             f"the cached measured peak of the machine line ({num(info['matmul_peak_flops'] / 1e9)} GFLOP/s)."))
     if cuda:
         print("peak mem: torch.cuda.max_memory_allocated (weights, grads, AdamW state, activations).")
     else:
@@ -677,7 +687,7 @@ def bench_all():
     if threads:
         torch.set_num_threads(threads)  # the children do the same; here it is for the machine line
     info = machine_info(dev, device_type, ptdtype)
-    out, attention = collect(names, device_type, ptdtype, info['matmul_peak_flops'])
+    out, attention = collect(names, device_type, ptdtype)
     report(info, out, attention)
     if json:
         config = {k: globals()[k] for k in CONFIG_KEYS if k != 'task'}

@@ -17,7 +17,7 @@ from helpers import ENV, ROOT
 
 TINY = ['--model=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=128', '--block_size=32',
         '--batch_size=2', '--warmup=1', '--repeats=2', '--prompt_len=4', '--new_tokens=8',
-        '--new_tokens_uncached=4', '--device=cpu',
+        '--new_tokens_uncached=4', '--device=cpu', '--peak_seconds=0.1',
         '--compare_compile=False']  # inductor takes about a minute per method on a CPU
 METHODS = {'vanilla': 'vanilla', 'ponderlm2-k1': 'PonderLM-2 K=1', 'ponderlm2-k2': 'PonderLM-2 K=2',
            'ponderlm1-n3': 'PonderLM N=3'}
@@ -120,9 +120,11 @@ def test_json_has_every_figure_positive_and_finite(run):
         assert len(train['step_s']['samples']) == 2
         assert train['flops_per_step'] == train['flops_per_token'] * 2 * 32  # batch_size x block_size
         assert train['flops_per_s'] == pytest.approx(train['flops_per_step'] / train['step_s']['median'])
-        assert train['matmul_peak_share'] == pytest.approx(train['flops_per_s'] / machine['matmul_peak_flops'])
-        # the child's MFU is against the same peak (read from the cache the parent wrote): the same share
-        assert train['mfu'] == pytest.approx(train['matmul_peak_share']), name
+        # the share is against the peak measured in the method's own process after its steps, not the cached one
+        assert train['matmul_peak_now'] > 0
+        assert train['matmul_peak_share'] == pytest.approx(train['flops_per_s'] / train['matmul_peak_now'])
+        # the child's MFU is against the cached peak (the file the parent wrote): as train.py's log line
+        assert train['mfu'] == pytest.approx(train['flops_per_s'] / machine['matmul_peak_flops']), name
         assert entry['decode']['cached']['new_tokens'] == 8 and entry['decode']['uncached']['new_tokens'] == 4
     hf = data['methods']['vanilla']['hf']
     assert set(hf) == {'ours_tokens_per_s', 'hf_tokens_per_s', 'same_tokens', 'speedup'}
@@ -156,6 +158,7 @@ def test_json_echoes_the_config_under_its_keys(run):
     (['--methods=vanilla,ponderlm3'], "unknown method 'ponderlm3'"),
     (['--methods=ponderlm2-k0'], "method 'ponderlm2-k0' has K or N 0"),
     (['--prompt_len=30'], 'exceeds block_size'),
+    (['--peak_seconds=0'], 'peak_seconds must be > 0, got 0'),
     (['--preset=pythia-14m'], "unknown config key 'preset'"),  # renamed model=, as train.py says
     (['--dtype=float16'], 'needs CUDA'),
     (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa, checkpoint, memory, hf, got'),
@@ -176,8 +179,8 @@ def test_a_child_measures_one_task_from_its_config_key():
     assert len(result['step_s']) == 2 and len(result['cached']) == 2
     # against this machine's measured matmul peak on a CPU: a share of it
     assert isinstance(result['mfu'], float) and 0 < result['mfu'] < 1, result['mfu']
-    assert set(result) == {'step_s', 'peak_mem_mib', 'base_mem_mib', 'flops_per_token', 'mfu', 'cached',
-                           'uncached'}  # profile=False: no profile
+    assert set(result) == {'step_s', 'peak_mem_mib', 'base_mem_mib', 'flops_per_token', 'mfu', 'matmul_peak_now',
+                           'cached', 'uncached'}  # profile=False: no profile
 
 
 BASELINES = {'vanilla': 'vanilla', 'pause-k1': 'Pause K=1', 'loop-k1': 'Loop K=1', 'hidden-n1': 'Hidden N=1'}
