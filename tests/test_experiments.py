@@ -2,13 +2,16 @@
 PonderLM-2 K=1, the FLOPs-matched vanilla and Pause K=1 over two seeds, evaluates them with eval.py, writes one
 result file per run, its table and plots; a second call reuses the finished runs, and --report=True rebuilds the
 table and plots from the result files alone, the run folders gone."""
+import importlib.util
 import json
 import random
 import shutil
 import subprocess
 import sys
 
-from helpers import ENV, ROOT
+import torch
+
+from helpers import ENV, ROOT, tiny
 
 TOY = ('--model= --n_layer=1 --n_head=2 --n_embd=16 --block_size=16 --batch_size=2 --max_iters=2 --eval_interval=1 '
        '--eval_iters=1 --warmup_iters=1 --dtype=float32')
@@ -77,3 +80,30 @@ def test_results_of_another_budget_and_broken_files_are_one_error(tmp_path):
     (res / 'loop-k1-s1.json').write_text('{"name": "loop-k1", "se')  # cut short
     r = subprocess.run([*cmd, '--report=True'], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert_one_error(r, 2, 'loop-k1-s1.json', 'no repro.py result file')
+
+
+def load_cuda_check():
+    spec = importlib.util.spec_from_file_location('cuda_check', ROOT / 'experiments' / 'cuda_check.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines things only: its configurator runs under __main__
+    return module
+
+
+def test_cuda_check_compares_loss_and_every_gradient():
+    """experiments/cuda_check.py's comparison, on a CPU against itself: the same weights in fp32 agree exactly,
+    bf16 autocast is near but not equal (within its tolerance), and a model that differs in one weight is off."""
+    cc = load_cuda_check()
+    cpu = torch.device('cpu')
+    gpt = tiny('ponderlm2-k1', n_jacobi=2)
+    idx, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    reference = cc.loss_and_grads(gpt, idx, targets, cpu, torch.float32)
+    same = cc.compare(reference, cc.loss_and_grads(gpt, idx, targets, cpu, torch.float32), 1e-6)
+    assert same['ok'] and same['loss_rel_diff'] == 0 and same['grad_rel_error'] == 0
+    bf16 = cc.compare(reference, cc.loss_and_grads(gpt, idx, targets, cpu, torch.bfloat16), cc.bf16_tolerance)
+    assert bf16['ok'] and 0 < bf16['grad_rel_error'] < cc.bf16_tolerance
+    assert bf16['grad_rel_error'] > cc.fp32_tolerance  # bf16 is no fp32: the fp32 tolerance tells them apart
+    other = tiny('ponderlm2-k1', n_jacobi=2)
+    with torch.no_grad():
+        other.layers[1].mlp.dense_4h_to_h.weight.mul_(1.01)
+    off = cc.compare(reference, cc.loss_and_grads(other, idx, targets, cpu, torch.float32), cc.fp32_tolerance)
+    assert not off['ok'] and off['grad_rel_error'] > cc.fp32_tolerance
