@@ -590,7 +590,8 @@ def report(info, out, attention):
                  f'no cache tokens/s ({new_tokens_uncached} new)', 'vs vanilla'], rows))
     print()
     print(f"no cache: every step recomputes the whole sequence (PonderLM-2 with exact thoughts), so only "
-          f"{new_tokens_uncached} new tokens. PonderLM-2 K=1's cached floor is 0.5x vanilla.")
+          f"{new_tokens_uncached} new tokens. With the cache, PonderLM-2 K=1 runs the trunk twice per token and "
+          f"the head once: about 0.5x vanilla where the trunk's weights dominate, more where the head's do.")
     h = out.get('vanilla', {}).get('hf')
     if h is not None:
         print()
