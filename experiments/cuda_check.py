@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
 from model import GPT, GPTConfig  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
-from nanoponder.runtime import (UserError, autocast, check_output_dir, failure, resolve_device, run_cli,  # noqa: E402
+from nanoponder.runtime import (UserError, check_output_dir, failure, resolve_device, run_cli,  # noqa: E402
                                 write_json, write_result)
 
 # -----------------------------------------------------------------------------
@@ -53,7 +53,8 @@ def loss_and_grads(gpt, idx, targets, dev, dtype):
     from a copy of gpt's weights there (gpt itself stays on the CPU)."""
     model = GPT(gpt.config).to(dev)
     model.load_state_dict(gpt.state_dict())
-    with autocast(dev.type, dtype):
+    # torch.autocast itself, not runtime.autocast, which also turns TF32 on for CUDA (check_loss decides that)
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         _, loss = model(idx.to(dev), targets.to(dev))
     loss.backward()
     return loss.item(), {name: p.grad.float().cpu() for name, p in model.named_parameters()}
@@ -84,7 +85,7 @@ def check_loss(dev):
     print(f"cpu fp32: loss {reference[0]:.6f} ({time.perf_counter() - t0:.1f} s)")
     out = {'model': loss_model, 'method': 'ponderlm2-k1', 'seq_len': loss_seq_len, 'cpu_loss': reference[0]}
     for name, dtype, tolerance in (('fp32', torch.float32, fp32_tolerance), ('bf16', torch.bfloat16, bf16_tolerance)):
-        if dev.type == 'cuda':  # autocast() allows TF32 for what stays fp32; the fp32 check wants plain fp32
+        if dev.type == 'cuda':  # training allows TF32 for what autocast leaves in fp32; the fp32 check is plain fp32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == 'bf16'
         r = out[name] = compare(reference, loss_and_grads(gpt, idx, targets, dev, dtype), tolerance)
         r['tolerance'] = tolerance
