@@ -213,7 +213,8 @@ def measure(name, variant):
         result['base_mem_mib'] = base_mib
     if variant == 'main':
         # the share of the peak is judged against the machine as it is now: a shared VM's speed drifts by 10-20%
-        # over minutes, and matmul_peak is cached from another moment (measured after the step's peak memory)
+        # over minutes, and matmul_peak is cached from another moment. (The peak memory is already recorded, so
+        # this measurement's matrices do not count in it.)
         result['matmul_peak_now'] = measure_matmul_peak(dev, ptdtype, peak_seconds)
     if variant == 'main' and profile:
         result['profile'] = profile_training(gpt, ctx, dev)
