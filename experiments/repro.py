@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -270,34 +271,44 @@ def by_run(results):
     return {name: [r for r in results if r['name'] == name] for name in RUNS if any(r['name'] == name for r in results)}
 
 
+@contextmanager
+def figure(path):
+    """The axes of one 7 x 4.5 inch figure, written to path as a PNG (atomically) once the block has drawn it."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        yield ax
+        fig.tight_layout()
+        with atomic_write(path) as f:
+            fig.savefig(f, format='png', dpi=120)
+    finally:
+        plt.close(fig)
+
+
 def plot(results, path, x_of, xlabel, leave_out=()):
     """Val-loss curves against x_of(tokens, run): each run's mean over the seeds, with the min-max band."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     results = [r for r in results if r['name'] not in leave_out]
     log_x = 'FLOPs' in xlabel
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for runs_ in by_run(results).values():
-        first = 1 if log_x else 0  # iteration 0 has no FLOPs to put on a log axis
-        xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve'][first:]]
-        losses = np.array([[loss for _, loss in r['curve'][first:]] for r in runs_])  # (seeds, evals)
-        line, = ax.plot(xs, losses.mean(0), label=f"{runs_[0]['label']} ({len(runs_)} seed{'s' * (len(runs_) > 1)})")
-        if len(runs_) > 1:
-            ax.fill_between(xs, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-    settled = [loss for r in results for _, loss in r['curve'][len(r['curve']) // 4:]]
-    if settled:
-        ax.set_ylim(min(settled) - 0.05, max(settled) + 0.1)
-    ax.set_xscale('log' if log_x else 'linear')
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("val loss (train.py's periodic evaluation, R=3)")
-    ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format='png', dpi=120)
-    plt.close(fig)
+    with figure(path) as ax:
+        for runs_ in by_run(results).values():
+            first = 1 if log_x else 0  # iteration 0 has no FLOPs to put on a log axis
+            xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve'][first:]]
+            losses = np.array([[loss for _, loss in r['curve'][first:]] for r in runs_])  # (seeds, evals)
+            label = f"{runs_[0]['label']} ({len(runs_)} seed{'s' * (len(runs_) > 1)})"
+            line, = ax.plot(xs, losses.mean(0), label=label)
+            if len(runs_) > 1:
+                ax.fill_between(xs, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+        settled = [loss for r in results for _, loss in r['curve'][len(r['curve']) // 4:]]
+        if settled:
+            ax.set_ylim(min(settled) - 0.05, max(settled) + 0.1)
+        ax.set_xscale('log' if log_x else 'linear')
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss (train.py's periodic evaluation, R=3)")
+        ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 def spread(values, fmt):
@@ -350,25 +361,18 @@ def paired_differences(results, base):
 def plot_inference(results, path):
     """Final val loss (whole split, Jacobi) against inference FLOPs per token: one point per run, the mean over the
     seeds with the min-max as error bars. The plot to read first: what a token costs to generate, and what it buys."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for runs_ in by_run(results).values():
-        x, losses = runs_[0]['inference_flops_per_token'], np.array([r['jacobi'] for r in runs_])
-        err = [[losses.mean() - losses.min()], [losses.max() - losses.mean()]]
-        bar = ax.errorbar([x], [losses.mean()], yerr=err, fmt='o', capsize=3)
-        ax.annotate(f"{runs_[0]['label']} ({len(runs_)})", (x, losses.mean()), textcoords='offset points',
-                    xytext=(6, 3), fontsize=7, color=bar[0].get_color())
-    ax.set_xscale('log')
-    ax.set_xlabel('inference FLOPs per token (exact decoding through the KV cache)')
-    ax.set_ylabel('final val loss (whole val split, R=3)')
-    ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk: mean and min-max over seeds')
-    ax.grid(alpha=0.3, which='both')
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format='png', dpi=120)
-    plt.close(fig)
+    with figure(path) as ax:
+        for runs_ in by_run(results).values():
+            x, losses = runs_[0]['inference_flops_per_token'], np.array([r['jacobi'] for r in runs_])
+            err = [[losses.mean() - losses.min()], [losses.max() - losses.mean()]]
+            bar = ax.errorbar([x], [losses.mean()], yerr=err, fmt='o', capsize=3)
+            ax.annotate(f"{runs_[0]['label']} ({len(runs_)})", (x, losses.mean()), textcoords='offset points',
+                        xytext=(6, 3), fontsize=7, color=bar[0].get_color())
+        ax.set_xscale('log')
+        ax.set_xlabel('inference FLOPs per token (exact decoding through the KV cache)')
+        ax.set_ylabel('final val loss (whole val split, R=3)')
+        ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk: mean and min-max over seeds')
+        ax.grid(alpha=0.3, which='both')
 
 
 def chosen_runs():
