@@ -48,7 +48,8 @@ from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_pea
                              measure_training_peak, mfu_peak, plan_memory)
 from nanoponder.methods import method_fields
 from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure,
-                                keep_freed_memory, resolve_device, resolve_dtype, run_cli, write_json)
+                                keep_freed_memory, note_emulated_bf16, resolve_device, resolve_dtype, run_cli,
+                                write_json)
 
 # -----------------------------------------------------------------------------
 # model
@@ -216,9 +217,8 @@ def measure(name, variant):
         # over minutes, and matmul_peak is cached from another moment. (The peak memory is already recorded, so
         # this measurement's matrices do not count in it.)
         result['matmul_peak_now'] = measure_matmul_peak(dev, ptdtype, peak_seconds)
-    if variant == 'main' and profile:
-        result['profile'] = profile_training(gpt, ctx, dev)
-    if variant == 'main':
+        if profile:
+            result['profile'] = profile_training(gpt, ctx, dev)
         result.update(measure_decoding(gpt, ctx, dev))
     return result
 
@@ -686,6 +686,7 @@ def bench_all():
     if json:
         check_output_file(json, '--json')  # now, not after minutes of measuring
     dev, device_type, ptdtype = device_and_dtype()
+    note_emulated_bf16(device_type, ptdtype)  # the children's autocast says it too, but their stderr is captured
     if threads:
         torch.set_num_threads(threads)  # the children do the same; here it is for the machine line
     info = machine_info(dev, device_type, ptdtype)

@@ -155,13 +155,17 @@ def autocast(device_type, dtype):
         torch.backends.cudnn.allow_tf32 = True
     if dtype == torch.float32:
         return nullcontext()
+    note_emulated_bf16(device_type, dtype)
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def note_emulated_bf16(device_type, dtype):
+    """bf16 on a CPU without bf16 hardware was asked for explicitly ('auto' never picks it there): say so before a
+    run that would crawl. On stderr, as stdout may be a script's result (samples, JSON); rank 0 only."""
     if device_type == 'cpu' and dtype == torch.bfloat16 and not cpu_has_native_bf16() and is_rank0():
-        # asked for explicitly ('auto' never picks it here): say so before a run that would crawl; on stderr, as
-        # stdout may be a script's result (samples, JSON)
         print("note: this CPU has no native bf16 matmul (AVX512-BF16 or AMX), so bfloat16 autocast is emulated, "
               "one to two orders of magnitude slower than float32 here; dtype=auto or float32 picks float32",
               file=sys.stderr)
-    return torch.autocast(device_type, dtype=dtype)
 
 
 # glibc's mallopt parameters (malloc.h)
