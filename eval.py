@@ -1,14 +1,12 @@
 """
-Evaluate a model the way the PonderLM papers report it, and answer what their reviewers asked:
+Evaluate a model the way the PonderLM papers report it (docs/evaluation.md):
 
-- loss, perplexity and bits per byte of held-out text: a prepared split (prepare_data.py) or a raw text file
-  tokenized with the model's own tokenizer, every token scored once, with a sliding window (--stride) where the
-  text is longer than the context;
-- for a PonderLM-2 model, the loss after R = 0..max_jacobi Jacobi passes (the parallel form that training runs) and
-  with exact thoughts (one token at a time through the KV cache, as decoding computes them); per pass, how much the
-  thoughts still move, ||z(r) - z(r-1)|| / ||z(r)||, and their distance to the exact thoughts, ||z(r) - z*|| / ||z*||;
-  adaptive Jacobi (stop once the change is at most a tolerance): the passes it takes; the KV cache's bytes per token.
-  A markdown table on stdout, PATH.json and a plot PATH_jacobi.png;
+- loss, perplexity and bits per byte of held-out text (a prepared split or a raw text file), every token scored
+  once, in sliding windows (--stride) where the text is longer than the context;
+- for a PonderLM-2 model, the loss after R = 0..max_jacobi Jacobi passes (the parallel form training runs), adaptive
+  Jacobi to each of jacobi_tols, and exact thoughts (one token at a time through the KV cache, as decoding runs),
+  with how much the thoughts still move per pass and their distance to the exact ones. A markdown table on
+  stdout, PATH.json and a plot PATH_jacobi.png;
 - downstream tasks through lm-evaluation-harness (pip install lm-eval): a markdown table and PATH_tasks.json.
 
     python eval.py --init_from=out-shakespeare-ponder/ckpt.pt           # the val split of its training data
@@ -18,14 +16,12 @@ Evaluate a model the way the PonderLM papers report it, and answer what their re
     python eval.py --init_from=zeng123/PonderLM-2-Pythia-1.4b --tasks=piqa --thoughts=jacobi --n_jacobi=3
     python eval.py --init_from=path/to/hf_dir --tasks=my_task --task_dir=path/to/task_yamls --limit=100
 
---init_from: 'resume' (out_dir/ckpt.pt), a train.py checkpoint, a Hugging Face directory or hub id. The tokenizer is
-the model's own (see sample.py), --tokenizer overrides it. Downstream tasks score with exact thoughts by default
-(what decoding sees); --thoughts=jacobi scores with n_jacobi parallel passes (or adaptive to --jacobi_tol), as the
-papers do. Results go to --out=PATH (a directory: PATH/eval; default: eval beside a ckpt.pt, else
-eval-<model name>), checked to be writable before the evaluation starts.
-The default dtype is float32 with TF32 off, so that the convergence figures are not floored by the dtype's rounding.
-Exit codes: nanoponder/runtime.py.
+The tokenizer is the model's own (see sample.py). Downstream tasks score with exact thoughts by default (what
+decoding sees); --thoughts=jacobi with n_jacobi passes, as the papers do. Results go to --out=PATH, checked to be
+writable before the evaluation starts. The default dtype is float32 with TF32 off: the convergence figures are
+not floored by the dtype's rounding.
 """
+import importlib
 import math
 import os
 import sys
@@ -35,12 +31,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import settled
+from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from, resolve_init_from
 from nanoponder.cost import kv_cache_bytes_per_token, kv_cache_slots
-from nanoponder.data import read_meta, read_tokens
+from nanoponder.data import read_meta, read_tokens, sliding_windows, utf8_bytes, window_batches, window_counts
 from nanoponder.methods import check_thought_mode
-from nanoponder.runtime import (UserError, autocast, check_output_file, failure, one_line, resolve_device,
-                                resolve_dtype, run_cli, write_json, write_result)
+from nanoponder.report import loss_table, plot_jacobi
+from nanoponder.runtime import (UserError, autocast, check_output_file, one_line, resolve_device, resolve_dtype,
+                                run_cli, write_json)
 from nanoponder.tokenizer import checkpoint_data_dir, data_dir_tokenizer, model_tokenizer, tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
@@ -85,12 +83,6 @@ _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout
 # -----------------------------------------------------------------------------
 # the model
 
-def load_model(init_from, out_dir='out', tokenizer_override='', patch_method=''):
-    """-> (model on the CPU in fp32, its tokenizer, the Checkpoint or None). Every mistake is one UserError."""
-    model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
-    return model, model_tokenizer(source, ckpt, tokenizer_override), ckpt
-
-
 def results_path(init_from, ckpt_file, out):
     """Where results go, without extension; ckpt_file: the train.py checkpoint init_from names, or None."""
     if out:  # a directory gets DIR/eval.json, not a hidden DIR/.json
@@ -126,47 +118,6 @@ def data_stream(data_dir, split):
     if len(ids) < 2:
         raise UserError(f"{data_dir}/{split}.bin has {len(ids)} tokens: nothing to score")
     return ids, data_dir_tokenizer(data_dir)
-
-
-def sliding_windows(n_tokens, block, stride):
-    """Windows (start, end, first) over a stream of n_tokens ids: inputs ids[start:end-1], targets
-    ids[start+1:end]; the targets from index `first` on are scored here, the ones before it are context that an
-    earlier window scored. Window k starts at k*stride, so every target 1..n_tokens-1 is scored exactly once,
-    with at least block - stride tokens of context after the first window."""
-    windows, first, start = [], 1, 0
-    while first < n_tokens:
-        end = min(start + block + 1, n_tokens)
-        windows.append((start, end, first))
-        first, start = end, start + stride
-    return windows
-
-
-def utf8_bytes(tok, ids):
-    """UTF-8 bytes of the text of ids, decoded a document at a time (split at EOS, so no character is cut);
-    each EOS counts one byte, as the separator between documents."""
-    ids = np.asarray(ids)
-    cuts = np.flatnonzero(ids == tok.eos_id)
-    total, begin = len(cuts), 0
-    for cut in list(cuts) + [len(ids)]:
-        if cut > begin:
-            total += len(tok.decode(ids[begin:cut].tolist()).encode('utf-8'))
-        begin = cut + 1
-    return total
-
-
-def window_batches(ids, windows, batch_size, device):
-    """Yield x, y (B, L) int64 on device: inputs and targets of same-length windows, y = -1 where not scored."""
-    by_length = {}
-    for w in windows:
-        by_length.setdefault(w[1] - w[0], []).append(w)
-    for group in by_length.values():
-        for i in range(0, len(group), batch_size):
-            rows = [np.asarray(ids[s:e], dtype=np.int64) for s, e, _ in group[i:i + batch_size]]
-            batch = torch.from_numpy(np.stack(rows)).to(device)
-            x, y = batch[:, :-1], batch[:, 1:].clone()
-            for row, (s, _, first) in enumerate(group[i:i + batch_size]):
-                y[row, :first - s - 1] = -1  # targets before `first` were scored by an earlier window
-            yield x, y
 
 
 def nats(logits, y):
@@ -244,13 +195,6 @@ def evaluate_loss(model, ids, windows, ctx, device, batch_sz, max_r, tols, with_
     return totals
 
 
-def window_counts(windows):
-    counts = {}
-    for s, e, _ in windows:
-        counts[e - s] = counts.get(e - s, 0) + 1
-    return counts
-
-
 def loss_rows(totals, n_targets, n_bytes, max_r, tols):
     """One dict per way of computing: loss (nats per token), perplexity, bits per byte, and for Jacobi rows the
     passes and the convergence figures."""
@@ -275,128 +219,18 @@ def loss_rows(totals, n_targets, n_bytes, max_r, tols):
     return rows
 
 
-def fmt(value, spec='.4f'):
-    return '-' if value is None else format(value, spec)
-
-
-def loss_table(rows):
-    lines = ['| thoughts | Jacobi passes | loss | ppl | bits/byte | change per pass | distance to exact |',
-             '|---|---|---|---|---|---|---|']
-    for r in rows:
-        if r['thoughts'] == 'adaptive':
-            what, passes = f"adaptive, tol {r['tol']:g}", f"{r['passes']:.2f} (max {r['max_passes']})"
-        elif r['thoughts'] == 'exact':
-            what, passes = 'exact (sequential, KV cache)', '-'
-        else:
-            what, passes = r['thoughts'], fmt(r['passes'], 'd')
-        lines.append(f"| {what} | {passes} | {r['loss']:.4f} | {r['ppl']:.2f} | {r['bits_per_byte']:.4f} | "
-                     f"{fmt(r.get('change'), '.2e')} | {fmt(r.get('distance_to_exact'), '.2e')} |")
-    return '\n'.join(lines)
-
-
-def plot_jacobi(rows, path, title):
-    """Loss against Jacobi passes (exact as a line), and the convergence figures on a log scale."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("note: matplotlib is not installed, so no plot (pip install matplotlib)", file=sys.stderr)
-        return None
-    jacobi = [r for r in rows if r['thoughts'] == 'jacobi']
-    exact_rows = [r for r in rows if r['thoughts'] == 'exact']
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    passes = [r['passes'] for r in jacobi]
-    left.plot(passes, [r['loss'] for r in jacobi], 'o-', label='Jacobi, R passes')
-    if exact_rows:
-        left.axhline(exact_rows[0]['loss'], color='k', linestyle='--', label='exact (sequential)')
-    left.set(xlabel='Jacobi passes R', ylabel='loss (nats/token)', title='loss')
-    left.legend()
-    for key, label in (('change', '||z(r) - z(r-1)|| / ||z(r)||'), ('distance_to_exact', '||z(r) - z*|| / ||z*||')):
-        points = [(r['passes'], r[key]) for r in jacobi if r.get(key)]  # zeros have no place on a log axis
-        if points:
-            right.semilogy(*zip(*points), 'o-', label=label)
-    right.set(xlabel='Jacobi passes r', title='thoughts: change per pass, distance to exact')
-    right.legend()
-    for ax in (left, right):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    with write_result(path) as f:
-        fig.savefig(f, format='png', dpi=100)
-    plt.close(fig)
-    return path
-
-
 # -----------------------------------------------------------------------------
 # downstream tasks: lm-evaluation-harness
 
-def lm_eval_class():
-    """The lm-eval model class, nanoponder.lm_eval_adapter.NanoPonderLM (registered as 'nanoponder'), imported on
-    first use so that lm-eval is needed only for downstream tasks."""
+def lm_eval_adapter():
+    """nanoponder.lm_eval_adapter (its NanoPonderLM is lm-eval's model 'nanoponder'), imported on first use: lm-eval
+    is needed only for downstream tasks."""
     try:
-        from nanoponder.lm_eval_adapter import NanoPonderLM
+        return importlib.import_module('nanoponder.lm_eval_adapter')
     except ImportError as e:
         if (e.name or '').partition('.')[0] in ('model', 'nanoponder'):  # a name of this project: a bug, not lm-eval
             raise
         raise UserError("downstream tasks need lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'") from None
-    return NanoPonderLM
-
-
-def run_tasks(model, tok, device_name, dtype_name, path, name):
-    """Downstream mode: the tasks through lm-eval; a markdown table on stdout, PATH_tasks.json."""
-    cls = lm_eval_class()
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import make_table
-    lm = cls(model=model, tokenizer=tok, thoughts=thoughts, n_jacobi=n_jacobi, jacobi_tol=jacobi_tol,
-             batch_size=batch_size, max_gen_toks=max_gen_toks, device=device_name, dtype=dtype_name)
-    task_names = [t.strip() for t in tasks.split(',') if t.strip()]
-    manager = task_manager(TaskManager, task_names)
-    try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit or None,
-                                          task_manager=manager, log_samples=False, random_seed=seed,
-                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    except ConnectionError as e:  # datasets could not fetch a task's data (offline, or the network is down)
-        raise failure(f"could not get the data of {', '.join(task_names)}: {one_line(e)}. lm-eval downloads task "
-                      f"datasets from the Hugging Face Hub: run once with network access (they are cached, and "
-                      f"offline runs, HF_DATASETS_OFFLINE=1, read the cache), or give tasks over local files in "
-                      f"--task_dir") from None
-    table = make_table(results)
-    print(f"{name}, {model.config.method_label}, thoughts: {describe_scoring(model)}, {num_fewshot}-shot")
-    print(table)
-    report = {'model': name, 'method': model.config.method, 'scoring': describe_scoring(model),
-              'num_fewshot': num_fewshot, 'limit': limit or None, 'results': results.get('results'),
-              'versions': results.get('versions'), 'n-shot': results.get('n-shot'),
-              'n-samples': results.get('n-samples')}
-    write_json(path + '_tasks.json', report)
-    print(f"wrote {path}_tasks.json", file=sys.stderr)
-
-
-def task_manager(TaskManager, task_names):
-    """lm-eval's index of the tasks: task_dir's alone when it has them all (indexing lm-eval's own thousands of
-    task files takes a while), else lm-eval's with task_dir's added. Unknown names are a UserError."""
-    if task_dir:
-        own = TaskManager(include_path=task_dir, include_defaults=False)
-        if all(t in own.all_tasks for t in task_names):
-            return own
-    manager = TaskManager(include_path=task_dir or None)
-    unknown = [t for t in task_names if t not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (lm-eval --tasks list shows them; a folder "
-                        f"of your own YAMLs goes in --task_dir)")
-    return manager
-
-
-def describe_scoring(model):
-    if not model.config.n_thoughts:
-        return 'none (no thoughts)'
-    if thoughts == 'exact':
-        return 'exact (sequential, KV cache)'
-    if jacobi_tol is not None:
-        return f'jacobi, adaptive to tol {jacobi_tol:g}'
-    return f'jacobi, {model.config.n_jacobi if n_jacobi is None else n_jacobi} passes'
 
 
 # -----------------------------------------------------------------------------
@@ -496,18 +330,22 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
 
 def main():
     check_options()
-    kind, source = resolve_init_from(init_from, out_dir)  # (load_model reads it by the same rule)
+    kind, source = resolve_init_from(init_from, out_dir)  # (load_init_from reads it by the same rule)
     ckpt_file = source if kind == 'checkpoint' else None
     path = results_path(init_from, ckpt_file, out)
     check_output_file(path + ('_tasks.json' if tasks else '.json'), '--out')  # now, not after the evaluation
     device_name = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, torch.device(device_name).type)
     torch.manual_seed(seed)
-    model, tok, ckpt = load_model(init_from, out_dir, tokenizer, patch_method)
+    model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
+    tok = model_tokenizer(source, ckpt, tokenizer)
     name = ckpt_file or init_from
     if tasks:
-        return run_tasks(model, tok, device_name, dtype, path, name)
-    model.to(device_name).eval()
+        return lm_eval_adapter().run_tasks(
+            model, tok, name, path, [t.strip() for t in tasks.split(',') if t.strip()], num_fewshot, limit, task_dir,
+            seed, thoughts=thoughts, n_jacobi=n_jacobi, jacobi_tol=jacobi_tol, batch_size=batch_size,
+            max_gen_toks=max_gen_toks, device=device_name, dtype=dtype)
+    kernels.install(model.to(device_name).eval())  # faster attention and loss where they suit
     run_loss(model, tok, ckpt, device_name, compute_dtype, path, name)
 
 

@@ -28,6 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
 from model import GPT, GPTConfig  # noqa: E402
+from nanoponder import kernels  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
 from nanoponder.runtime import (UserError, check_output_dir, failure, resolve_device, run_cli,  # noqa: E402
                                 write_json, write_result)
@@ -51,7 +52,7 @@ seed = 1337
 def loss_and_grads(gpt, idx, targets, dev, dtype):
     """The loss of one batch on dev under dtype autocast and every parameter's gradient (name -> fp32 CPU tensor),
     from a copy of gpt's weights there (gpt itself stays on the CPU)."""
-    model = GPT(gpt.config).to(dev)
+    model = kernels.install(GPT(gpt.config).to(dev))  # as training runs it
     model.load_state_dict(gpt.state_dict())
     # torch.autocast itself, not runtime.autocast, which also turns TF32 on for CUDA (check_loss decides that)
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -100,7 +101,7 @@ def run_bench(model_name):
     measurement in it succeeded."""
     json_path = os.path.join(out_dir, f'bench-{model_name}.json')
     has_hf = importlib.util.find_spec('transformers') is not None  # the test-only peer, often absent on a GPU box
-    cmd = [sys.executable, os.path.join(ROOT, 'bench.py'), f'--model={model_name}', f'--device={device}',
+    cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'bench.py'), f'--model={model_name}', f'--device={device}',
            '--dtype=bfloat16', f'--block_size={block_size}', f'--batch_size={batch_size}', f'--methods={methods}',
            '--compare_compile=True', '--compare_checkpointing=False', '--check_memory=True',
            f'--compare_hf={has_hf}', f'--json={json_path}', *shlex.split(bench_args)]

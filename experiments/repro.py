@@ -109,9 +109,9 @@ def run_settings(args):
 
 def training_flops_per_token(args):
     """FLOPs per token of one training step of the model args give (R at its mean)."""
-    import train
+    from nanoponder.prerun import scratch_config
     cfg = SimpleNamespace(**run_settings(args))
-    return flops_per_token(train.model_config(cfg), sum(cfg.jacobi_train_range) / 2, training=True)
+    return flops_per_token(scratch_config(cfg), sum(cfg.jacobi_train_range) / 2, training=True)
 
 
 def flops_matched_iters(base_iters):

@@ -2,9 +2,10 @@
 The training checkpoint and what --init_from names.
 
 - Checkpoint: everything a training run needs to go on exactly, in one file read with weights_only=True; the only
-  code that knows its keys and its format version.
+  code that knows its keys and its format version. save_run and restore_run: a run's state into one and back.
 - resolve_init_from / load_init_from: ONE rule, decided by what is on disk, for what a script's --init_from names
-  ('resume', a checkpoint file under any name, a Hugging Face directory, a hub id), and loading it.
+  ('resume', a checkpoint file under any name, a Hugging Face directory, a hub id), and the one call that loads it
+  (sample.py, eval.py, export_hf.py, the lm-eval adapter and train.py's resume and Hugging Face start).
 
     from nanoponder.checkpoint import Checkpoint, load_init_from
     model, ckpt, source = load_init_from('out/ckpt.pt', out_dir='out')
@@ -12,13 +13,15 @@ The training checkpoint and what --init_from names.
 import os
 import re
 import warnings
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import torch
 
-from model import GPTConfig
-from nanoponder.hf import download_from_hub, empty_model, load_pretrained
-from nanoponder.runtime import UserError, failure, one_line, write_result
+from model import GPT, GPTConfig
+from nanoponder.hf import checked_overrides, download_from_hub, load_pretrained
+from nanoponder.parallel import all_ranks_agree, full_state, load_optimizer_state, local_tensors
+from nanoponder.runtime import (UserError, failure, is_rank0, move_into_place, one_line, temp_path,
+                                write_result)
 
 # 1: before the format field (still read); 2: 'format' added, init -> weight_init; 3: jacobi_train_range
 # moved from model_args (the model) to config (the training run). Fields added with a default (pretrained,
@@ -111,19 +114,65 @@ class Checkpoint:
         except (TypeError, ValueError) as e:
             raise UserError(f"the checkpoint's model_args do not fit this model.py: {one_line(e)}") from None
 
-    def build_model(self):
-        """The trained model, on the CPU in fp32."""
+    def build_model(self, **overrides):
+        """The trained model on the CPU, holding the checkpoint's (fp32) weights themselves; overrides replace
+        GPTConfig fields that change no weight (e.g. n_jacobi=5)."""
         try:
-            return model_from_weights(self.gpt_config(), self.model)
-        except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
+            config = replace(self.gpt_config(), **checked_overrides(overrides))
+        except ValueError as e:
+            raise UserError(one_line(e)) from None
+        with torch.device('meta'):  # no time spent on a random init
+            model = GPT(config)
+        # (a compiled or DDP model saves its weights under a prefix)
+        state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in self.model.items()}
+        try:
+            model.load_state_dict(state, assign=True)
+        except RuntimeError as e:  # missing or unexpected keys, wrong shapes
             raise UserError(f"the checkpoint's weights do not fit its model: {one_line(e)}") from None
+        model.init_rope()  # the rotary tables are buffers that no checkpoint holds
+        return model
 
 
-def model_from_weights(config, state_dict):
-    """GPT(config) on the CPU holding a checkpoint's weights (a compiled or DDP model saves them under a prefix)."""
-    model = empty_model(config)
-    model.load_state_dict({k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in state_dict.items()})
-    return model
+def save_run(path, model, optimizer, scaler, device, distributed, best_path=None, **fields):
+    """Every rank of a training run: the run's state becomes the checkpoint at path (and at best_path, if given),
+    the model and optimizer gathered to rank 0 under fsdp and written by it atomically. fields: the Checkpoint's
+    other fields (iter_num, data_state, best_val_loss, config, pretrained, tokenizer). Returns False and writes
+    nothing when a parameter is not finite on some rank: a model that diverged is never saved."""
+    if not all_ranks_agree(all(bool(torch.isfinite(p).all()) for p in local_tensors(model)), distributed):
+        return False
+    model_state, optimizer_state = full_state(model, optimizer)  # fsdp: {} on ranks > 0
+    if is_rank0():
+        rng = {'cpu': torch.get_rng_state()}
+        if device.startswith('cuda'):
+            rng['cuda'] = torch.cuda.get_rng_state(device)
+        Checkpoint(model_args=asdict(model.config), model=model_state, optimizer=optimizer_state,
+                   scaler=scaler.state_dict(), rng=rng, **fields).save(path)
+        if best_path:
+            link_best(path, best_path)
+    return True
+
+
+def link_best(ckpt_path, best_path):
+    """best.pt = the checkpoint just saved. A hard link costs no time or disk, and keeps this version when
+    ckpt.pt is later replaced by a new file; a copy where the file system has no links."""
+    try:
+        os.link(ckpt_path, temp_path(best_path))
+    except OSError:
+        with open(ckpt_path, 'rb') as src, write_result(best_path) as dst:
+            dst.write(src.read())
+        return
+    move_into_place(best_path)
+
+
+def restore_run(ckpt, model, optimizer, scaler, device):
+    """A resumed run's state from its checkpoint, whose weights model holds already: the optimizer (each rank its
+    shard under fsdp), the loss scaler and the random generators -> (iter_num, epoch, position, best_val_loss)."""
+    load_optimizer_state(model, optimizer, ckpt.optimizer)
+    scaler.load_state_dict(ckpt.scaler)
+    torch.set_rng_state(ckpt.rng['cpu'])
+    if 'cuda' in ckpt.rng and device.startswith('cuda'):
+        torch.cuda.set_rng_state(ckpt.rng['cuda'], device)
+    return ckpt.iter_num, ckpt.data_state['epoch'], ckpt.data_state['position'], ckpt.best_val_loss
 
 
 # -----------------------------------------------------------------------------
@@ -172,31 +221,25 @@ def resolve_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES):
     return 'hub', init_from
 
 
-def load_hf_model(source, **overrides):
-    """load_pretrained(source, **overrides) for a Hugging Face directory or hub id: a download that fails is
-    exit 1 (the run failed), a model this code cannot read exit 2, each one UserError."""
-    path = source
-    if not os.path.isdir(source):
-        try:
-            path = download_from_hub(source)
-        except RuntimeError as e:
-            raise failure(one_line(e)) from None
-    try:
-        return load_pretrained(path, **overrides)
-    except (OSError, ValueError) as e:  # a missing or damaged file, a config this model does not compute
-        raise UserError(f"cannot load the Hugging Face model {source}: {one_line(e)}") from None
-
-
-def load_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES, patch_method=''):
+def load_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES, patch_method='', **overrides):
     """The model that init_from names (resolve_init_from) -> (model on the CPU in fp32, its Checkpoint or None,
     the checkpoint file, Hugging Face directory or hub id it came from). patch_method: for a Hugging Face model,
-    which official modeling file trained it (hf.config_from_hf); '' = what its config.json says. Every mistake is
-    one UserError."""
+    which official modeling file trained it (hf.config_from_hf); '' = what its config.json says. overrides replace
+    GPTConfig fields (hf.load_pretrained's). Every mistake is one UserError; a failed download exits with 1."""
     kind, source = resolve_init_from(init_from, out_dir, choices)
     if kind == 'checkpoint':
         if patch_method:
             raise UserError(f"patch_method={patch_method} says which official modeling file trained a Hugging Face "
                             f"model; {source} is a training checkpoint, which records its method: leave it out")
         ckpt = Checkpoint.load(source)
-        return ckpt.build_model(), ckpt, source
-    return load_hf_model(source, patch_method=patch_method or None), None, source
+        return ckpt.build_model(**overrides), ckpt, source
+    path = source
+    if kind == 'hub':
+        try:
+            path = download_from_hub(source)
+        except RuntimeError as e:
+            raise failure(one_line(e)) from None
+    try:
+        return load_pretrained(path, patch_method=patch_method or None, **overrides), None, source
+    except (OSError, ValueError) as e:  # a missing or damaged file, a config this model does not compute
+        raise UserError(f"cannot load the Hugging Face model {source}: {one_line(e)}") from None

@@ -2,7 +2,7 @@
 The cost of a run, from its config alone: parameters, FLOPs per token and MFU, and the memory plan (the bytes that
 each process holds at the peak of a training iteration: weights, gradients, AdamW state and activations, for a
 micro-batch, precision, parallelism and activation checkpointing). Everything here reads PonderLM-2's pass
-schedule from one place, passes(), and takes the Jacobi passes R explicitly (the model's n_jacobi by default).
+schedule from one place, pass_schedule(), and takes the Jacobi passes R explicitly (the model's n_jacobi by default).
 
     from nanoponder.cost import flops_per_token, plan_memory
     config = GPTConfig.preset('pythia-1.4b', n_thoughts=1)
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, METHOD_COUNTS, Attention
+from model import GPT, METHOD_COUNTS
+from nanoponder import kernels
 from nanoponder.runtime import atomic_write, autocast, human_bytes
 
 # dense bf16 peak TFLOP/s, looked up by a substring of torch.cuda.get_device_name()
@@ -42,7 +43,7 @@ def count_params(config):
     return {'total': 2 * V * C + L * block + 2 * C, 'block': block, 'matmul': matmul, 'root': 2 * V * C + 2 * C}
 
 
-def passes(config, n_jacobi=None):
+def pass_schedule(config, n_jacobi=None):
     """The trunk passes of one forward, as (slots per token, how many passes of that size): PonderLM-2 builds its
     stages (1..K slots), then runs R Jacobi passes and the final pass over K+1 slots; Pause one pass over K+1 slots;
     PonderLM and Hidden N+1 passes, Loop K+1 runs of the layer stack; vanilla one. n_jacobi: R (default
@@ -57,7 +58,7 @@ def passes(config, n_jacobi=None):
 def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
     """FLOPs per real token of one training step (forward + backward = 3x forward) or one eval forward, counting
     every trunk pass over its (slots x T) positions, the attention over that length, and the vocabulary
-    projections. Matmuls only (2 FLOPs per multiply-add), as in the PaLM appendix. n_jacobi: R, see passes()."""
+    projections. Matmuls only (2 FLOPs per multiply-add), as in the PaLM appendix. n_jacobi: R, see pass_schedule()."""
     T = seq_len or config.block_size
     L, H, V = config.n_layer, config.n_embd, config.vocab_size
     trunk_params = L * count_params(config)['matmul']
@@ -66,7 +67,7 @@ def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
         return 2 * trunk_params + 4 * L * H * context
 
     head = 2 * H * V
-    fwd = sum(count * S * slot_flops(S * T) for S, count in passes(config, n_jacobi)) + head
+    fwd = sum(count * S * slot_flops(S * T) for S, count in pass_schedule(config, n_jacobi)) + head
     if config.n_ponder:  # N more vocabulary projections and N probability-weighted embedding sums
         fwd += 2 * config.n_ponder * head
     return 3 * fwd if training else fwd
@@ -174,8 +175,8 @@ def cpu_name():
         return platform.processor() or 'unknown CPU'
 
 
-def attention_probability_count(length, block=Attention.BLOCK):
-    """The probabilities that Attention.attend_blocks keeps per head for `length` positions: each block of queries
+def attention_probability_count(length, block=kernels.BLOCK):
+    """The probabilities that kernels.attend_blocks keeps per head for `length` positions: each block of queries
     over the keys up to its last."""
     return sum(min(block, length - a) * min(a + block, length) for a in range(0, length, block))
 
@@ -187,13 +188,13 @@ def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_
     the attention output (and its log-sum-exp), the re-laid-out heads, and the MLP's hidden layer before and
     after GELU (2 x n_inner). With checkpointing only the block input stays; backward recomputes one block's
     insides at a time. The loss keeps the logits (in the compute dtype) for every token. blocks(length): whether
-    attention over that many positions runs Attention.attend_blocks, which also keeps its probabilities."""
+    attention over that many positions runs kernels.attend_blocks, which also keeps its probabilities."""
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     inner = config.n_inner or 4 * C
     B, T = batch_size, seq_len
     block_inside = (7 * C + 2 * inner) * dtype_bytes + 4 * config.n_head  # per slot
     per_slot_layer = 4 * C + (0 if checkpointing else block_inside)
-    slots = [S * T for S, count in passes(config, n_jacobi) for _ in range(count)]
+    slots = [S * T for S, count in pass_schedule(config, n_jacobi) for _ in range(count)]
     final_ln = T if config.n_loop else sum(slots)  # Loop runs the final LayerNorm once, the others every pass
     kept = B * (sum(slots) * L * per_slot_layer + final_ln * 4 * C)  # + the final LayerNorms' inputs
 
@@ -238,7 +239,8 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
     iteration, n_jacobi PonderLM-2's R (training: the largest it draws). ddp (and one process) replicates weights,
     gradients and AdamW state; fsdp shards them over world_size, and gathers a block at a time (gather_dtype: its
     MixedPrecisionPolicy's param_dtype) plus the root (embeddings, final LayerNorm), which stays gathered through
-    forward and backward. device_type: where it trains, which decides the attention kernel (Attention.blocks_suit)."""
+    forward and backward. device_type: where it trains, which decides the attention kernel (kernels.blocks_suit:
+    the plan is for a model with the kernels installed, as every script runs it)."""
     n = count_params(config)
     P = n['total']
     T = seq_len or config.block_size
@@ -257,8 +259,8 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
     if c < 4:
         weights += c * cast
     kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing, n_jacobi,
-                                     blocks=lambda length: Attention.blocks_suit(device_type, dtype, length))
-    slots = '+'.join(str(S) for S, count in passes(config, n_jacobi) for _ in range(count))
+                                     blocks=lambda length: kernels.blocks_suit(device_type, dtype, length))
+    slots = '+'.join(str(S) for S, count in pass_schedule(config, n_jacobi) for _ in range(count))
     description = (f"{config.method}, micro-batch {batch_size} x {T}, passes over {slots} slots per token, "
                    f"{str(dtype).removeprefix('torch.')}, {parallelism if world_size > 1 else 'one process'}"
                    f"{f' x {world_size}' if world_size > 1 else ''}"
@@ -293,8 +295,8 @@ def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dt
 
     # warm up on a tiny model of the same method: kernels' one-time buffers are not the plan's business
     method = {k: getattr(config, k) for k in METHOD_COUNTS + ('pause_token_id',)}
-    tiny = GPT(type(config)(n_layer=1, n_head=1, n_embd=8, vocab_size=config.vocab_size, block_size=8,
-                            **method)).to(device)
+    tiny = kernels.install(GPT(type(config)(n_layer=1, n_head=1, n_embd=8, vocab_size=config.vocab_size,
+                                            block_size=8, **method)).to(device))
     tiny.activation_checkpointing = activation_checkpointing
     train(tiny, torch.optim.AdamW(tiny.parameters()), idx[:1, :8])
     del tiny
@@ -310,7 +312,7 @@ def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dt
         except OSError:
             return None
         base = proc_status('VmRSS')
-    model = GPT(config).to(device)
+    model = kernels.install(GPT(config).to(device))  # as the scripts train it, and as plan_memory counts
     model.activation_checkpointing = activation_checkpointing
     train(model, torch.optim.AdamW(model.parameters()), idx)
     if device_type == 'cuda':

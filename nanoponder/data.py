@@ -199,3 +199,54 @@ class ValBatches:
 
     def get(self, k):
         return self.blocks.read(self.block_ids(k))
+
+
+# -----------------------------------------------------------------------------
+# windows over a stream of ids, for scoring every token once
+
+def sliding_windows(n_tokens, block, stride):
+    """Windows (start, end, first) over a stream of n_tokens ids: inputs ids[start:end-1], targets
+    ids[start+1:end]; the targets from index `first` on are scored here, the ones before it are context that an
+    earlier window scored. Window k starts at k*stride, so every target 1..n_tokens-1 is scored exactly once,
+    with at least block - stride tokens of context after the first window."""
+    windows, first, start = [], 1, 0
+    while first < n_tokens:
+        end = min(start + block + 1, n_tokens)
+        windows.append((start, end, first))
+        first, start = end, start + stride
+    return windows
+
+
+def utf8_bytes(tok, ids):
+    """UTF-8 bytes of the text of ids, decoded a document at a time (split at EOS, so no character is cut);
+    each EOS counts one byte, as the separator between documents."""
+    ids = np.asarray(ids)
+    cuts = np.flatnonzero(ids == tok.eos_id)
+    total, begin = len(cuts), 0
+    for cut in list(cuts) + [len(ids)]:
+        if cut > begin:
+            total += len(tok.decode(ids[begin:cut].tolist()).encode('utf-8'))
+        begin = cut + 1
+    return total
+
+
+def window_batches(ids, windows, batch_size, device):
+    """Yield x, y (B, L) int64 on device: inputs and targets of same-length windows, y = -1 where not scored."""
+    by_length = {}
+    for w in windows:
+        by_length.setdefault(w[1] - w[0], []).append(w)
+    for group in by_length.values():
+        for i in range(0, len(group), batch_size):
+            rows = [np.asarray(ids[s:e], dtype=np.int64) for s, e, _ in group[i:i + batch_size]]
+            batch = torch.from_numpy(np.stack(rows)).to(device)
+            x, y = batch[:, :-1], batch[:, 1:].clone()
+            for row, (s, _, first) in enumerate(group[i:i + batch_size]):
+                y[row, :first - s - 1] = -1  # targets before `first` were scored by an earlier window
+            yield x, y
+
+
+def window_counts(windows):
+    counts = {}
+    for s, e, _ in windows:
+        counts[e - s] = counts.get(e - s, 0) + 1
+    return counts

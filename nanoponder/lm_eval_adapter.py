@@ -3,7 +3,8 @@ A nanoPonder model as an lm-evaluation-harness 0.4 model: NanoPonderLM, register
 with batched loglikelihood (through TemplateLM's tokenization of context and continuation, as lm-eval's own 'hf'
 model), loglikelihood_rolling and generate_until. A PonderLM-2 model scores with exact thoughts (thoughts='exact':
 the thoughts that decoding computes) or with Jacobi passes (thoughts='jacobi': n_jacobi parallel passes, or
-adaptively to jacobi_tol, as the papers score), and generates with its own GPT.generate_stream.
+adaptively to jacobi_tol, as the papers score), and generates with model.generate_stream. run_tasks is eval.py's
+downstream mode.
 
     import lm_eval
     from nanoponder.lm_eval_adapter import NanoPonderLM
@@ -13,18 +14,22 @@ adaptively to jacobi_tol, as the papers score), and generates with its own GPT.g
 import json
 import sys
 
+import lm_eval
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import make_table
 from tqdm import tqdm
 
-from model import settled
+from model import generate_stream, settled
+from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from
 from nanoponder.methods import check_thought_mode
-from nanoponder.runtime import UserError, autocast, resolve_device, resolve_dtype
+from nanoponder.runtime import UserError, autocast, failure, one_line, resolve_device, resolve_dtype, write_json
 from nanoponder.tokenizer import model_tokenizer
 
 
@@ -69,7 +74,7 @@ class NanoPonderLM(TemplateLM):
         self._device = resolve_device(str(device))
         device_type = torch.device(self._device).type
         self.ctx = autocast(device_type, resolve_dtype(dtype, device_type))
-        self.model = model.to(self._device).eval()
+        self.model = kernels.install(model.to(self._device).eval())
         self.tok = tokenizer
         self.thoughts, self.n_jacobi, self.jacobi_tol = thoughts, n_jacobi, jacobi_tol
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
@@ -178,14 +183,14 @@ class NanoPonderLM(TemplateLM):
         return results
 
     def continue_texts(self, prompts, settings):
-        """Continue B prompts of equal length with GPT.generate_stream, each until its first stop string or the
+        """Continue B prompts of equal length with model.generate_stream, each until its first stop string or the
         EOS token, at most max_gen_toks tokens; the texts, each cut before its first stop string."""
         until = settings['until']
         idx = torch.tensor(prompts, dtype=torch.long, device=self._device)  # (B, T)
         new, done = [[] for _ in prompts], [False] * len(prompts)
         with self.ctx:
-            for idx_next, _ in self.model.generate_stream(idx, settings['max_gen_toks'], **sampling(settings),
-                                                          **self.prompt_thoughts()):
+            for idx_next, _ in generate_stream(self.model, idx, settings['max_gen_toks'], **sampling(settings),
+                                               **self.prompt_thoughts()):
                 for row, token in enumerate(idx_next[:, 0].tolist()):
                     if not done[row]:
                         new[row].append(token)
@@ -193,6 +198,16 @@ class NanoPonderLM(TemplateLM):
                 if all(done):
                     break
         return [postprocess_generated_text(self.tok.decode(ids), until, None) for ids in new]
+
+    def scoring(self):
+        """How the model's thoughts are scored, for people."""
+        if not self.model.config.n_thoughts:
+            return 'none (no thoughts)'
+        if self.thoughts == 'exact':
+            return 'exact (sequential, KV cache)'
+        if self.jacobi_tol is not None:
+            return f'jacobi, adaptive to tol {self.jacobi_tol:g}'
+        return f'jacobi, {self.model.config.n_jacobi if self.n_jacobi is None else self.n_jacobi} passes'
 
     def prompt_thoughts(self):
         """generate's options for the prompt's thoughts, as the scoring computes them: exact, adaptive to jacobi_tol
@@ -202,3 +217,46 @@ class NanoPonderLM(TemplateLM):
         if self.jacobi_tol is not None:
             return dict(stop=settled(self.jacobi_tol))
         return dict(n_jacobi=self.n_jacobi)
+
+
+# -----------------------------------------------------------------------------
+# eval.py's downstream mode
+
+def run_tasks(model, tok, name, path, tasks, num_fewshot=0, limit=0, task_dir='', seed=1337, **options):
+    """The tasks (names) through lm-eval with NanoPonderLM(model, tok, **options): a markdown table on stdout and
+    PATH_tasks.json. name: the model's, for the report. A task that is unknown, or whose data cannot be fetched,
+    is one UserError."""
+    lm = NanoPonderLM(model=model, tokenizer=tok, **options)
+    manager = task_manager(tasks, task_dir)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit or None,
+                                          task_manager=manager, log_samples=False, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    except ConnectionError as e:  # datasets could not fetch a task's data (offline, or the network is down)
+        raise failure(f"could not get the data of {', '.join(tasks)}: {one_line(e)}. lm-eval downloads task "
+                      f"datasets from the Hugging Face Hub: run once with network access (they are cached, and "
+                      f"offline runs, HF_DATASETS_OFFLINE=1, read the cache), or give tasks over local files in "
+                      f"--task_dir") from None
+    print(f"{name}, {model.config.method_label}, thoughts: {lm.scoring()}, {num_fewshot}-shot")
+    print(make_table(results))
+    report = {'model': name, 'method': model.config.method, 'scoring': lm.scoring(),
+              'num_fewshot': num_fewshot, 'limit': limit or None, 'results': results.get('results'),
+              'versions': results.get('versions'), 'n-shot': results.get('n-shot'),
+              'n-samples': results.get('n-samples')}
+    write_json(path + '_tasks.json', report)
+    print(f"wrote {path}_tasks.json", file=sys.stderr)
+
+
+def task_manager(tasks, task_dir):
+    """lm-eval's index of the tasks: task_dir's alone when it has them all (indexing lm-eval's own thousands of
+    task files takes a while), else lm-eval's with task_dir's added. Unknown names are a UserError."""
+    if task_dir:
+        own = TaskManager(include_path=task_dir, include_defaults=False)
+        if all(t in own.all_tasks for t in tasks):
+            return own
+    manager = TaskManager(include_path=task_dir or None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (lm-eval --tasks list shows them; a folder "
+                        f"of your own YAMLs goes in --task_dir)")
+    return manager

@@ -1,7 +1,7 @@
 """
 The record of a training run, kept by rank 0: out_dir/metrics.jsonl (one JSON object per line: train lines with
 loss, lr, tokens/s, MFU, R; evaluation lines with val_loss), the loss curve out_dir/loss.png, and the console, a
-tqdm bar in a terminal or a plain line per log_interval in a file.
+tqdm bar in a terminal or a plain line per log_interval in a file, which start with the run's summary.
 
     from nanoponder.runlog import read_metrics
     entries = read_metrics('out-shakespeare-ponder/metrics.jsonl')
@@ -12,10 +12,87 @@ import math
 import os
 import sys
 
+import torch
 from tqdm import tqdm
 
-from nanoponder.cost import estimate_mfu, mfu_peak
-from nanoponder.runtime import failure, write_result
+from nanoponder.cost import flops_per_token, mfu_peak, plan_memory
+from nanoponder.parallel import gather_dtype
+from nanoponder.runtime import UserError, failure, human, write_result
+
+
+def open_log(cfg, model, pretrained, train_batches, world_size, device, dtype, iter_num, total_iters, warmup,
+             decay_end, notes):
+    """Rank 0's RunLog of a training run (cfg: train.py's config), which starts with the run's summary and notes."""
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    train_flops = flops_per_token(model.config, sum(cfg.jacobi_train_range) / 2, training=True)  # at the mean R
+
+    peak = []  # what MFU is against: mfu_peak, measured at the first log line (a CPU measures its matmul peak)
+
+    def mfu(tokens_per_sec):  # of one device
+        if not peak:
+            peak.append(mfu_peak(device, dtype))
+        return train_flops * tokens_per_sec / world_size / peak[0] if peak[0] else None
+
+    log = RunLog(cfg.out_dir, cfg.log_interval, total_iters, warmup, iter_num,
+                 resumed=cfg.init_from == 'resume', wandb=start_wandb(cfg), mfu=mfu,
+                 tokens_per_iter=tokens_per_iter, iters_per_epoch=train_batches.iters_per_epoch)
+    for line in summary(cfg, model, pretrained, train_batches, world_size, device, dtype, iter_num, total_iters,
+                        warmup, decay_end) + notes:
+        log.say(line)  # (say survives a closed stdout: `| head` may have read the config echo and gone)
+    return log
+
+
+def start_wandb(cfg):
+    if not cfg.wandb_log:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False") from None
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
+    return wandb
+
+
+def summary(cfg, model, pretrained, train_batches, world_size, device, dtype, iter_num, total_iters, warmup,
+            decay_end):
+    """The run in a few lines, printed before training."""
+    config, blocks = model.config, train_batches.blocks
+    accum = cfg.gradient_accumulation_steps // world_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    source = f"{pretrained} (its architecture)" if pretrained else cfg.model or 'custom'
+    lo, hi = cfg.jacobi_train_range
+    method = config.method_label + (f", R in {lo}..{hi} in training, {config.n_jacobi} in eval"
+                                    if config.n_thoughts else '')
+    plan = plan_memory(config, cfg.batch_size, cfg.block_size, n_jacobi=hi, dtype=dtype, parallelism=cfg.parallelism,
+                       world_size=world_size, grad_accum=accum, activation_checkpointing=cfg.activation_checkpointing,
+                       gather_dtype=gather_dtype(cfg.parallelism, device, dtype), device_type=torch.device(device).type)
+    return [
+        f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {method}; "
+        f"{human(model.get_num_params())} non-embedding params ({human(model.get_num_params(False))} total)",
+        f"data: {cfg.data_dir}, {human(blocks.n_blocks * cfg.block_size)} train tokens in {blocks.n_blocks:,} blocks "
+        f"of {cfg.block_size}, {train_batches.iters_per_epoch:,} iterations per epoch",
+        f"batch: {cfg.batch_size} x {accum} accumulation x {world_size} process(es) = "
+        f"{cfg.batch_size * cfg.gradient_accumulation_steps} sequences = {tokens_per_iter:,} tokens per iteration",
+        f"schedule: {total_iters:,} iterations ({total_iters / train_batches.iters_per_epoch:.2f} epochs, "
+        f"{human(total_iters * tokens_per_iter)} tokens), lr {cfg.learning_rate:g}, warmup {warmup}, "
+        f"cosine to {cfg.learning_rate * cfg.min_lr_ratio:g} at {decay_end}"
+        + (f"; resuming at {iter_num}" if iter_num else ''),
+        f"FLOPs/token: {flops_per_token(config, (lo + hi) / 2, training=True):.3g} training, "
+        f"{flops_per_token(config, config.n_jacobi, training=False):.3g} eval; device {device}, "
+        f"{str(dtype).removeprefix('torch.')}, compile={cfg.compile}, parallelism: "
+        f"{cfg.parallelism if torch.distributed.is_initialized() else 'none (one process)'}",
+        plan.summary()] + schedule_notes(cfg, total_iters, warmup, decay_end)
+
+
+def schedule_notes(cfg, total_iters, warmup, decay_end):
+    """What a schedule that is legal but probably not meant does (a smoke test's short run may mean it)."""
+    if warmup >= total_iters:
+        return [f"note: the warmup ({warmup} iterations) is as long as the run ({total_iters}) or longer: "
+                f"the learning rate never reaches its peak {cfg.learning_rate:g} and never decays"]
+    if decay_end <= warmup:
+        return [f"note: lr_decay_iters={cfg.lr_decay_iters} is not after the warmup ({warmup} iterations): the "
+                f"learning rate drops from the warmup straight to {cfg.learning_rate * cfg.min_lr_ratio:g}"]
+    return []
 
 
 class RunLog:
@@ -23,21 +100,22 @@ class RunLog:
     out_dir/loss.png, Weights & Biases if asked, and the console: a tqdm bar when stdout is a terminal, a
     plain line per log_interval otherwise (`nohup ... > log`, `| tee`)."""
 
-    def __init__(self, out_dir, run, log_interval, resumed_at=None, wandb=None):
-        """run: the training run's state (total_iters, warmup, iter_num, ...); resumed_at: the checkpoint's iteration
-        when resuming (the log keeps its lines up to there); wandb: an initialized wandb module, or None."""
-        self.out_dir, self.log_interval, self.wandb = out_dir, log_interval, wandb
+    def __init__(self, out_dir, log_interval, total_iters, warmup, iter_num=0, resumed=False, wandb=None, mfu=None,
+                 tokens_per_iter=1, iters_per_epoch=1):
+        """iter_num: where the run starts; resumed: the log keeps its lines up to there; wandb: an initialized
+        wandb module, or None; mfu(tokens_per_sec) -> the MFU of training at that speed, or None."""
+        self.out_dir, self.log_interval, self.wandb, self.mfu = out_dir, log_interval, wandb, mfu
+        self.tokens_per_iter, self.iters_per_epoch = tokens_per_iter, iters_per_epoch
         self.path = os.path.join(out_dir, 'metrics.jsonl')
-        self.entries = read_metrics(self.path, resumed_at) if resumed_at is not None else []
+        self.entries = read_metrics(self.path, iter_num) if resumed else []
         with write_result(self.path, 'w') as f:
             f.writelines(json_line(e) for e in self.entries)
-        self.total, self.warmup = run.total_iters, run.warmup
+        self.total, self.warmup = total_iters, warmup
         self.window_time, self.window_iters = 0.0, 0  # training time and iterations since the last log line
-        self.peak_flops = None  # what MFU is against: measured on a CPU at the first log line (see mfu_peak)
         self.no_matplotlib = False
         self.bar = None
         if sys.stdout.isatty() and terminal_has_size():
-            self.bar = tqdm(total=run.total_iters, initial=run.iter_num, dynamic_ncols=True, unit='it', file=sys.stdout)
+            self.bar = tqdm(total=total_iters, initial=iter_num, dynamic_ncols=True, unit='it', file=sys.stdout)
 
     def say(self, text):
         """Print a line (above the bar in a terminal). A closed stdout (the reader of a pipe died, e.g. `tee`
@@ -63,7 +141,16 @@ class RunLog:
         if 'val_loss' in entry:
             self.plot()
 
-    def iteration_done(self, run, stats, seconds):
+    def evaluation(self, iter_num, loss, best_val_loss, improved):
+        """An evaluation's line and record."""
+        ppl = math.exp(loss) if loss < 700 else math.inf
+        self.say(f"iter {iter_num}: val loss {loss:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
+        self.record({'iter': iter_num, 'val_loss': loss, 'val_ppl': ppl, 'best_val_loss': best_val_loss,
+                     'tokens': iter_num * self.tokens_per_iter})
+
+    def iteration_done(self, iter_num, stats, seconds):
+        """An iteration took seconds; every log_interval, a line and a record with its stats (loss, lr, R,
+        grad_norm) and the speed since the last line."""
         self.window_time += seconds
         self.window_iters += 1
         if self.bar is not None:
@@ -71,23 +158,21 @@ class RunLog:
                 self.bar.update(1)
             except (BrokenPipeError, OSError):
                 self.say('')  # redirects stdout to devnull and drops the bar
-        if run.iter_num % self.log_interval:
+        if iter_num % self.log_interval:
             return
-        tokens_per_sec = self.window_iters * run.tokens_per_iter / self.window_time
-        if self.peak_flops is None:
-            self.peak_flops = mfu_peak(run.device, run.ptdtype)
-        mfu = estimate_mfu(run.raw_model.config, tokens_per_sec / run.world_size, run.mean_jacobi, self.peak_flops)
+        tokens_per_sec = self.window_iters * self.tokens_per_iter / self.window_time
+        mfu = self.mfu(tokens_per_sec) if self.mfu else None
         grad_norm = stats['grad_norm']
-        self.record({'iter': run.iter_num, 'loss': stats['loss'], 'lr': stats['lr'], 'tokens_per_sec': tokens_per_sec,
+        self.record({'iter': iter_num, 'loss': stats['loss'], 'lr': stats['lr'], 'tokens_per_sec': tokens_per_sec,
                      'mfu': mfu, 'R': stats['R'], 'grad_norm': None if grad_norm is None else grad_norm.item(),
-                     'epoch': run.iter_num / run.train_batches.iters_per_epoch})
+                     'epoch': iter_num / self.iters_per_epoch})
         mfu_text = 'n/a' if mfu is None else f"{100 * mfu:.1f}%"
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
                                  mfu=mfu_text, refresh=False)
         else:
-            eta = (run.total_iters - run.iter_num) * self.window_time / self.window_iters
-            self.say(f"iter {run.iter_num}/{run.total_iters}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
+            eta = (self.total - iter_num) * self.window_time / self.window_iters
+            self.say(f"iter {iter_num}/{self.total}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
                      f"{tokens_per_sec:,.0f} tokens/s, mfu {mfu_text}, eta {format_seconds(eta)}")
         self.window_time, self.window_iters = 0.0, 0
 
@@ -129,6 +214,12 @@ class RunLog:
             fig.savefig(f, format='png', dpi=100)
         plt.close(fig)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
         if self.bar is not None:
             try:
@@ -150,13 +241,19 @@ def terminal_has_size():
 class SilentLog:
     """What ranks other than 0 log: nothing."""
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
     def say(self, text):
         pass
 
-    def record(self, entry):
+    def evaluation(self, iter_num, loss, best_val_loss, improved):
         pass
 
-    def iteration_done(self, run, stats, seconds):
+    def iteration_done(self, iter_num, stats, seconds):
         pass
 
 

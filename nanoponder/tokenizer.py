@@ -278,3 +278,31 @@ def safe_decode(tok, ids):
     50304 rows against the tokenizer's 50277 ids), and an untrained padding row can still be sampled."""
     return tok.decode([i for i in ids if i < tok.vocab_size])
 
+
+class TextStream:
+    """Prints the text of a growing list of token ids as it grows. A character made of several tokens
+    (a byte-level BPE splits emoji and CJK into bytes) decodes to U+FFFD until its last byte comes, so text
+    ending in U+FFFD waits for the next token. Each step decodes only the ids since the last printed chunk,
+    plus that chunk again as context (a decoder may treat a token differently at the start of the text)."""
+
+    def __init__(self, decode, ids):
+        self.decode, self.ids = decode, list(ids)
+        # ids[prefix:read] were printed already (kept as context); ids[read:] are not yet
+        self.prefix, self.read = max(0, len(self.ids) - 5), len(self.ids)
+
+    def add(self, token):
+        self.ids.append(token)
+        done = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if len(text) > len(done) and not text.endswith('\ufffd'):
+            self.write(text[len(done):])
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def finish(self):
+        done = self.decode(self.ids[self.prefix:self.read])
+        self.write(self.decode(self.ids[self.prefix:])[len(done):] + '\n')
+
+    @staticmethod
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()

@@ -1,4 +1,4 @@
-"""bench.py end to end on a tiny model: the tables' shape and the JSON's figures, never the timings.
+"""experiments/bench.py end to end on a tiny model: the tables' shape and the JSON's figures, never the timings.
 
     python -m pytest tests/test_bench.py -q
 """
@@ -25,7 +25,7 @@ METHODS = {'vanilla': 'vanilla', 'ponderlm2-k1': 'PonderLM-2 K=1', 'ponderlm2-k2
 
 def bench(*args):
     # ENV: one thread, which the children inherit (on shared cores about half the time of torch's default)
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'bench.py'), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -191,7 +191,7 @@ def test_the_baselines_get_a_row_in_every_table(monkeypatch, capsys, tmp_path):
     in this process (a child process per method and variant costs seconds of importing torch; the plumbing is
     the module fixture's): training, cached and uncached decoding, checkpointing and the memory plan. One thread,
     as the children have under ENV: two threads on shared cores take several times as long."""
-    import bench as b
+    from experiments import bench as b
     import configurator
     for arg in TINY + [f'--methods={",".join(BASELINES)}', f'--json={tmp_path / "bench.json"}', '--threads=1']:
         monkeypatch.setattr(b, *configurator.parse_override(arg, configurator.known_config(vars(b))))
@@ -218,7 +218,7 @@ def test_the_baselines_get_a_row_in_every_table(monkeypatch, capsys, tmp_path):
 def test_profile_reports_the_matmul_share_of_one_training_step(monkeypatch, capsys, tmp_path):
     """--profile=True at the tiny shape for vanilla alone, its main child run in this process (as above): the
     JSON's profile (the matmuls' share of the ops' self time, torch.profiler's table) and its report section."""
-    import bench as b
+    from experiments import bench as b
     import configurator
     for arg in TINY + ['--methods=vanilla', '--profile=True', '--compare_checkpointing=False',
                        '--check_memory=False', '--compare_hf=False', f'--json={tmp_path / "bench.json"}',
@@ -255,8 +255,8 @@ def test_import_has_no_side_effects(monkeypatch, capsys):
         raise AssertionError('import bench started a process')
 
     monkeypatch.setattr(subprocess, 'run', no_subprocess)
-    monkeypatch.delitem(sys.modules, 'bench', raising=False)
-    bench_module = importlib.import_module('bench')
+    monkeypatch.delitem(sys.modules, 'experiments.bench', raising=False)
+    bench_module = importlib.import_module('experiments.bench')
     assert sys.argv == argv
     assert capsys.readouterr() == ('', '')
     assert bench_module.model == 'pythia-70m' and bench_module.task == ''

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from model import GPT, GPTConfig, relative_change, settled
+from model import GPT, GPTConfig, generate_stream, relative_change, settled
+from nanoponder.data import sliding_windows, utf8_bytes
 from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained, read_config, save_pretrained
 from helpers import ENV, ROOT, randomize, tiny, write_checkpoint
 
@@ -89,8 +90,8 @@ def test_generate_prefill_with_a_jacobi_tolerance():
         exact = model.sequential_logits(prompt)[:, -1]
         one, _ = model(prompt, n_jacobi=1)
     passes = []
-    (_, at_zero), = model.generate_stream(prompt, 1, temperature=0, stop=recorded(settled(0.0), passes))
-    (_, huge), = model.generate_stream(prompt, 1, temperature=0, stop=settled(1e30))
+    (_, at_zero), = generate_stream(model, prompt, 1, temperature=0, stop=recorded(settled(0.0), passes))
+    (_, huge), = generate_stream(model, prompt, 1, temperature=0, stop=settled(1e30))
     torch.testing.assert_close(at_zero, exact, atol=1e-5, rtol=1e-5)
     assert 1 <= passes[-1] <= prompt.size(1) - 1
     torch.testing.assert_close(huge, one[:, -1], atol=1e-5, rtol=1e-5)  # one pass: not exact, as the next line shows
@@ -156,7 +157,7 @@ def test_exact_thoughts_are_the_sequential_computation_and_a_jacobi_fixed_point(
 
 @pytest.mark.parametrize('n,block,stride', [(2, 4, 4), (10, 4, 4), (11, 4, 4), (23, 8, 3), (9, 8, 1), (100, 16, 16)])
 def test_sliding_windows_score_every_target_once(n, block, stride):
-    windows = ev.sliding_windows(n, block, stride)
+    windows = sliding_windows(n, block, stride)
     scored = [i for start, end, first in windows for i in range(first, end)]
     assert scored == list(range(1, n))  # each target exactly once, in order
     for k, (start, end, first) in enumerate(windows):
@@ -170,8 +171,8 @@ def test_utf8_bytes_of_documents_and_their_separators(tok):
     ids = []
     for d in docs:
         ids += tok.encode(d) + [tok.eos_id]
-    assert ev.utf8_bytes(tok, ids) == sum(len(d.encode('utf-8')) for d in docs) + len(docs)
-    assert ev.utf8_bytes(tok, tok.encode(docs[0])) == len(docs[0].encode('utf-8'))
+    assert utf8_bytes(tok, ids) == sum(len(d.encode('utf-8')) for d in docs) + len(docs)
+    assert utf8_bytes(tok, tok.encode(docs[0])) == len(docs[0].encode('utf-8'))
 
 
 def reference_nats(model, ids, windows):
@@ -190,16 +191,16 @@ def test_vanilla_loss_and_bits_per_byte(tok, stride):
     model = randomize(tiny(vocab_size=300), std=0.1)
     text = 'the cat sat on a mat 🙂 and the dog ran far, naïve café ' * 4
     ids = np.array([tok.eos_id] + tok.encode(text))
-    windows = ev.sliding_windows(len(ids), 16, stride)
+    windows = sliding_windows(len(ids), 16, stride)
     totals = ev.evaluate_loss(model, ids, windows, torch.no_grad(), 'cpu', 3, 0, (), False)
-    (row,) = ev.loss_rows(totals, len(ids) - 1, ev.utf8_bytes(tok, ids[1:]), 0, ())
+    (row,) = ev.loss_rows(totals, len(ids) - 1, utf8_bytes(tok, ids[1:]), 0, ())
     want = reference_nats(model, ids, windows)
     assert row['loss'] == pytest.approx(want / (len(ids) - 1), rel=1e-5)
     assert row['bits_per_byte'] == pytest.approx(want / (math.log(2) * len(text.encode('utf-8'))), rel=1e-5)
 
 
 def thought_rows(model, ids, block, max_r, tols=()):
-    windows = ev.sliding_windows(len(ids), block, block)
+    windows = sliding_windows(len(ids), block, block)
     totals = ev.evaluate_loss(model, ids, windows, torch.no_grad(), 'cpu', 4, max_r, tols, True)
     return {r['name']: r for r in ev.loss_rows(totals, len(ids) - 1, len(ids), max_r, tols)}
 
@@ -212,7 +213,7 @@ def test_exact_loss_is_sequential_logits_and_jacobi_reaches_it_at_the_bound(K):
     bound = K * (block - 1)
     rows = thought_rows(model, ids, block, bound, tols=(0.0,))
     want = 0.0
-    for start, end, first in ev.sliding_windows(len(ids), block, block):
+    for start, end, first in sliding_windows(len(ids), block, block):
         logits = model.sequential_logits(torch.tensor(ids[start:end - 1])[None])
         want += F.cross_entropy(logits[0], torch.tensor(ids[start + 1:end]), reduction='sum').item()
     assert rows['exact']['loss'] == pytest.approx(want / (len(ids) - 1), rel=1e-6)
@@ -474,7 +475,7 @@ def test_lm_eval_adapter_matches_lm_evals_own_hf_model(tmp_path, hf_dir):
     hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(str(hf_dir)).eval()
     names = lm_tasks(tmp_path, hf_model)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
-    ours = ev.lm_eval_class()(init_from=str(hf_dir), batch_size=3)
+    ours = ev.lm_eval_adapter().NanoPonderLM(init_from=str(hf_dir), batch_size=3)
     peer = HFLM(pretrained=str(hf_dir), device='cpu', batch_size=3)
     results = [lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
                                        log_samples=True) for lm in (ours, peer)]
@@ -511,7 +512,7 @@ def test_lm_evals_own_hf_model_scores_a_ponderlm2_export_as_our_adapter(tmp_path
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, thoughts='exact')
     names = lm_tasks(tmp_path, hf_model.eval())
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
-    ours = ev.lm_eval_class()(init_from=path, batch_size=3)  # thoughts='exact', its default
+    ours = ev.lm_eval_adapter().NanoPonderLM(init_from=path, batch_size=3)  # thoughts='exact', its default
     peer = HFLM(pretrained=path, device='cpu', batch_size=3, trust_remote_code=True, thoughts='exact')
     assert type(peer.model).__name__ == 'NanoPonderForCausalLM'
     results = [lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
@@ -524,7 +525,7 @@ def test_eval_needs_lm_eval_only_for_tasks_and_registers_nanoponder():
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     registry = pytest.importorskip('lm_eval.api.registry')
-    cls = ev.lm_eval_class()  # defines and registers the class
+    cls = ev.lm_eval_adapter().NanoPonderLM  # defines and registers the class
     assert registry.get_model('nanoponder') is cls
 
 
@@ -532,7 +533,7 @@ def test_tasks_without_lm_eval_are_one_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'lm_eval', None)  # import lm_eval now fails, as where it is not installed
     monkeypatch.delitem(sys.modules, 'nanoponder.lm_eval_adapter', raising=False)
     with pytest.raises(ev.UserError, match=r"downstream tasks need lm-evaluation-harness: pip install 'lm-eval"):
-        ev.lm_eval_class()
+        ev.lm_eval_adapter()
 
 
 def instance(kind, args):
@@ -558,8 +559,8 @@ def test_lm_eval_adapter_scores_thought_models_exactly_or_with_jacobi(tok):
     pytest.importorskip('lm_eval')
     model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
     requests = [instance('loglikelihood', p) for p in PAIRS]
-    exact = ev.lm_eval_class()(model=model, tokenizer=tok, batch_size=2).loglikelihood(requests)
-    jacobi = ev.lm_eval_class()(model=model, tokenizer=tok, thoughts='jacobi', n_jacobi=0).loglikelihood(requests)
+    exact = ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, batch_size=2).loglikelihood(requests)
+    jacobi = ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, thoughts='jacobi', n_jacobi=0).loglikelihood(requests)
     for (context, continuation), (lp_exact, _), (lp_jacobi, _) in zip(PAIRS, exact, jacobi):
         assert lp_exact == pytest.approx(reference_logprob(tok, context, continuation, model.sequential_logits),
                                          abs=1e-4)
@@ -577,7 +578,7 @@ def test_lm_eval_adapter_scores_a_baseline_in_one_forward_per_batch(tok, kw):
     forwards = []
     counted = model.forward
     model.forward = lambda *args, **kwargs: forwards.append(args[0].shape) or counted(*args, **kwargs)
-    scores = ev.lm_eval_class()(model=model, tokenizer=tok, batch_size=2).loglikelihood(
+    scores = ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, batch_size=2).loglikelihood(
         [instance('loglikelihood', p) for p in PAIRS])
     assert len(forwards) == 2 and forwards[0][0] == 2  # 3 requests: a batch of 2 and one of 1
     for (context, continuation), (logprob, _) in zip(PAIRS, scores):
@@ -588,7 +589,7 @@ def test_lm_eval_adapter_scores_a_baseline_in_one_forward_per_batch(tok, kw):
 def test_lm_eval_generate_until_stops_at_strings_and_max_tokens(tok):
     pytest.importorskip('lm_eval')
     model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
-    lm = ev.lm_eval_class()(model=model, tokenizer=tok, batch_size=2)
+    lm = ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, batch_size=2)
     prompt = 'the cat sat on'
     ids = torch.tensor([tok.encode(prompt)])
     greedy = model.generate(ids, 12, temperature=0, n_jacobi=ids.size(1))[0, ids.size(1):].tolist()  # exact prompt
@@ -609,7 +610,7 @@ def test_lm_eval_generate_until_samples_with_the_tasks_settings(tok):
     task's top_k and top_p reach the model's sampler; without do_sample the temperature is ignored."""
     pytest.importorskip('lm_eval')
     model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
-    lm = ev.lm_eval_class()(model=model, tokenizer=tok, batch_size=2)
+    lm = ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, batch_size=2)
     prompt = 'the cat sat on'
     ids = torch.tensor([tok.encode(prompt)])
     greedy = tok.decode(model.generate(ids, 6, temperature=0, exact=True)[0, ids.size(1):].tolist())

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model import GPT, METHOD_COUNTS, GPTConfig
+from model import GPT, METHOD_COUNTS, GPTConfig, decode_one, generate_stream, prefill
 from nanoponder.cost import flops_per_token, inference_flops_per_token, kv_cache_slots, plan_memory
 from nanoponder.hf import load_pretrained, save_pretrained
 from nanoponder.methods import method_fields
@@ -41,7 +41,7 @@ def tokens(shape, seed):
 def stack(model, x, pos):
     """The layer stack once over x (B, S, C) at position ids pos (a list of S ints), without a cache."""
     pos = torch.tensor(pos)
-    cos, sin = model.rotary(pos, x.dtype)
+    cos, sin = (table[pos].to(x.dtype)[:, None, None] for table in (model.rope_cos, model.rope_sin))
     for i in range(model.config.n_layer):
         x = model.layers[i](x, cos, sin)
     return x
@@ -139,7 +139,7 @@ def test_cached_greedy_decoding_equals_reference(name):
     block = 8
     model = new_model(name, block_size=block)
     prompt = tokens((2, 5), 3)
-    steps = list(model.generate_stream(prompt, 10, temperature=0))
+    steps = list(generate_stream(model, prompt, 10, temperature=0))
     cached = torch.cat([prompt] + [t for t, _ in steps], dim=1)
     assert torch.equal(cached, model.generate(prompt, 10, temperature=0, use_cache=False))
     window, out = prompt, [prompt]  # greedy decoding driven by the reference, with the documented sliding window
@@ -157,7 +157,7 @@ def test_cached_greedy_decoding_equals_reference(name):
     idx = tokens((2, 7), 4)
     with torch.no_grad():
         caches = model.new_caches(2, 7, 'cpu')
-        h = torch.cat([model.causal(idx[:, :3], caches), model.causal(idx[:, 3:], caches)], dim=1)
+        h = torch.cat([model.next_token_states(idx[:, :3], caches), model.next_token_states(idx[:, 3:], caches)], dim=1)
         ref = reference(model, idx)
     assert max_diff(model.embed_out(h), ref) < TOL, max_diff(model.embed_out(h), ref)
 
@@ -278,9 +278,9 @@ def test_inference_flops_are_what_decoding_one_token_multiplies(name):
     t = 5
     idx = torch.randint(0, V - 1, (1, t + 1))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        _, caches = model.prefill(idx[:, :t], max_len=t + 1, exact=True)
+        _, caches = prefill(model, idx[:, :t], max_len=t + 1, exact=True)
         with FlopCounterMode(display=False) as counter:
-            model.embed_out(model.decode_one(idx[:, t:], caches))
+            model.embed_out(decode_one(model, idx[:, t:], caches))
     # Pause's K+1 slots go through together, so SDPA also multiplies its later slots' keys that the mask hides
     masked = 4 * cfg.n_layer * cfg.n_embd * cfg.slots * (cfg.slots - 1) // 2 if cfg.n_pause else 0
     assert counter.get_total_flops() == inference_flops_per_token(cfg, position=t) + masked

@@ -174,7 +174,7 @@ def test_offline_tasks_are_one_line_naming_what_to_do(run_dir, tmp_path):
 ])
 def test_bench_mistakes_are_one_line_before_measuring(run_dir, arg, needles, absent):
     before = checksums(run_dir)
-    r = run('bench.py', *BENCH, arg.format(run=run_dir))
+    r = run('experiments/bench.py', *BENCH, arg.format(run=run_dir))
     assert_one_error(r, 2, *needles)
     error = r.stderr.strip().splitlines()[-1]
     assert not any(word in error for word in absent), error
@@ -204,7 +204,7 @@ def test_train_help_shows_each_key_with_its_value_and_comment():
     ('sample', '--temperature=0.8', '0 = greedy'),
     ('sample', '--jacobi_tol=None', '0 = exact'),  # a comment continued on the line below
     ('eval', "--out=''", 'results path'),
-    ('bench', "--json=''", 'JSON'),
+    ('experiments.bench', "--json=''", 'JSON'),
     ('prepare_data', "--dataset='minipile'", 'shakespeare'),
     ('export_hf', "--out=''", 'directory'),
 ])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import model as model_module
-from model import GPT, Attention, GPTConfig, sample
+from model import GPT, GPTConfig, generate_stream, sample
+from nanoponder import kernels
 from nanoponder.cost import estimate_mfu, flops_per_token
 from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained
 from helpers import tiny
@@ -55,10 +55,15 @@ def random_hf_model(tmp_path, parallel_residual, rotary_pct):
     return hf
 
 
+@pytest.mark.parametrize('with_kernels', [False, True])
 @pytest.mark.parametrize('parallel_residual,rotary_pct', [(True, 0.25), (False, 1.0), (True, 1.0), (False, 0.25)])
-def test_parity_with_hf_gpt_neox(tmp_path, parallel_residual, rotary_pct):
+def test_parity_with_hf_gpt_neox(tmp_path, parallel_residual, rotary_pct, with_kernels):
+    """model.py's plain path (what an export runs in transformers), and with the workshop's kernels installed (what
+    the scripts run), against HF: the logits and greedy decoding."""
     hf = random_hf_model(tmp_path, parallel_residual, rotary_pct)
     model = load_pretrained(str(tmp_path)).eval()
+    if with_kernels:
+        kernels.install(model)
     assert model.config.parallel_residual == parallel_residual and model.config.rotary_pct == rotary_pct
     assert not model.config.scale_embeds  # a stock checkpoint has unscaled embeddings
     idx = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -72,12 +77,16 @@ def test_parity_with_hf_gpt_neox(tmp_path, parallel_residual, rotary_pct):
     assert torch.equal(model.generate(prompt, 20, temperature=0), ref_tokens)
 
 
+@pytest.mark.parametrize('with_kernels', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_loss_and_gradients_equal_hf_gpt_neox(tmp_path, dtype):
-    """Training against the peer: the loss (model.cross_entropy) and every weight's gradient (through the in-place
-    rotary on q and k) equal HF's, in fp32 and under bf16 autocast, where HF upcasts the logits for its loss."""
+def test_loss_and_gradients_equal_hf_gpt_neox(tmp_path, dtype, with_kernels):
+    """Training against the peer: the loss (model.cross_entropy, or the kernels' chunked one) and every weight's
+    gradient (through the in-place rotary on q and k, and the kernels' attention in blocks) equal HF's, in fp32 and
+    under bf16 autocast, where HF upcasts the logits for its loss."""
     hf = random_hf_model(tmp_path, True, 0.25)
     model = load_pretrained(str(tmp_path))
+    if with_kernels:
+        kernels.install(model)
     idx = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.autocast('cpu', dtype, enabled=dtype != torch.float32):
         ref = hf(idx, labels=idx).loss  # HF shifts the labels: logits at t predict idx[t + 1]
@@ -98,29 +107,6 @@ def test_loss_and_gradients_equal_hf_gpt_neox(tmp_path, dtype):
         assert err < (1e-4 if dtype == torch.float32 else 2e-2), (name, err.item())
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_cross_entropy_equals_torch(dtype):
-    """model.cross_entropy, a few rows at a time, against F.cross_entropy on the logits upcast to fp32: the loss,
-    ignore_index -1, the gradient (in the logits' dtype), rows that do not divide N, and nan when nothing is kept."""
-    F = torch.nn.functional
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(37, 50, generator=g) * 4).to(dtype).requires_grad_()
-    targets = torch.randint(0, 50, (37,), generator=g)
-    targets[[0, 5, 36]] = -1
-    ref = F.cross_entropy(logits.float(), targets, ignore_index=-1)
-    (2 * ref).backward()
-    ref_grad, logits.grad = logits.grad, None
-    for rows in (1, 8, 64):
-        loss = model_module.cross_entropy(logits, targets, rows)
-        (2 * loss).backward()
-        assert loss.dtype == torch.float32 and logits.grad.dtype == dtype
-        torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(logits.grad, ref_grad, atol=1e-6, rtol=0)
-        assert logits.grad[0].abs().max() == 0  # an ignored row gets no gradient
-        logits.grad = None
-    assert model_module.cross_entropy(logits, torch.full_like(targets, -1)).isnan()
-
-
 def test_chunked_cache_equals_one_pass():
     """Attention with a cache and several new positions needs a shifted causal mask (not SDPA's is_causal)."""
     from model import KVCache
@@ -132,88 +118,6 @@ def test_chunked_cache_equals_one_pass():
     parts = [model.trunk(x[:, :5], pos[:5], cache), model.trunk(x[:, 5:6], pos[5:6], cache),
              model.trunk(x[:, 6:], pos[6:], cache)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_attention_backend_choice(monkeypatch):
-    """'blocks' is what 'auto' runs on the CPU, 'sdpa' the same to float precision; 'flash' needs flash_attn, and
-    then CUDA in bf16/fp16."""
-    model = tiny(block_size=BLOCK, n_thoughts=1)
-    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
-    auto = model(idx)[0]
-    auto_tokens = model.generate(idx[:1, :4], 6, temperature=0)
-    Attention.set_backend(model, 'blocks')
-    assert torch.equal(model(idx)[0], auto)
-    Attention.set_backend(model, 'sdpa')
-    assert {m.attn_backend for m in model.modules() if isinstance(m, Attention)} == {'sdpa'}
-    sdpa = model(idx)[0]
-    assert not torch.equal(sdpa, auto)  # another kernel, or this test could not tell them apart
-    torch.testing.assert_close(sdpa, auto, atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.generate(idx[:1, :4], 6, temperature=0), auto_tokens)
-    with pytest.raises(ValueError, match="one of auto, sdpa, flash, blocks"):
-        Attention.set_backend(model, 'xformers')
-
-    monkeypatch.setattr(model_module, 'flash_attn_func', None)  # as without the package
-    with pytest.raises(ValueError, match="'flash' needs the flash_attn package"):
-        Attention.set_backend(model, 'flash')
-    assert {m.attn_backend for m in model.modules() if isinstance(m, Attention)} == {'sdpa'}  # unchanged
-
-    def fake_flash(*args, **kwargs):
-        raise AssertionError('flash-attn called where it cannot run')
-
-    monkeypatch.setattr(model_module, 'flash_attn_func', fake_flash)  # installed, but this is a CPU
-    Attention.set_backend(model, 'auto')
-    assert torch.equal(model(idx)[0], auto)  # auto does not pick flash-attn here
-    Attention.set_backend(model, 'flash')
-    with pytest.raises(ValueError, match="runs on CUDA in bfloat16 or float16"):
-        model(idx)
-
-
-@pytest.mark.parametrize('T', [5, 128, 300])
-def test_attend_blocks_equals_sdpa(monkeypatch, T):
-    """Causal attention a block of queries at a time (what 'auto' runs on a CPU) against SDPA: outputs and
-    gradients, T below, at and across block boundaries (blocks of 64 here), in fp32 to float precision and in bf16
-    to its rounding of the probabilities."""
-    monkeypatch.setattr(Attention, 'BLOCK', 64)
-    attn = Attention(GPTConfig(n_layer=1, n_head=2, n_embd=32))
-    g = torch.Generator().manual_seed(T)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        q, k, v = (torch.randn(2, 2, T, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
-        grad = torch.randn(2, 2, T, 16, generator=g).to(dtype)
-        results = []
-        for fn in (attn.attend_blocks, lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=True)):
-            y = fn(q, k, v)
-            y.backward(grad)
-            results.append([y] + [t.grad for t in (q, k, v)])
-            q.grad = k.grad = v.grad = None
-        for ours, ref in zip(*results):
-            assert ours.dtype == dtype
-            torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
-
-
-def test_auto_attention_is_blocks_on_a_cpu_up_to_its_length(monkeypatch):
-    calls = []
-    original = Attention.attend_blocks
-    monkeypatch.setattr(Attention, 'attend_blocks', lambda self, *a: calls.append(a[0].dtype) or original(self, *a))
-    model = tiny(block_size=BLOCK, n_thoughts=1)
-    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
-    model(idx)
-    assert set(calls) == {torch.float32} and len(calls) > 0
-    calls.clear()
-    with torch.autocast('cpu', torch.bfloat16):
-        model(idx)
-        assert set(calls) == {torch.bfloat16} and len(calls) > 0
-        calls.clear()
-        monkeypatch.setattr(Attention, 'BLOCKS_MAX_LEN', 10)  # the 10 tokens' stage pass, not the 20 slots'
-        model(idx, n_jacobi=0)
-        assert len(calls) == model.config.n_layer
-        calls.clear()
-        model.generate(idx[:1, :4], 2, temperature=0)
-        prefill = len(calls)
-        model.generate(idx[:1, :4], 6, temperature=0)  # the prompt's passes again; each new token: SDPA on the cache
-        assert prefill > 0 and len(calls) == 2 * prefill
-    assert Attention.blocks_suit('cpu', torch.bfloat16, 8) and Attention.blocks_suit('cpu', torch.float32, 8)
-    assert not Attention.blocks_suit('cuda', torch.bfloat16, 8) and not Attention.blocks_suit('cpu', torch.float16, 8)
-    assert not Attention.blocks_suit('cpu', torch.float32, Attention.BLOCKS_MAX_LEN + 1)
 
 
 # -----------------------------------------------------------------------------
@@ -256,7 +160,7 @@ def test_parallel_thoughts_equal_sequential_reference(K):
 def test_cached_thought_decoding_is_exact(K):
     model = tiny(block_size=BLOCK, n_thoughts=K)
     prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(7))
-    steps = list(model.generate_stream(prompt, 12, temperature=0, n_jacobi=K * prompt.size(1)))
+    steps = list(generate_stream(model, prompt, 12, temperature=0, n_jacobi=K * prompt.size(1)))
     tokens = torch.cat([prompt] + [t for t, _ in steps], dim=1)
     with torch.no_grad():
         ref = sequential_thought_logits(model, tokens)
@@ -269,7 +173,7 @@ def test_cached_thought_decoding_is_exact(K):
 def test_thought_prefill_uses_n_jacobi_passes():
     model = tiny(block_size=BLOCK, n_thoughts=1, n_jacobi=3)
     prompt = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(3))
-    (_, logits), = model.generate_stream(prompt, 1, temperature=0)  # default: config.n_jacobi over the prompt
+    (_, logits), = generate_stream(model, prompt, 1, temperature=0)  # default: config.n_jacobi over the prompt
     with torch.no_grad():
         ref, _ = model(prompt)
     torch.testing.assert_close(logits, ref[:, -1], atol=1e-5, rtol=1e-5)
@@ -282,7 +186,7 @@ def test_thought_prefill_uses_n_jacobi_passes():
 def test_cached_decoding_equals_uncached(kw):
     model = tiny(block_size=BLOCK, **kw)
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
-    steps = list(model.generate_stream(prompt, 15, temperature=0))
+    steps = list(generate_stream(model, prompt, 15, temperature=0))
     tokens = torch.cat([prompt] + [t for t, _ in steps], dim=1)
     assert torch.equal(tokens, model.generate(prompt, 15, temperature=0, use_cache=False))
     with torch.no_grad():

@@ -15,11 +15,12 @@ import sys
 import pytest
 import torch
 
+from model import generate_stream, recompute_logits
 from nanoponder.tokenizer import safe_decode
 from prepare_data import prepare
 from nanoponder.checkpoint import Checkpoint
 from nanoponder.methods import method_fields
-from sample import TextStream
+from nanoponder.tokenizer import TextStream
 from helpers import ENV, ROOT, randomize, tiny, write_checkpoint
 
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'thought', 'token', 'café', 'naïve', '日本語', '🙂', 'line\n']
@@ -279,7 +280,7 @@ def test_each_token_is_predicted_from_its_window(method):
     model = tiny(method, block_size=BLOCK)
     prompt = random_prompt(5, seed=2)
     torch.manual_seed(1)
-    steps = list(model.generate_stream(prompt, 3 * BLOCK, temperature=1.0,
+    steps = list(generate_stream(model, prompt, 3 * BLOCK, temperature=1.0,
                                        n_jacobi=model.config.n_thoughts * prompt.size(1)))
     tokens = torch.cat([prompt] + [t for t, _ in steps], dim=1)  # (B, T + 3 * BLOCK)
     assert len(set(tokens[0, BLOCK:].tolist())) > BLOCK
@@ -287,7 +288,7 @@ def test_each_token_is_predicted_from_its_window(method):
     assert len({start for start, _ in spans}) == 5  # the window slid 4 times
     with torch.no_grad():
         for (start, end), (_, logits) in zip(spans, steps):
-            torch.testing.assert_close(logits, model.recompute_logits(tokens[:, start:end]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits, recompute_logits(model, tokens[:, start:end]), atol=1e-5, rtol=1e-5)
 
 
 def test_a_prompt_must_fit_in_the_context():

@@ -204,10 +204,7 @@ def test_loss_plot_range_ignores_the_first_steps(tmp_path):
     import matplotlib.pyplot as plt
     from nanoponder.runlog import RunLog
 
-    class FakeRun:
-        total_iters, warmup, iter_num = 100, 5, 0
-
-    log = RunLog(str(tmp_path), FakeRun(), log_interval=1)
+    log = RunLog(str(tmp_path), log_interval=1, total_iters=100, warmup=5, iter_num=0)
     seen = {}
     original_close = plt.close
     plt.close = lambda fig: seen.setdefault('ylim', (fig.axes[0].get_ylim(), fig.axes[0].get_title()))
@@ -321,18 +318,15 @@ def test_a_terminal_that_reports_no_size_gets_plain_lines(tmp_path, monkeypatch,
     """0 columns and rows (some containers, serial consoles): tqdm would draw nothing at all."""
     from nanoponder import runlog
 
-    class FakeRun:
-        total_iters, warmup, iter_num = 10, 1, 0
-
     monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
     monkeypatch.setattr(sys.stdout, 'fileno', lambda: 1)
     monkeypatch.setattr(runlog.os, 'get_terminal_size', lambda fd: os.terminal_size((0, 0)))
-    log = runlog.RunLog(str(tmp_path), FakeRun(), log_interval=1)
+    log = runlog.RunLog(str(tmp_path), log_interval=1, total_iters=10, warmup=1, iter_num=0)
     assert log.bar is None
     log.say('a plain line')
     assert capsys.readouterr().out == 'a plain line\n'
     monkeypatch.setattr(runlog.os, 'get_terminal_size', lambda fd: os.terminal_size((80, 24)))
-    log = runlog.RunLog(str(tmp_path), FakeRun(), log_interval=1)
+    log = runlog.RunLog(str(tmp_path), log_interval=1, total_iters=10, warmup=1, iter_num=0)
     assert log.bar is not None  # a terminal with a size keeps its bar
     log.close()
 

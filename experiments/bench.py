@@ -3,15 +3,15 @@ Speed and memory of the methods (vanilla GPT-NeoX, PonderLM-2, PonderLM and the 
 on this machine: training steps (forward + backward + AdamW) and batch-1 greedy decoding with and without the KV
 cache, as a markdown table.
 
-    python bench.py                                          # pythia-70m, every method, best device
-    python bench.py --model=pythia-160m --batch_size=8 --block_size=1024 --json=out/bench.json
-    python bench.py --model=pythia-14m --block_size=256 --batch_size=4 --new_tokens=64 \
+    python experiments/bench.py                                   # pythia-70m, every method, best device
+    python experiments/bench.py --model=pythia-160m --batch_size=8 --block_size=1024 --json=out/bench.json
+    python experiments/bench.py --model=pythia-14m --block_size=256 --batch_size=4 --new_tokens=64 \
         --new_tokens_uncached=8 --warmup=1 --repeats=3        # a few minutes on a small CPU
-    python bench.py --methods=vanilla,ponderlm2-k1 --warmup=3 --repeats=10
-    python bench.py --methods=vanilla,ponderlm2-k1,pause-k1,loop-k1,hidden-n1   # the thought against more compute
-    python bench.py --model= --n_layer=2 --n_head=2 --n_embd=32 --vocab_size=128  # explicit dims
-    python bench.py --model=pythia-14m --task=ponderlm2-k1:main   # one measurement: its `result: {...}` line
-    python bench.py --model= --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4 \
+    python experiments/bench.py --methods=vanilla,ponderlm2-k1 --warmup=3 --repeats=10
+    python experiments/bench.py --methods=vanilla,ponderlm2-k1,pause-k1,loop-k1,hidden-n1  # the thought vs compute
+    python experiments/bench.py --model= --n_layer=2 --n_head=2 --n_embd=32 --vocab_size=128  # explicit dims
+    python experiments/bench.py --model=pythia-14m --task=ponderlm2-k1:main   # one measurement: `result: {...}`
+    python experiments/bench.py --model= --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4 \
         --methods=vanilla,ponderlm2-k1 --dtype=bfloat16 --profile=True   # + torch.profiler's top ops per method
 
 Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained
@@ -42,12 +42,15 @@ import time
 
 import torch
 
-from configurator import known_config
-from model import GPT, Attention, GPTConfig
-from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_peak, measure_matmul_peak,
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
+from configurator import known_config  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from nanoponder import kernels  # noqa: E402
+from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_peak, measure_matmul_peak,  # noqa: E402
                              measure_training_peak, mfu_peak, plan_memory)
-from nanoponder.methods import method_fields
-from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure,
+from nanoponder.methods import method_fields  # noqa: E402
+from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure,  # noqa: E402
                                 keep_freed_memory, note_emulated_bf16, resolve_device, resolve_dtype, run_cli,
                                 write_json)
 
@@ -106,7 +109,8 @@ def check_method(name):
         raise UserError(str(e)) from None
 
 
-def model_config(name):
+def method_config(name):
+    """The GPTConfig of the method `name` (model.py's names) at the benchmark's shape."""
     # the pause vector's row: the last one, which every vocab_size has (on random tokens, any row times the same)
     overrides = dict(block_size=block_size, vocab_size=vocab_size, n_jacobi=n_jacobi, pause_token_id=vocab_size - 1,
                      **method_fields(name))
@@ -136,7 +140,7 @@ def check_config():
         raise UserError(f"prompt_len ({prompt_len}) + new_tokens ({max(new_tokens, new_tokens_uncached)}) "
                         f"exceeds block_size {block_size}")
     for name in names:
-        model_config(name)
+        method_config(name)
     return names
 
 
@@ -203,9 +207,9 @@ def measure(name, variant):
     if variant == 'hf':
         return measure_hf_decoding(dev)
     base_mib = rss_mib()  # torch and CUDA runtime, before the model exists
-    gpt = GPT(model_config(name)).to(dev)
+    gpt = kernels.install(GPT(method_config(name)).to(dev))  # as every script runs it
     if variant == 'sdpa':
-        Attention.set_backend(gpt, 'sdpa')  # 'auto' (main) runs flash-attn where it can
+        kernels.set_backend(gpt, 'sdpa')  # 'auto' (main) runs flash-attn where it can
     gpt.activation_checkpointing = variant == 'checkpoint'
     if variant == 'compile':
         compile_blocks(gpt)  # per Block, as train.py: the same graphs for every R
@@ -263,7 +267,7 @@ def training_step(gpt, ctx, dev):
     return train_step
 
 
-# the in-place ones: attend_blocks' backward accumulates with baddbmm_, which runs addmm_ per matrix on a CPU
+# the in-place ones: kernels.attend_blocks' backward accumulates with baddbmm_, which runs addmm_ per matrix on a CPU
 MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::baddbmm_', 'aten::addmm_')
 
 
@@ -288,7 +292,7 @@ def profile_training(gpt, ctx, dev):
 def measure_memory(name, dev, ptdtype):
     """The memory plan of one training step next to its measured peak (the CUDA allocator's, or the peak RSS
     rise on a CPU), without and with activation checkpointing; MiB."""
-    config = model_config(name)
+    config = method_config(name)
     result = {}
     for key, checkpointing in (('plain', False), ('checkpointing', True)):
         plan = plan_memory(config, batch_size, block_size, n_jacobi=n_jacobi, dtype=ptdtype,
@@ -307,13 +311,13 @@ def measure_hf_decoding(dev):
     except ImportError:
         return {'error': 'transformers is not installed'}
     from nanoponder.hf import hf_config
-    gpt = GPT(dataclasses.replace(model_config('vanilla'), scale_embeds=False))
+    gpt = GPT(dataclasses.replace(method_config('vanilla'), scale_embeds=False))
     hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**hf_config(gpt.config)))
     with torch.no_grad():  # the same module names under gpt_neox., and the head (embed_out or lm_head by version)
         for key, p in gpt.state_dict().items():
             target = hf.get_output_embeddings().weight if key == 'embed_out.weight' else hf.gpt_neox.get_parameter(key)
             target.copy_(p)
-    gpt, hf = gpt.to(dev).eval(), hf.to(dev).eval()
+    gpt, hf = kernels.install(gpt.to(dev).eval()), hf.to(dev).eval()
     device_type = torch.device(dev).type
     ctx = autocast(device_type, device_and_dtype()[2])
     prompt = torch.randint(vocab_size, (1, prompt_len), device=dev)
@@ -416,18 +420,18 @@ def machine_info(dev, device_type, ptdtype):
 
 
 def attention_kernel(device_type, ptdtype):
-    """What the main runs attend with (model.Attention's 'auto'): 'flash-attn' (then SDPA is the comparison),
-    'blocks' (attend_blocks up to Attention.BLOCKS_MAX_LEN positions, SDPA beyond) or 'sdpa'."""
-    if Attention.flash_suits(device_type, ptdtype):
+    """What the main runs attend with (the kernels' 'auto'): 'flash-attn' (then SDPA is the comparison),
+    'blocks' (kernels.attend_blocks up to kernels.BLOCKS_MAX_LEN positions, SDPA beyond) or 'sdpa'."""
+    if kernels.flash_suits(device_type, ptdtype):
         return 'flash-attn'
-    return 'blocks' if Attention.blocks_suit(device_type, ptdtype, block_size) else 'sdpa'
+    return 'blocks' if kernels.blocks_suit(device_type, ptdtype, block_size) else 'sdpa'
 
 
 ATTENTION_NOTES = {
     'flash-attn': "eager uses flash-attn",
-    'blocks': f"eager uses attend_blocks (a CPU) up to {Attention.BLOCKS_MAX_LEN} positions, SDPA beyond",
+    'blocks': f"eager uses attend_blocks (a CPU) up to {kernels.BLOCKS_MAX_LEN} positions, SDPA beyond",
     'sdpa': "eager uses SDPA (flash_attn not installed or not CUDA, fp32 on CUDA, or over "
-            f"{Attention.BLOCKS_MAX_LEN} positions on a CPU)"}
+            f"{kernels.BLOCKS_MAX_LEN} positions on a CPU)"}
 
 
 def collect(names, device_type, ptdtype):
@@ -438,7 +442,7 @@ def collect(names, device_type, ptdtype):
     out = {}
     for name in names:
         r = run_child(name, 'main')
-        entry = out[name] = {'label': model_config(name).method_label}
+        entry = out[name] = {'label': method_config(name).method_label}
         if 'error' in r:
             entry['error'] = r['error']
             continue
@@ -538,7 +542,7 @@ def table(header, rows):
 
 def report(info, out, attention):
     cuda = info['device'].startswith('cuda')
-    dims = model_config('vanilla')
+    dims = method_config('vanilla')
     size = model or 'custom'
     print(f"machine: {info['name']} ({info['detail']}) | torch {info['torch']} | threads {info['threads']} | "
           f"{info['device']} {info['dtype']} | matmul peak {num(info['matmul_peak_flops'] / 1e9)} GFLOP/s")
@@ -710,5 +714,5 @@ def main():
 
 
 if __name__ == '__main__':
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    exec(open(os.path.join(ROOT, 'configurator.py')).read())
     run_cli(main)
