@@ -34,7 +34,8 @@ from model import settled
 from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from, resolve_init_from
 from nanoponder.cost import kv_cache_bytes_per_token, kv_cache_slots
-from nanoponder.data import read_meta, read_tokens, sliding_windows, utf8_bytes, window_batches, window_counts
+from nanoponder.batches import sliding_windows, utf8_bytes, window_batches, window_counts
+from nanoponder.data import read_meta, read_tokens
 from nanoponder.methods import check_thought_mode
 from nanoponder.report import loss_table, plot_jacobi
 from nanoponder.runtime import (UserError, autocast, check_output_file, one_line, resolve_device, resolve_dtype,

@@ -263,10 +263,10 @@ def main():
                 epoch, position = next_epoch, next_position
 
                 # the one sync per iteration: the loss over all ranks, and whether any rank was asked to stop
-                stats = torch.stack([loss_sum.float(), torch.tensor(float(_stop_signal is not None), device=device)])
+                synced = torch.stack([loss_sum.float(), torch.tensor(float(_stop_signal is not None), device=device)])
                 if distributed:
-                    dist.all_reduce(stats)
-                loss, stop = stats[0].item() / world_size, stats[1].item() > 0
+                    dist.all_reduce(synced)
+                loss, stop = synced[0].item() / world_size, synced[1].item() > 0
                 if not math.isfinite(loss):
                     raise divergence("loss", loss)
                 stats = {'loss': loss, 'lr': lr, 'R': R, 'grad_norm': grad_norm}

@@ -4,8 +4,8 @@ The training checkpoint and what --init_from names.
 - Checkpoint: everything a training run needs to go on exactly, in one file read with weights_only=True; the only
   code that knows its keys and its format version. save_run and restore_run: a run's state into one and back.
 - resolve_init_from / load_init_from: ONE rule, decided by what is on disk, for what a script's --init_from names
-  ('resume', a checkpoint file under any name, a Hugging Face directory, a hub id), and the one call that loads it
-  (sample.py, eval.py, export_hf.py, the lm-eval adapter and train.py's resume and Hugging Face start).
+  ('resume', a checkpoint file under any name, a Hugging Face directory, a hub id), and the one call that loads it,
+  whatever the script.
 
     from nanoponder.checkpoint import Checkpoint, load_init_from
     model, ckpt, source = load_init_from('out/ckpt.pt', out_dir='out')
@@ -117,10 +117,12 @@ class Checkpoint:
     def build_model(self, **overrides):
         """The trained model on the CPU, holding the checkpoint's (fp32) weights themselves; overrides replace
         GPTConfig fields that change no weight (e.g. n_jacobi=5)."""
-        try:
-            config = replace(self.gpt_config(), **checked_overrides(overrides))
-        except ValueError as e:
-            raise UserError(one_line(e)) from None
+        config = self.gpt_config()
+        if overrides:
+            try:
+                config = replace(config, **checked_overrides(overrides))
+            except ValueError as e:
+                raise UserError(one_line(e)) from None
         with torch.device('meta'):  # no time spent on a random init
             model = GPT(config)
         # (a compiled or DDP model saves its weights under a prefix)

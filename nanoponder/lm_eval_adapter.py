@@ -3,8 +3,8 @@ A nanoPonder model as an lm-evaluation-harness 0.4 model: NanoPonderLM, register
 with batched loglikelihood (through TemplateLM's tokenization of context and continuation, as lm-eval's own 'hf'
 model), loglikelihood_rolling and generate_until. A PonderLM-2 model scores with exact thoughts (thoughts='exact':
 the thoughts that decoding computes) or with Jacobi passes (thoughts='jacobi': n_jacobi parallel passes, or
-adaptively to jacobi_tol, as the papers score), and generates with model.generate_stream. run_tasks is eval.py's
-downstream mode.
+adaptively to jacobi_tol, as the papers score), and generates with model.generate_stream. run_tasks runs a list of
+tasks end to end: a table on stdout and a JSON report.
 
     import lm_eval
     from nanoponder.lm_eval_adapter import NanoPonderLM

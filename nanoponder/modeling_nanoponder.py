@@ -12,7 +12,7 @@ works alone, offline, the way the released PonderLM-2 checkpoint is used:
 
 The model is model.GPT itself, built from config.json. Without a cache, forward is GPT's: PonderLM-2's thoughts
 with num_jacobi_iterations Jacobi passes (the n_jacobi argument overrides it), or one token at a time with
-thoughts='exact'. With use_cache=True (what generate does) it is GPT's cached decoding: the prompt as GPT.prefill
+thoughts='exact'. With use_cache=True (what generate does) it is GPT's cached decoding: the prompt as model.prefill
 runs it, then every new token exactly, K+1 single-position passes through the KV cache; generate(use_cache=False)
 recomputes every step with exact thoughts, as GPT.generate(use_cache=False) does, so greedy generate gives the
 tokens of nanoPonder's sample.py. Not supported, each with an error: padding (an attention mask with zeros),
@@ -138,13 +138,13 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
             if held + T > gpt.config.block_size:
                 raise ValueError(f"{held + T} tokens in one sequence, more than max_position_embeddings "
                                  f"{gpt.config.block_size}: generate fewer new tokens, or shorten the prompt")
-            if cache is None:  # the prompt: GPT.prefill's computation, keeping every position's hidden state
+            if cache is None:  # the prompt: model.prefill's computation, keeping every position's hidden state
                 cache = ThoughtCache(gpt.new_caches(B, gpt.config.block_size, input_ids.device), gpt.config.slots)
                 if gpt.config.n_thoughts and not exact:
                     h = gpt.think(input_ids, gpt.config.n_jacobi if n_jacobi is None else n_jacobi, cache.caches[0])
                 else:
                     h, _ = gpt.sequential(input_ids, cache.caches)
-            else:  # tokens after the cache, each thought exact: GPT.decode_one's computation
+            else:  # tokens after the cache, each thought exact: model.decode_one's computation
                 h, _ = gpt.sequential(input_ids, cache.caches)
             logits = self.embed_out(h)  # (B, T, V)
         loss = None
@@ -158,7 +158,7 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       use_cache=True, n_jacobi=None, **kwargs):
         """What each step of generate passes to forward: the tokens the cache does not hold yet, or without a cache
-        the whole sequence with enough Jacobi passes for every thought to be exact (GPT.recompute_logits)."""
+        the whole sequence with enough Jacobi passes for every thought to be exact (model.recompute_logits)."""
         cache = cache if cache is not None else past_key_values
         cache = cache if isinstance(cache, ThoughtCache) else None
         if cache is not None:

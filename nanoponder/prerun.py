@@ -1,8 +1,8 @@
 """
-What train.py checks and builds before its first iteration, from its config cfg (train.py's keys as attributes):
-every config value, the out_dir (no run to overwrite, a lock while training), the data, and the model (from scratch,
-resumed from out_dir/ckpt.pt, or from a Hugging Face model) with every check of it against the config and the data.
-Each mistake is one UserError, raised before anything the user had is touched.
+What a training run checks and builds before its first iteration, from its config cfg (the training config's keys
+as attributes): every config value, the out_dir (no run to overwrite, a lock while training), the data, and the
+model (from scratch, resumed from out_dir/ckpt.pt, or from a Hugging Face model) with every check of it against the
+config and the data. Each mistake is one UserError, raised before anything the user had is touched.
 
     from nanoponder.prerun import check_config, claimed_out_dir, open_data, build_model
 """
@@ -15,7 +15,8 @@ import torch
 
 from model import GPT, METHOD_COUNTS, GPTConfig
 from nanoponder.checkpoint import load_init_from, resolve_init_from
-from nanoponder.data import TrainBatches, ValBatches, max_token_id, open_blocks
+from nanoponder.batches import TrainBatches, ValBatches, open_blocks
+from nanoponder.data import max_token_id
 from nanoponder.parallel import PARALLELISMS, all_ranks_agree, teardown_distributed
 from nanoponder.runtime import (DirectoryLock, UserError, failure, one_line, remove_stale_temp_files, resolve_device,
                                 resolve_dtype)

@@ -1,5 +1,6 @@
 """
-eval.py's loss mode for people: its rows as a markdown table, and the Jacobi passes against exact thoughts as a plot.
+Loss rows for people (one per way of computing the thoughts): a markdown table, and a plot of the loss and the
+thoughts' convergence against Jacobi passes, exact thoughts as a line.
 
     from nanoponder.report import loss_table, plot_jacobi
     print(loss_table(rows)); plot_jacobi(rows, 'eval_jacobi.png', 'my model')

@@ -22,7 +22,7 @@ from nanoponder.runtime import UserError, failure, human, write_result
 
 def open_log(cfg, model, pretrained, train_batches, world_size, device, dtype, iter_num, total_iters, warmup,
              decay_end, notes):
-    """Rank 0's RunLog of a training run (cfg: train.py's config), which starts with the run's summary and notes."""
+    """Rank 0's RunLog of a training run (cfg: its config), which starts with the run's summary and notes."""
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     train_flops = flops_per_token(model.config, sum(cfg.jacobi_train_range) / 2, training=True)  # at the mean R
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import eval as ev
 from model import GPT, GPTConfig, generate_stream, relative_change, settled
-from nanoponder.data import sliding_windows, utf8_bytes
+from nanoponder.batches import sliding_windows, utf8_bytes
 from nanoponder.hf import config_from_hf, jacobi_train_range_from_hf, load_pretrained, read_config, save_pretrained
 from helpers import ENV, ROOT, randomize, tiny, write_checkpoint
 

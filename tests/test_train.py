@@ -464,7 +464,7 @@ def test_lr_schedule():
 
 
 def test_train_batches_split_an_epoch_between_ranks_and_micro_steps(tmp_path):
-    from nanoponder.data import PackedBlocks, TrainBatches
+    from nanoponder.batches import PackedBlocks, TrainBatches
     path = tmp_path / 'train.bin'
     np.arange(50 * 4 + 1, dtype=np.uint16).tofile(path)  # 50 blocks of 4 tokens
     blocks = PackedBlocks(str(path), 4, 'cpu')
