@@ -341,12 +341,13 @@ def main():
     model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
     tok = model_tokenizer(source, ckpt, tokenizer)
     name = ckpt_file or init_from
+    kernels.install(model)  # faster attention and loss where they suit (nanoponder/kernels.py)
     if tasks:
         return lm_eval_adapter().run_tasks(
             model, tok, name, path, [t.strip() for t in tasks.split(',') if t.strip()], num_fewshot, limit, task_dir,
             seed, thoughts=thoughts, n_jacobi=n_jacobi, jacobi_tol=jacobi_tol, batch_size=batch_size,
             max_gen_toks=max_gen_toks, device=device_name, dtype=dtype)
-    kernels.install(model.to(device_name).eval())  # faster attention and loss where they suit
+    model.to(device_name).eval()
     run_loss(model, tok, ckpt, device_name, compute_dtype, path, name)
 
 

@@ -11,6 +11,7 @@ compare, each a short method over the same trunk (at most one count is set):
   Hidden      n_hidden=N     N steps, each adding the last hidden state to the input
 
 It imports only torch: copy it into another project and it works.
+
     model = GPT(GPTConfig.preset('pythia-70m', n_thoughts=1))
     logits, loss = model(idx, targets)                            # idx, targets: (B, T) token ids
     out = model.generate(idx, max_new_tokens=50, temperature=0)   # exact thoughts through a KV cache
@@ -84,8 +85,7 @@ class GPTConfig:
     def preset(cls, name, **overrides):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        n_layer, n_head, n_embd = PRESETS[name]
-        return cls(**{'n_layer': n_layer, 'n_head': n_head, 'n_embd': n_embd, **overrides})
+        return cls(**{**dict(zip(('n_layer', 'n_head', 'n_embd'), PRESETS[name])), **overrides})
 
     @property
     def embed_scale(self):
@@ -135,8 +135,7 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.empty(shape, device=device, dtype=dtype) for _ in range(2))
         self.pos = 0
 
     def append(self, layer, k, v):
@@ -175,9 +174,8 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_size)
         apply_rotary_(qkv[:, :, :, :2], cos, sin)  # q and k at once, with cos, sin (T, 1, 1, rot)
         q, k, v = qkv.transpose(1, 2).unbind(dim=3)  # each (B, nh, T, hs)
-        past = 0
+        past = cache.pos if cache is not None else 0
         if cache is not None:
-            past = cache.pos
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
         y = self.attend(q, k, v, past)  # (B, nh, T, hs)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
@@ -236,8 +234,7 @@ class GPT(nn.Module):
 
     def init_rope(self):
         """cos/sin tables (block_size, rot) for the rotate-half rotary embedding on rot dims per head."""
-        hs = self.config.n_embd // self.config.n_head
-        rot = int(hs * self.config.rotary_pct)
+        rot = int(self.config.n_embd // self.config.n_head * self.config.rotary_pct)
         device = self.embed_in.weight.device
         inv_freq = 1.0 / (self.config.rotary_base ** (torch.arange(0, rot, 2, device=device).float() / rot))
         freqs = torch.outer(torch.arange(self.config.block_size, device=device).float(), inv_freq)
@@ -267,7 +264,6 @@ class GPT(nn.Module):
         return n - (self.embed_in.weight.numel() + self.embed_out.weight.numel() if non_embedding else 0)
 
     # --- the trunk f: the layer stack and the final LayerNorm ---
-
     activation_checkpointing = False  # recompute each Block in backward (a setting of the run)
 
     def trunk(self, x, pos, cache=None):
@@ -275,8 +271,7 @@ class GPT(nn.Module):
         return self.final_layer_norm(self.blocks(x, pos, cache))
 
     def blocks(self, x, pos, cache=None):
-        """The layer stack alone -> the residual stream (B, T, C); with a cache, each layer appends its keys and
-        values to it."""
+        """The layer stack alone -> the residual stream (B, T, C); each layer appends its keys and values to a cache."""
         cos, sin = (t[pos].to(x.dtype)[:, None, None] for t in (self.rope_cos, self.rope_sin))  # (T, 1, 1, rot)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
@@ -299,7 +294,6 @@ class GPT(nn.Module):
         return torch.arange(start, start + n_tokens, device=device)
 
     # --- forward ---
-
     def forward(self, idx, targets=None, n_jacobi=None):
         """idx (B, T) -> logits (B, T, V), and the loss if targets (B, T) are given (-1 = ignore).
         n_jacobi: PonderLM-2's Jacobi passes R (default config.n_jacobi)."""
@@ -329,7 +323,6 @@ class GPT(nn.Module):
         return self.trunk(self.embed(idx), pos, caches[0] if caches else None)
 
     # --- PonderLM-2 ---
-
     def think(self, idx, n_jacobi, cache=None, stop=None):
         """PonderLM-2 in parallel (docs/design.md) -> each token's last slot's output (B, T, C): K thought stages,
         n_jacobi Jacobi passes over all (K+1)T slots (K(T-1) passes: exact), a final pass. cache: ends holding the
@@ -353,8 +346,7 @@ class GPT(nn.Module):
     def run_stages(self, stages, cache=None):
         """S stages (B, T, C) interleaved token-major, e_1 z_1^1 .. e_2 z_2^1 .., each slot at its token's
         position, through f once -> (B, T, S, C)."""
-        B, T, C = stages[0].size()
-        S = len(stages)
+        (B, T, C), S = stages[0].size(), len(stages)
         x = torch.stack(stages, dim=2).view(B, T * S, C)
         pos = self.positions(T, cache and [cache], x.device).repeat_interleave(S)
         return self.trunk(x, pos, cache).view(B, T, S, C)
@@ -368,7 +360,7 @@ class GPT(nn.Module):
         -> the hidden states that predict each next token (B, T, C), and the thoughts (B, T, K, C) or None."""
         B, T = idx.size()
         K = self.config.n_thoughts
-        if not K:  # the passes are causal over the tokens: all go at once
+        if not K:  # the other methods' passes are causal over the tokens: the dispatcher's one call is exact
             return self.next_token_states(idx, caches), None
         hs, thoughts = [], []
         for t in range(T):
@@ -387,7 +379,6 @@ class GPT(nn.Module):
         return self.embed_out(h)
 
     # --- the other methods ---
-
     def ponder(self, idx, caches=None):
         """PonderLM and Hidden: N times, add to the input what the last pass gives -> its hidden states (B, T, C)."""
         cfg = self.config
@@ -414,8 +405,6 @@ class GPT(nn.Module):
         for j in range(self.config.n_loop + 1):
             x = self.blocks(x, pos, caches[j] if caches else None)
         return self.final_layer_norm(x)
-
-    # --- decoding ---
 
     def new_caches(self, batch_size, max_len, device):
         """Empty KV caches for max_len tokens and their slots, in the dtype the layers compute in (autocast's)."""
@@ -447,24 +436,13 @@ def prefill(model, idx, max_len, n_jacobi=None, stop=None, exact=False):
     return h[:, -1], caches
 
 
-def decode_one(model, idx_next, caches):
-    """One new token (B, 1) through the caches -> the state that predicts the next (B, C)."""
-    return model.sequential(idx_next, caches)[0][:, -1]
-
-
-def recompute_logits(model, idx):
-    """Next-token logits (B, V) from scratch with exact thoughts: what decoding must equal."""
-    return model(idx, n_jacobi=model.exact_passes(idx.size(1)))[0][:, -1]
-
-
 @torch.inference_mode()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                     n_jacobi=None, stop=None, exact=False):
     """Yield (idx_next (B, 1), the logits it was sampled from (B, V)) per new token. The prompt (B, T) must fit
     in block_size, the new tokens need not (docs/design.md). Thoughts after the prompt's (prefill) are exact.
     use_cache=False recomputes every step."""
-    B, T = idx.size()
-    L = model.config.block_size
+    T, L = idx.size(1), model.config.block_size
     if T == 0:
         raise ValueError("generate needs at least one prompt token (e.g. the EOS token)")
     if T > L:
@@ -474,7 +452,10 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         h, caches = prefill(model, idx, min(T + max_new_tokens, L), n_jacobi, stop, exact)
         head = model.embed_out.weight.detach().t().to(caches[0].k.dtype).contiguous()  # (C, V): see docs/cost.md
     for i in range(max_new_tokens):
-        logits = h.to(head.dtype) @ head if use_cache else recompute_logits(model, window)  # (B, V)
+        if use_cache:
+            logits = h.to(head.dtype) @ head  # (B, V)
+        else:  # from scratch, with the passes that make every thought exact: the reference
+            logits = model(window, n_jacobi=model.exact_passes(window.size(1)))[0][:, -1]
         idx_next = sample(logits.float(), temperature, top_k, top_p)  # (B, 1)
         yield idx_next, logits
         if i == max_new_tokens - 1:
@@ -484,8 +465,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             window = window[:, -max(1, L // 2):]
             if use_cache:
                 h, caches = prefill(model, window, min(window.size(1) + max_new_tokens - i, L), exact=True)
-        elif use_cache:
-            h = decode_one(model, idx_next, caches)
+        elif use_cache:  # the new token through the caches
+            h = model.sequential(idx_next, caches)[0][:, -1]
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
@@ -506,22 +487,14 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
-# -----------------------------------------------------------------------------
-# adaptive Jacobi
-
-def relative_change(new, old):
-    """||new - old|| / ||new|| of two tensors, as a float."""
-    new, old = new.float(), old.float()
-    return ((new - old).norm() / new.norm().clamp_min(1e-30)).item()
-
-
 def settled(tol):
-    """A stop for GPT.think once a pass moved the thoughts by at most tol, relatively (0: the exact fixed point).
-    One per think call."""
+    """Adaptive Jacobi: a stop for one GPT.think call, once a pass moved the thoughts z by ||z - z_prev|| / ||z||
+    <= tol (0: the exact fixed point)."""
     previous = []
 
     def stop(r, thoughts, h):
-        done = bool(previous) and relative_change(thoughts, previous[0]) <= tol
-        previous[:] = [thoughts]
+        z = thoughts.float()
+        done = bool(previous) and ((z - previous[0]).norm() / z.norm().clamp_min(1e-30)).item() <= tol
+        previous[:] = [z]
         return done
     return stop

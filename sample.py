@@ -5,7 +5,6 @@ Sample from a trained model: a checkpoint of train.py, or a Hugging Face GPT-Neo
     python sample.py --out_dir=out-shakespeare-ponder --start="ROMEO:" --num_samples=3 --max_new_tokens=300
     python sample.py --init_from=zeng123/PonderLM-2-Pythia-1.4b --start="The capital of France is" --temperature=0
     python sample.py --init_from=EleutherAI/pythia-160m --start=FILE:prompt.txt --top_k=0 --top_p=0.9
-    python sample.py --init_from=path/to/hf_dir --tokenizer=path/to/tokenizer.json --n_jacobi=8
     python sample.py --out_dir=out-shakespeare-ponder --jacobi_tol=1e-3   # prompt passes until thoughts settle
     python sample.py --num_samples=5 > samples.txt                # stdout holds the samples and nothing else
 
@@ -64,7 +63,7 @@ def check_options():
         raise UserError(f"stream must be True, False or None (auto), got {stream!r}")
     if n_jacobi is not None and (not isinstance(n_jacobi, int) or isinstance(n_jacobi, bool) or n_jacobi < 0):
         raise UserError(f"n_jacobi must be an integer >= 0 (or None for the model's own), got {n_jacobi!r}")
-    if jacobi_tol is not None and not (type(jacobi_tol) in (int, float) and jacobi_tol >= 0):
+    if jacobi_tol is not None and (type(jacobi_tol) not in (int, float) or jacobi_tol < 0):
         raise UserError(f"jacobi_tol must be a number >= 0 (or None for fixed passes), got {jacobi_tol!r}")
 
 
@@ -102,7 +101,8 @@ def generate_one(model, prompt, tok, ctx, device_type):
     """Generate one sample after the prompt ids and print it (streamed, or at the end) -> (new ids, seconds)."""
     idx = torch.tensor([prompt or [tok.eos_id]], dtype=torch.long, device=model.embed_in.weight.device)
     decode = lambda ids: safe_decode(tok, ids)  # noqa: E731
-    printer = TextStream(decode, prompt) if (num_samples == 1 if stream is None else stream) else None
+    streaming = num_samples == 1 if stream is None else stream  # by default a single sample streams
+    printer = TextStream(decode, prompt) if streaming else None
     if printer:
         printer.write(decode(prompt))
     passes, stop = [], None  # the prompt's Jacobi passes, when they run until its thoughts settle

@@ -36,7 +36,7 @@ from configurator import known_config
 from nanoponder import kernels
 from nanoponder.checkpoint import restore_run, save_run
 from nanoponder.parallel import clip_gradients, set_gradient_sync, setup_distributed, wrap
-from nanoponder.prerun import build_model, check_config, claimed_out_dir, open_data, remove_previous_run, schedule
+from nanoponder.prerun import build_model, check_config, open_data, remove_previous_run, schedule, training_session
 from nanoponder.runlog import SilentLog, open_log
 from nanoponder.runtime import (autocast, compile_blocks, failure, keep_freed_memory, resolve_device, resolve_dtype,
                                 run_cli)
@@ -164,7 +164,8 @@ def main():
     device = resolve_device(cfg.device)
     distributed, rank, world_size, device = setup_distributed(device, cfg.gradient_accumulation_steps)
     master = rank == 0  # rank 0 logs and writes the checkpoints
-    with claimed_out_dir(cfg, master, distributed):  # the lock, released whatever happens
+    # out_dir's lock for the run; on the way out: the lock released, the process group left, out of memory one line
+    with training_session(cfg, master, distributed):
         device_type = device.split(':')[0]
         keep_freed_memory(device_type)  # a CPU step reuses the last step's memory (nanoponder/runtime.py)
         ptdtype = resolve_dtype(cfg.dtype, device_type)
@@ -185,7 +186,7 @@ def main():
         iter_num, epoch, position, best_val_loss = 0, 0, 0, math.inf
         if ckpt is not None:
             iter_num, epoch, position, best_val_loss = restore_run(ckpt, model, optimizer, scaler, device)
-            del ckpt  # (its copy of the state need not stay in memory)
+            del ckpt  # (its optimizer state and weights need not outlive the restore and the move to the device)
         epoch, position = train_batches.normalize(epoch, position)
         start_iter, best_saved_loss = iter_num, best_val_loss  # best.pt's val loss (a resumed run's was saved)
         # a resumed run does not evaluate again at its checkpoint's iteration: that one is in its log already
@@ -193,10 +194,6 @@ def main():
         ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
         if master and cfg.overwrite and cfg.init_from != 'resume':  # only now: a command that failed keeps them
             notes += remove_previous_run(cfg)
-        log = SilentLog()
-        if master:
-            log = open_log(cfg, model, pretrained, train_batches, world_size, device, ptdtype, iter_num, total_iters,
-                           warmup, decay_end, notes)
 
         def divergence(what, value):
             kept = (f"the last good checkpoint {ckpt_path} is kept" if saved_at is not None else
@@ -212,6 +209,10 @@ def main():
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
+        log = SilentLog()  # rank 0's log opens with the run's summary and notes
+        if master:
+            log = open_log(cfg, model, pretrained, train_batches, world_size, device, ptdtype, iter_num, total_iters,
+                           warmup, decay_end, notes)
         with log:
             X, Y = train_batches.get(epoch, position, 0)  # the first micro-batch; the later ones are read ahead
             stop = False

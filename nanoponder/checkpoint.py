@@ -19,7 +19,6 @@ import torch
 
 from model import GPT, GPTConfig
 from nanoponder.hf import checked_overrides, download_from_hub, load_pretrained
-from nanoponder.parallel import all_ranks_agree, full_state, load_optimizer_state, local_tensors
 from nanoponder.runtime import (UserError, failure, is_rank0, move_into_place, one_line, temp_path,
                                 write_result)
 
@@ -115,8 +114,8 @@ class Checkpoint:
             raise UserError(f"the checkpoint's model_args do not fit this model.py: {one_line(e)}") from None
 
     def build_model(self, **overrides):
-        """The trained model on the CPU, holding the checkpoint's (fp32) weights themselves; overrides replace
-        GPTConfig fields that change no weight (e.g. n_jacobi=5)."""
+        """The trained model on the CPU in fp32, holding the checkpoint's tensors themselves (not a copy of them);
+        overrides replace GPTConfig fields that change no weight (e.g. n_jacobi=5)."""
         config = self.gpt_config()
         if overrides:
             try:
@@ -126,7 +125,8 @@ class Checkpoint:
         with torch.device('meta'):  # no time spent on a random init
             model = GPT(config)
         # (a compiled or DDP model saves its weights under a prefix)
-        state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in self.model.items()}
+        state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v.float().contiguous()
+                 for k, v in self.model.items()}  # (fp32 contiguous: the same tensor)
         try:
             model.load_state_dict(state, assign=True)
         except RuntimeError as e:  # missing or unexpected keys, wrong shapes
@@ -140,6 +140,7 @@ def save_run(path, model, optimizer, scaler, device, distributed, best_path=None
     the model and optimizer gathered to rank 0 under fsdp and written by it atomically. fields: the Checkpoint's
     other fields (iter_num, data_state, best_val_loss, config, pretrained, tokenizer). Returns False and writes
     nothing when a parameter is not finite on some rank: a model that diverged is never saved."""
+    from nanoponder.parallel import all_ranks_agree, full_state, local_tensors  # (loading needs no process code)
     if not all_ranks_agree(all(bool(torch.isfinite(p).all()) for p in local_tensors(model)), distributed):
         return False
     model_state, optimizer_state = full_state(model, optimizer)  # fsdp: {} on ranks > 0
@@ -169,6 +170,7 @@ def link_best(ckpt_path, best_path):
 def restore_run(ckpt, model, optimizer, scaler, device):
     """A resumed run's state from its checkpoint, whose weights model holds already: the optimizer (each rank its
     shard under fsdp), the loss scaler and the random generators -> (iter_num, epoch, position, best_val_loss)."""
+    from nanoponder.parallel import load_optimizer_state
     load_optimizer_state(model, optimizer, ckpt.optimizer)
     scaler.load_state_dict(ckpt.scaler)
     torch.set_rng_state(ckpt.rng['cpu'])

@@ -29,11 +29,14 @@ BLOCKS_MAX_LEN = 1024  # 'auto' takes attend_blocks up to this many positions
 
 def install(model):
     """The kernels into every Attention and GPT of model (a GPT, or a module holding one): attention by the 'auto'
-    rule and the chunked cross-entropy. Returns model."""
+    rule and the chunked cross-entropy. Returns model. A model of another copy of model.py (transformers loads an
+    export's under another name) is a ValueError: it keeps its plain path."""
+    gpts = [module for module in model.modules() if isinstance(module, GPT)]
+    if not gpts:
+        raise ValueError(f"kernels.install takes a model.GPT (or a module holding one), got {type(model).__name__}")
     set_backend(model, 'auto')
-    for module in model.modules():
-        if isinstance(module, GPT):
-            module.cross_entropy = cross_entropy
+    for gpt in gpts:
+        gpt.cross_entropy = cross_entropy
     return model
 
 

@@ -67,14 +67,15 @@ class NanoPonderLM(TemplateLM):
     def __init__(self, model=None, tokenizer=None, init_from=None, thoughts='exact', n_jacobi=None, jacobi_tol=None,
                  batch_size=8, max_gen_toks=256, device='cpu', dtype='float32', **unused):
         super().__init__()
-        if model is None:
+        if model is None:  # loaded here as the scripts load it, with their kernels (a model given is used as it is)
             model, ckpt, source = load_init_from(init_from, 'out')
             tokenizer = model_tokenizer(source, ckpt, tokenizer or '')
+            kernels.install(model)
         check_thought_mode(thoughts)
         self._device = resolve_device(str(device))
         device_type = torch.device(self._device).type
         self.ctx = autocast(device_type, resolve_dtype(dtype, device_type))
-        self.model = kernels.install(model.to(self._device).eval())
+        self.model = model.to(self._device).eval()
         self.tok = tokenizer
         self.thoughts, self.n_jacobi, self.jacobi_tol = thoughts, n_jacobi, jacobi_tol
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
@@ -220,7 +221,7 @@ class NanoPonderLM(TemplateLM):
 
 
 # -----------------------------------------------------------------------------
-# eval.py's downstream mode
+# a list of tasks end to end
 
 def run_tasks(model, tok, name, path, tasks, num_fewshot=0, limit=0, task_dir='', seed=1337, **options):
     """The tasks (names) through lm-eval with NanoPonderLM(model, tok, **options): a markdown table on stdout and

@@ -15,8 +15,9 @@ with num_jacobi_iterations Jacobi passes (the n_jacobi argument overrides it), o
 thoughts='exact'. With use_cache=True (what generate does) it is GPT's cached decoding: the prompt as model.prefill
 runs it, then every new token exactly, K+1 single-position passes through the KV cache; generate(use_cache=False)
 recomputes every step with exact thoughts, as GPT.generate(use_cache=False) does, so greedy generate gives the
-tokens of nanoPonder's sample.py. Not supported, each with an error: padding (an attention mask with zeros),
-more than max_position_embeddings tokens in one sequence, beam search.
+tokens of nanoPonder's sample.py (which adds faster kernels of the same math: a near-tie may flip a late token).
+Not supported, each with an error: padding (an attention mask with zeros), more than max_position_embeddings
+tokens in one sequence, beam search.
 
 This file is imported by transformers from such a directory (model.py beside it), never from the repository.
 """
@@ -144,7 +145,7 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
                     h = gpt.think(input_ids, gpt.config.n_jacobi if n_jacobi is None else n_jacobi, cache.caches[0])
                 else:
                     h, _ = gpt.sequential(input_ids, cache.caches)
-            else:  # tokens after the cache, each thought exact: model.decode_one's computation
+            else:  # tokens after the cache, each thought exact: generate_stream's decoding step
                 h, _ = gpt.sequential(input_ids, cache.caches)
             logits = self.embed_out(h)  # (B, T, V)
         loss = None
@@ -158,7 +159,7 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       use_cache=True, n_jacobi=None, **kwargs):
         """What each step of generate passes to forward: the tokens the cache does not hold yet, or without a cache
-        the whole sequence with enough Jacobi passes for every thought to be exact (model.recompute_logits)."""
+        the whole sequence with enough Jacobi passes for every thought to be exact (generate_stream's reference)."""
         cache = cache if cache is not None else past_key_values
         cache = cache if isinstance(cache, ThoughtCache) else None
         if cache is not None:

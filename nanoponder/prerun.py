@@ -4,7 +4,7 @@ as attributes): every config value, the out_dir (no run to overwrite, a lock whi
 model (from scratch, resumed from out_dir/ckpt.pt, or from a Hugging Face model) with every check of it against the
 config and the data. Each mistake is one UserError, raised before anything the user had is touched.
 
-    from nanoponder.prerun import check_config, claimed_out_dir, open_data, build_model
+    from nanoponder.prerun import check_config, training_session, open_data, build_model
 """
 import math
 import os
@@ -97,10 +97,10 @@ RUN_FILES = ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'loss.png', 'eval.json', 'ev
 
 
 @contextmanager
-def claimed_out_dir(cfg, master, distributed):
-    """Rank 0 makes out_dir its own for the run inside the `with`: no run to overwrite there, no other run in it
-    (the lock), no stale temp files; every rank stops if rank 0 cannot. Whatever happens inside, the lock is
-    released at the end (a command that failed its checks leaves no empty out_dir), the process group left, and
+def training_session(cfg, master, distributed):
+    """The run inside the `with` owns out_dir: rank 0 claims it (no run to overwrite there, no other run in it: the
+    lock; no stale temp files), and every rank stops if rank 0 cannot. Whatever happens inside, on the way out the
+    lock is released (a command that failed its checks leaves no empty out_dir), the process group is left, and
     running out of GPU memory is one line."""
     made_out_dir = master and not os.path.exists(cfg.out_dir)
     lock, finished = None, False

@@ -15,7 +15,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from nanoponder.cost import flops_per_token, mfu_peak, plan_memory
+from nanoponder.cost import estimate_mfu, flops_per_token, mfu_peak, plan_memory
 from nanoponder.parallel import gather_dtype
 from nanoponder.runtime import UserError, failure, human, write_result
 
@@ -24,14 +24,12 @@ def open_log(cfg, model, pretrained, train_batches, world_size, device, dtype, i
              decay_end, notes):
     """Rank 0's RunLog of a training run (cfg: its config), which starts with the run's summary and notes."""
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    train_flops = flops_per_token(model.config, sum(cfg.jacobi_train_range) / 2, training=True)  # at the mean R
-
     peak = []  # what MFU is against: mfu_peak, measured at the first log line (a CPU measures its matmul peak)
 
-    def mfu(tokens_per_sec):  # of one device
+    def mfu(tokens_per_sec):  # of one device, at the mean R of training
         if not peak:
             peak.append(mfu_peak(device, dtype))
-        return train_flops * tokens_per_sec / world_size / peak[0] if peak[0] else None
+        return estimate_mfu(model.config, tokens_per_sec / world_size, sum(cfg.jacobi_train_range) / 2, peak[0])
 
     log = RunLog(cfg.out_dir, cfg.log_interval, total_iters, warmup, iter_num,
                  resumed=cfg.init_from == 'resume', wandb=start_wandb(cfg), mfu=mfu,

@@ -1,4 +1,5 @@
-"""experiments/bench.py end to end on a tiny model: the tables' shape and the JSON's figures, never the timings.
+"""experiments/bench.py end to end on a tiny model: the tables' shape and the JSON's figures, never the timings; and
+its mistakes, each one `error:` line before anything is measured.
 
     python -m pytest tests/test_bench.py -q
 """
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ENV, ROOT
+from helpers import ENV, ROOT, assert_one_error, checksums
 
 TINY = ['--model=', '--n_layer=2', '--n_head=2', '--n_embd=32', '--vocab_size=128', '--block_size=32',
         '--batch_size=2', '--warmup=1', '--repeats=2', '--prompt_len=4', '--new_tokens=8',
@@ -168,6 +169,38 @@ def test_mistakes_are_one_error_line_and_exit_2(args, message):
     assert proc.returncode == 2
     lines = without_echo(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
+
+
+# the smallest bench, of one method: its mistakes are refused before it measures anything
+BENCH = ['--model=', '--n_layer=1', '--n_head=2', '--n_embd=16', '--vocab_size=64', '--block_size=16',
+         '--batch_size=1', '--prompt_len=2', '--new_tokens=2', '--new_tokens_uncached=2', '--warmup=0', '--repeats=1',
+         '--methods=vanilla', '--compare_compile=False', '--compare_checkpointing=False', '--check_memory=False',
+         '--device=cpu']
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """A directory of the user's, with a file, notes.txt, where a directory would have to be."""
+    root = tmp_path_factory.mktemp('user')
+    (root / 'notes.txt').write_text('my notes')
+    return root
+
+
+@pytest.mark.parametrize('arg, needles, absent', [
+    ('--n_head=0', ['n_head must be >= 1, got 0'], []),
+    ('--threads=-1', ['threads must be >= 0, got -1'], ['warmup', 'n_jacobi']),
+    ('--vocab_size=0', ['vocab_size must be >= 1, got 0'], []),
+    ('--n_layer=-1', ['n_layer must be >= 1, got -1'], []),
+    ('--json={run}/notes.txt/bench.json', ['--json', 'notes.txt is a file, not a directory'], []),
+    ('--json={run}', ['--json', 'is a directory'], []),
+])
+def test_bench_mistakes_are_one_line_before_measuring(run_dir, arg, needles, absent):
+    before = checksums(run_dir)
+    r = bench(*BENCH, arg.format(run=run_dir))
+    assert_one_error(r, 2, *needles)
+    error = r.stderr.strip().splitlines()[-1]
+    assert not any(word in error for word in absent), error
+    assert 'measuring' not in r.stderr and checksums(run_dir) == before
 
 
 def test_a_child_measures_one_task_from_its_config_key():

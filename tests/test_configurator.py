@@ -1,4 +1,9 @@
-"""configurator.py: apply_overrides directly, and the exec'd behaviour through a tiny script in a subprocess."""
+"""configurator.py: apply_overrides directly, the exec'd behaviour through a tiny script in a subprocess, and what the
+scripts that exec it say: a directory given as a config file is one `error:` line, and every script's --help shows
+each key with its value and comment.
+
+    python -m pytest tests/test_configurator.py -q
+"""
 import os
 import subprocess
 import sys
@@ -6,7 +11,7 @@ import sys
 import pytest
 
 from configurator import ConfigError, apply_overrides, known_config
-from helpers import ROOT
+from helpers import ENV, ROOT, assert_one_error
 
 SCRIPT = f'''"""A tiny script: python script.py --batch_size=8"""
 import os
@@ -143,3 +148,47 @@ print(sorted(n for n in set(globals()) ^ before if not n.startswith('__')), comp
     r = subprocess.run([sys.executable, str(script), '--compile=false'], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == '[] False mine'
+
+
+# -----------------------------------------------------------------------------
+# the scripts: their messages and --help
+
+def run(*cmd):
+    """python cmd... in the repository."""
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_a_directory_as_config_file_says_it_is_one(tmp_path):
+    (tmp_path / 'my_config.py').write_text('batch_size = 2\n')
+    r = run('train.py', str(tmp_path), '--device=cpu')
+    assert_one_error(r, 2, 'is a directory, not a config file', 'key = value', 'my_config.py')
+    assert 'not found' not in r.stderr
+
+
+def test_train_help_shows_each_key_with_its_value_and_comment():
+    r = run('train.py', '--help')
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith('  --')}
+    assert 'peak' in lines['--learning_rate=0.001']
+    assert 'iterations between evaluations' in lines['--eval_interval=500']
+    assert 'running mean' in lines['--beta1=0.9']
+    assert 'AdamW' not in lines['--learning_rate=0.001']  # the section heading above it is no part of its comment
+
+
+@pytest.mark.parametrize('script, key, words', [
+    ('sample', '--temperature=0.8', '0 = greedy'),
+    ('sample', '--jacobi_tol=None', '0 = exact'),  # a comment continued on the line below
+    ('eval', "--out=''", 'results path'),
+    ('experiments.bench', "--json=''", 'JSON'),
+    ('prepare_data', "--dataset='minipile'", 'shakespeare'),
+    ('export_hf', "--out=''", 'directory'),
+])
+def test_every_scripts_help_has_the_comments_of_its_keys(script, key, words):
+    """format_help on each script's own globals (imported here: the same text as `python SCRIPT.py --help`)."""
+    import importlib
+    import configurator
+    module = importlib.import_module(script)
+    text = configurator.format_help(vars(module), module.__file__)
+    assert text.startswith(module.__doc__.strip().splitlines()[0])
+    line = next(line for line in text.splitlines() if line.startswith(f'  {key} '))
+    assert words in line, line

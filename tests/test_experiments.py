@@ -1,7 +1,10 @@
 """experiments/repro.py end to end on a toy budget: it prepares its BPE data from a local text, trains vanilla,
 PonderLM-2 K=1, the FLOPs-matched vanilla and Pause K=1 over two seeds, evaluates them with eval.py, writes one
 result file per run, its table and plots; a second call reuses the finished runs, and --report=True rebuilds the
-table and plots from the result files alone, the run folders gone."""
+table and plots from the result files alone, the run folders gone.
+
+    python -m pytest tests/test_experiments.py -q
+"""
 import importlib.util
 import json
 import random

@@ -1,21 +1,21 @@
-"""The three baselines of the PonderLM papers (Pause, Loop, hidden-state feedback) against slow, obviously-correct
-references written here from the official GPT-NeoX files' definitions (LUMIA-Group/PonderLM-2,
-modeling_gpt_neox_addpausetoken.py, ..._addhidden_weightshare.py, ..._addhidden.py): the training forward, cached
-greedy decoding, the Hugging Face export and the official directories, the init, the FLOPs and the config checks.
+"""The methods besides PonderLM-2's thoughts (test_thoughts.py) against their definitions: PonderLM (N passes, each
+adding the expected next-token embedding), and the three baselines of the PonderLM papers (Pause, Loop, hidden-state
+feedback) against slow, obviously-correct references written here from the official GPT-NeoX files' definitions
+(LUMIA-Group/PonderLM-2, modeling_gpt_neox_addpausetoken.py, ..._addhidden_weightshare.py, ..._addhidden.py): the
+training forward, cached greedy decoding, the init, the FLOPs of every pass and the config checks. Their Hugging
+Face directories, ours and the official code's: test_hf.py.
 
     python -m pytest tests/test_methods.py -q
 """
 import itertools
-import json
 import math
 from dataclasses import replace
 
 import pytest
 import torch
 
-from model import GPT, METHOD_COUNTS, GPTConfig, decode_one, generate_stream, prefill
-from nanoponder.cost import flops_per_token, inference_flops_per_token, kv_cache_slots, plan_memory
-from nanoponder.hf import load_pretrained, save_pretrained
+from model import GPT, METHOD_COUNTS, GPTConfig, generate_stream, prefill
+from nanoponder.cost import estimate_mfu, flops_per_token, inference_flops_per_token, kv_cache_slots, plan_memory
 from nanoponder.methods import method_fields
 from helpers import TINY_MODEL, randomize_matrices, tiny
 
@@ -23,6 +23,7 @@ V = TINY_MODEL['vocab_size']
 PAUSE_ID = V - 1  # the last row: the tiny models' vocabulary has no room for the official 50288
 NEW = {'pause-k2': dict(n_pause=2, pause_token_id=PAUSE_ID), 'loop-k2': dict(n_loop=2), 'hidden-n2': dict(n_hidden=2)}
 TOL = 1e-5  # fp32
+BLOCK = 64  # the context of the tiny models of test_ponder_matches_definition, tiny(block_size=BLOCK)
 
 
 def new_model(name, **config):
@@ -107,6 +108,20 @@ def max_diff(a, b):
 # -----------------------------------------------------------------------------
 # the training forward
 
+def test_ponder_matches_definition():
+    model = tiny(block_size=BLOCK, n_ponder=2, ponder_multiply=True)
+    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    s, pos = math.sqrt(32), torch.arange(7)
+    with torch.no_grad():
+        c = model.embed_in(idx) * s * 2
+        for _ in range(2):
+            p = torch.softmax(model.embed_out(model.trunk(c, pos)), dim=-1)
+            c = c + torch.einsum('btv,vc->btc', p, model.embed_in.weight * s)
+        ref = model.embed_out(model.trunk(c, pos))
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('name', NEW)
 def test_forward_equals_reference(name):
     model = new_model(name)
@@ -163,55 +178,6 @@ def test_cached_greedy_decoding_equals_reference(name):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face directories
-
-# a stock GPT-NeoX config.json of the tiny shape (Pythia's keys), and what the official loader adds
-STOCK = {'architectures': ['GPTNeoXForCausalLM'], 'bos_token_id': 0, 'eos_token_id': 0, 'hidden_act': 'gelu',
-         'hidden_size': TINY_MODEL['n_embd'], 'initializer_range': 0.02, 'intermediate_size': 4 * TINY_MODEL['n_embd'],
-         'layer_norm_eps': 1e-05, 'max_position_embeddings': TINY_MODEL['block_size'], 'model_type': 'gpt_neox',
-         'num_attention_heads': TINY_MODEL['n_head'], 'num_hidden_layers': TINY_MODEL['n_layer'],
-         'rotary_emb_base': 10000, 'rotary_pct': 0.25, 'tie_word_embeddings': False, 'torch_dtype': 'float32',
-         'transformers_version': '4.46.1', 'use_cache': True, 'use_parallel_residual': True, 'vocab_size': V}
-PATCH = {'pause': 'pause', 'loop': 'loop', 'hidden': 'ponderlm'}  # our method -> the official --patch_method
-
-
-def official_keys(config):
-    """The keys the official loader writes (src/llamafactory/model/loader.py), for config's method; the Pause
-    file reads pause_token_id too. None says which modeling file trained the model."""
-    keys = dict(output_hidden_states=False, num_latent_thoughts=config.n_pause or config.n_loop or config.n_hidden,
-                num_jacobi_iterations=3, random_jacobi_iterations=True, interpolation=False,
-                interpolation_use_topk=False, scale_embeds=True, recurrent_model=True, classifier_dropout=0)
-    if config.n_pause:
-        keys['pause_token_id'] = config.pause_token_id
-    return keys
-
-
-@pytest.mark.parametrize('name', NEW)
-def test_hf_export_round_trip_and_official_directories(tmp_path, name):
-    model = new_model(name)
-    idx = tokens((2, 7), 5)
-    save_pretrained(model, str(tmp_path))
-    loaded = load_pretrained(str(tmp_path)).eval()
-    # the whole config comes back (the MLP width written out: None means 4 H)
-    assert loaded.config == replace(model.config, n_inner=4 * model.config.n_embd) and loaded.config.method == name
-    with torch.no_grad():
-        logits, ref = model(idx)[0], reference(model, idx)
-        assert torch.equal(loaded(idx)[0], logits)
-    # the same weights as the official code saves them: its config.json names no method
-    config = json.loads((tmp_path / 'config.json').read_text())
-    assert 'patch_method' in config  # (our export's key, the only thing that would say)
-    (tmp_path / 'config.json').write_text(json.dumps({**STOCK, **official_keys(model.config)}))
-    official = load_pretrained(str(tmp_path), patch_method=PATCH[name.split('-')[0]]).eval()
-    assert official.config.method == name
-    with torch.no_grad():
-        assert max_diff(official(idx)[0], ref) < TOL, max_diff(official(idx)[0], ref)
-    # without patch_method, num_latent_thoughts means PonderLM-2's thoughts (the official default, --patch_method
-    # ours): the same directory is then a PonderLM-2 model with K = the method's count
-    K = official_keys(model.config)['num_latent_thoughts']
-    assert load_pretrained(str(tmp_path)).config.method == f'ponderlm2-k{K}'
-
-
-# -----------------------------------------------------------------------------
 # the init
 
 @pytest.mark.parametrize('name,passes', [('pause-k2', 1), ('loop-k2', 3), ('hidden-n2', 3)])
@@ -232,6 +198,21 @@ def test_small_init_shrinks_output_projections_by_passes(name, passes):
 
 # -----------------------------------------------------------------------------
 # the cost
+
+def test_flops_count_every_pass():
+    # with attention and the vocabulary projection made negligible, K=1 costs 3+2R vanilla passes: building (1),
+    # R Jacobi and the final pass over twice the slots (2 each)
+    vanilla = GPT(GPTConfig(block_size=4, vocab_size=2, n_layer=2, n_head=4, n_embd=256, n_thoughts=0))
+    cfg = dict(block_size=4, vocab_size=2, n_layer=2, n_head=4, n_embd=256)
+    ponder = GPT(GPTConfig(**cfg, n_thoughts=1))
+    ratio = flops_per_token(ponder.config, 3, training=True) / flops_per_token(vanilla.config, training=True)
+    assert ratio == pytest.approx(3 + 2 * 3, rel=0.02)
+    v1 = GPT(GPTConfig(**cfg, n_ponder=3))
+    assert flops_per_token(v1.config, training=False) / flops_per_token(vanilla.config, training=False) == \
+        pytest.approx(4, rel=0.02)
+    assert estimate_mfu(ponder.config, 1000.0, 3, peak_flops=1e12) == \
+        pytest.approx(flops_per_token(ponder.config, 3) * 1e-9)
+
 
 @pytest.mark.parametrize('name', ['pause-k1', 'pause-k3', 'loop-k1', 'loop-k3', 'hidden-n1', 'hidden-n3'])
 def test_flops_memory_and_cache_follow_the_passes(name):
@@ -280,7 +261,7 @@ def test_inference_flops_are_what_decoding_one_token_multiplies(name):
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         _, caches = prefill(model, idx[:, :t], max_len=t + 1, exact=True)
         with FlopCounterMode(display=False) as counter:
-            model.embed_out(decode_one(model, idx[:, t:], caches))
+            model.embed_out(model.sequential(idx[:, t:], caches)[0][:, -1])  # one new token, as decoding runs it
     # Pause's K+1 slots go through together, so SDPA also multiplies its later slots' keys that the mask hides
     masked = 4 * cfg.n_layer * cfg.n_embd * cfg.slots * (cfg.slots - 1) // 2 if cfg.n_pause else 0
     assert counter.get_total_flops() == inference_flops_per_token(cfg, position=t) + masked
@@ -312,32 +293,3 @@ def test_config_checks_and_method_names():
     for name in ('pause-k0', 'loop-k', 'hidden-2'):
         with pytest.raises(ValueError, match='method'):
             method_fields(name)
-
-
-def test_the_scripts_take_patch_method_for_an_official_directory(tmp_path, tiny_tokenizer):
-    """sample.py --patch_method=pause samples an official Pause directory as Pause (greedy, as the model does); on a
-    training checkpoint, which records its method, the option is one error line."""
-    import subprocess
-    import sys
-    from helpers import ENV, ROOT, write_checkpoint
-    tokenizer_json = tiny_tokenizer(['the', 'cat', 'sat', 'on', 'a', 'mat'])
-    model = new_model('pause-k2', vocab_size=300, pause_token_id=299)
-    save_pretrained(model, str(tmp_path / 'hf'), tokenizer_json)
-    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**STOCK, 'vocab_size': 300,
-                                                             **official_keys(model.config)}))
-
-    def sample(*args):
-        return subprocess.run([sys.executable, 'sample.py', *args, '--start=', '--max_new_tokens=6', '--temperature=0',
-                               '--compile=False', '--device=cpu', '--dtype=float32'],
-                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-
-    r = sample(f'--init_from={tmp_path / "hf"}', '--patch_method=pause')
-    assert r.returncode == 0, r.stderr
-    from nanoponder.tokenizer import load_tokenizer
-    tok = load_tokenizer(tokenizer_json)
-    expected = model.generate(torch.tensor([[tok.eos_id]]), 6, temperature=0)[0].tolist()
-    assert r.stdout == tok.decode(expected[1:]) + '\n'  # (an empty prompt starts from EOS, which is not printed)
-    write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path)
-    r = sample(f'--init_from={tmp_path / "ckpt.pt"}', '--patch_method=pause')
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith('error: patch_method=pause')
-    assert r.stderr.count('error:') == 1 and 'Traceback' not in r.stderr

@@ -1,6 +1,8 @@
 """sample.py end to end, as a subprocess, on a tiny PonderLM-2 checkpoint and a tiny Hugging Face GPT-NeoX
-directory, with a byte-level BPE tokenizer trained here (CPU, no network, no ../shared); and generation past
-the context (the sliding window of GPT.generate_stream) on tiny random models of every method.
+directory, with a byte-level BPE tokenizer trained here (CPU, no network, no ../shared): its options (a tiny
+temperature is greedy, a non-finite temperature or top_p is one `error:` line, --jacobi_tol=0 gives exact prompt
+thoughts); and generation past the context (the sliding window of GPT.generate_stream) on tiny random models of every
+method.
 
     python -m pytest tests/test_sample.py -q
 """
@@ -11,17 +13,17 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from model import generate_stream, recompute_logits
-from nanoponder.tokenizer import safe_decode
+from model import generate_stream, sample
 from prepare_data import prepare
 from nanoponder.checkpoint import Checkpoint
 from nanoponder.methods import method_fields
-from nanoponder.tokenizer import TextStream
-from helpers import ENV, ROOT, randomize, tiny, write_checkpoint
+from nanoponder.tokenizer import TextStream, load_tokenizer, safe_decode
+from helpers import ENV, ROOT, assert_one_error, checksums, randomize, tiny, write_checkpoint
 
 WORDS = ['the', 'king', 'queen', 'of', 'ponder', 'thought', 'token', 'café', 'naïve', '日本語', '🙂', 'line\n']
 PROMPT = 'the king of café 🙂 thought'
@@ -195,6 +197,73 @@ def test_the_baselines_sample_and_evaluate(out_dir, tmp_path, tok, method, label
     assert report['method'] == method and [row['name'] for row in report['rows']] == [label]
 
 
+# ----------------------------------------------------------------------------- temperature, top_p, jacobi_tol
+
+def run_sample(*args):
+    """python sample.py args... in the repository, run to its end -> the CompletedProcess."""
+    return subprocess.run([sys.executable, 'sample.py', *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope='module')
+def run_dir(out_dir):
+    """The module run's directory: out/ckpt.pt, which train.py made, beside data/ (prepare_data.py's, with its
+    tokenizer.json)."""
+    return Path(out_dir).parent
+
+
+@pytest.mark.parametrize('temperature', [1e-40, 1e-320])  # 1e-320 is below float32's range: 0 there
+def test_the_sampler_at_a_tiny_temperature_is_greedy(temperature):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [2.0, -1.0, 2.0, 1.0]])
+    torch.manual_seed(0)
+    drawn = [sample(logits, temperature).flatten().tolist() for _ in range(50)]
+    assert {d[0] for d in drawn} == {1} and {d[1] for d in drawn} == {0, 2}  # T -> 0: the maxima, ties shared
+    assert sample(logits, temperature, top_k=2, top_p=0.5)[0].item() == 1
+
+
+def test_sample_py_at_a_tiny_temperature_samples_greedily(run_dir):
+    """--temperature=1e-40 overflowed to inf/nan in the sampler (a traceback); T -> 0 is greedy."""
+    r = run_sample(f'--init_from={run_dir / "out" / "ckpt.pt"}', '--start=the cat', '--max_new_tokens=12',
+                   '--device=cpu', '--dtype=float32', '--temperature=1e-40')
+    assert r.returncode == 0 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    model = Checkpoint.load(str(run_dir / 'out' / 'ckpt.pt')).build_model().eval()
+    tok = load_tokenizer(str(run_dir / 'data' / 'tokenizer.json'))
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([tok.encode('the cat')]), 12, temperature=0)[0].tolist()
+    assert r.stdout == tok.decode(greedy) + '\n'
+
+
+@pytest.mark.parametrize('setting, needles', [
+    ('--temperature=1e999', ['temperature=inf', 'finite']),
+    ("top_p = float('nan')", ['top_p=nan', '(0, 1]']),
+])
+def test_a_non_finite_temperature_or_top_p_is_one_line(run_dir, tmp_path, setting, needles):
+    if not setting.startswith('--'):  # nan has no literal: a config file sets it
+        (tmp_path / 'cfg.py').write_text(setting + '\n')
+        setting = str(tmp_path / 'cfg.py')
+    before = checksums(run_dir)
+    r = run_sample(setting, f'--init_from={run_dir / "out" / "ckpt.pt"}', '--device=cpu')
+    assert_one_error(r, 2, *needles)
+    assert r.stdout == '' and checksums(run_dir) == before
+
+
+def test_sample_py_jacobi_tol_zero_samples_with_exact_prompt_thoughts(tmp_path, tokenizer_json, tok):
+    (tmp_path / 'corpus.txt').write_text('the cat sat on a mat\n' * 20, encoding='utf-8')
+    prepare('text', input=str(tmp_path / 'corpus.txt'), tokenizer=tokenizer_json, out_dir=str(tmp_path / 'data'),
+            num_proc=1)
+    model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
+    write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path / 'data')
+    prompt = 'the cat sat on a naïve mat'
+    r = subprocess.run([sys.executable, 'sample.py', f'--init_from={tmp_path / "ckpt.pt"}', f'--start={prompt}',
+                        '--temperature=0', '--max_new_tokens=8', '--jacobi_tol=0', '--dtype=float32'],  # fp32 reference
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ids = torch.tensor([tok.encode(prompt)])
+    exact = model.generate(ids, 8, temperature=0, n_jacobi=ids.size(1) - 1)[0].tolist()
+    assert r.stdout == tok.decode(exact) + '\n'
+    assert 'Jacobi passes to settle to jacobi_tol=0' in r.stderr
+
+
 # ----------------------------------------------------------------------------- a Hugging Face directory
 
 def test_hf_directory_matches_transformers_greedy(tmp_path, tokenizer_json, tok):
@@ -248,6 +317,11 @@ def random_prompt(T, seed=1):
     return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
 
 
+def recomputed_logits(model, idx):
+    """Next-token logits (B, V) of idx from scratch, with the Jacobi passes that make every thought exact."""
+    return model(idx, n_jacobi=model.exact_passes(idx.size(1)))[0][:, -1]
+
+
 def windows(n_prompt, n_new, block_size):
     """(start, end) of the tokens each new token is predicted from, by generate_stream's rule written out:
     all of them while they fit, and whenever one more would not, the last block_size // 2."""
@@ -288,7 +362,7 @@ def test_each_token_is_predicted_from_its_window(method):
     assert len({start for start, _ in spans}) == 5  # the window slid 4 times
     with torch.no_grad():
         for (start, end), (_, logits) in zip(spans, steps):
-            torch.testing.assert_close(logits, recompute_logits(model, tokens[:, start:end]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits, recomputed_logits(model, tokens[:, start:end]), atol=1e-5, rtol=1e-5)
 
 
 def test_a_prompt_must_fit_in_the_context():

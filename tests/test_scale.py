@@ -3,6 +3,8 @@ What makes large runs possible, checked on the CPU in-process with tiny models: 
 no gradient, per-Block compilation matches eager with a number of graphs that does not grow with R, dtype='auto'
 picks bf16 only where matmuls run natively in it, and the memory plan (nanoponder.cost) agrees with the measured peak
 RSS of small training steps. FSDP and DDP end to end (2 processes, resume across parallelisms): test_train.py.
+
+    python -m pytest tests/test_scale.py -q
 """
 import json
 import os

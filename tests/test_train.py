@@ -3,6 +3,8 @@ train.py end to end on the CPU with a tiny model (2 layers, 32 wide, vocab 128, 
 token files made here: the loss falls, a resumed run repeats an uninterrupted one bit for bit, two DDP or FSDP
 processes equal one process with the same global batch, a checkpoint resumes under another parallelism and
 number of processes, checkpoints are written atomically, and user mistakes end in one `error:` line.
+
+    python -m pytest tests/test_train.py -q
 """
 import json
 import os

@@ -1,9 +1,10 @@
-"""
-Hugging Face directories and the one --init_from rule (nanoponder.checkpoint.resolve_init_from) of sample.py, eval.py,
-export_hf.py and train.py. A directory as the official PonderLM-2 / PonderingLM code saves it loads and samples;
-a broken one, a missing path, a file that is no checkpoint are one `error:` line, the same in every script, and
-touch nothing; a hub download that fails is exit 1 everywhere; export_hf.py replaces no model without
---overwrite=True. Every command runs as the user types it; the commands of one case run at the same time.
+"""Reading Hugging Face directories (nanoponder.hf) and the official checkpoints: config.json's keys, the weights'
+formats, a directory as the official PonderLM-2 / PonderingLM code or the baselines' files save one (it loads and
+samples); a broken one, a missing path, a file that is no checkpoint are one `error:` line, the same in every script,
+and touch nothing; the one --init_from rule of sample.py, eval.py, export_hf.py and train.py; export_hf.py replaces
+no model without --overwrite=True.
+
+    python -m pytest tests/test_hf.py -q
 """
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,8 +23,11 @@ from nanoponder.hf import (config_from_hf, jacobi_train_range_from_hf, load_pret
                            save_pretrained)
 from nanoponder.checkpoint import Checkpoint, resolve_init_from
 from nanoponder.runtime import UserError
-from helpers import ENV, ROOT, TINY, assert_one_error, checksums, last_line, make_data
+from helpers import (ENV, ROOT, TINY, TINY_MODEL, assert_one_error, checksums, last_line, make_data, randomize, tiny,
+                     write_checkpoint)
+from test_methods import NEW, TOL, max_diff, new_model, reference, tokens
 
+BLOCK = 64  # the context of the tiny models of the loading tests, tiny(block_size=BLOCK)
 VOCAB = 320  # above the tiny tokenizer's ids, padded as Pythia pads its 50277 to 50304
 SIZE = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
 
@@ -82,6 +87,135 @@ def write_hf_dir(path, tokenizer_json, method_keys, **config):
 
 
 # -----------------------------------------------------------------------------
+# reading a Hugging Face directory: config.json and the weights
+
+def test_config_from_hf_reads_old_keys_and_ponder_keys():
+    hf = dict(vocab_size=50304, num_hidden_layers=6, num_attention_heads=8, hidden_size=512,
+              max_position_embeddings=2048, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=False,
+              layer_norm_eps=1e-6, num_latent_thoughts=2, num_jacobi_iterations=4, random_jacobi_iterations=False,
+              scale_embeds=True)
+    cfg = config_from_hf(hf)
+    assert (cfg.rotary_pct, cfg.rotary_base, cfg.parallel_residual, cfg.layer_norm_eps) == (0.5, 5000, False, 1e-6)
+    assert (cfg.n_thoughts, cfg.n_jacobi, jacobi_train_range_from_hf(hf), cfg.scale_embeds) == (2, 4, (4, 4), True)
+    v1 = config_from_hf(dict(vocab_size=11, num_hidden_layers=1, num_attention_heads=1, hidden_size=8,
+                             partial_rotary_factor=1.0, rope_theta=500.0, ponderinglm=True, pondering_steps=3,
+                             mutiply_pondering_steps=True))
+    assert (v1.n_ponder, v1.ponder_multiply, v1.rotary_pct, v1.rotary_base) == (3, True, 1.0, 500.0)
+
+
+@pytest.mark.parametrize('key,value,match', [('interpolation', True, 'not supported'),
+                                             ('hidden_act', 'relu', 'hidden_act')])
+def test_unsupported_configs_are_clear_errors(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_hf(dict(vocab_size=11, num_hidden_layers=1, num_attention_heads=1, hidden_size=8, **{key: value}))
+
+
+# every key the official code's config.json holds (test_export.py: an export writes them all)
+OFFICIAL_KEYS = dict(num_latent_thoughts=0, num_jacobi_iterations=3, random_jacobi_iterations=True,
+                     interpolation=False, interpolation_use_topk=True, scale_embeds=True, recurrent_model=False,
+                     ponderinglm=True, pondering_steps=3, mutiply_pondering_steps=True)
+
+
+def test_config_reads_every_official_key():
+    base = dict(vocab_size=11, num_hidden_layers=1, num_attention_heads=1, hidden_size=8)
+    cfg = config_from_hf({**base, **OFFICIAL_KEYS})
+    assert (cfg.n_ponder, cfg.ponder_multiply, cfg.scale_embeds, cfg.n_thoughts) == (3, True, True, 0)
+    official = {**base, **OFFICIAL_KEYS, 'ponderinglm': False, 'num_latent_thoughts': 2,
+                'random_jacobi_iterations': False, 'num_jacobi_iterations': 4}
+    thoughts = config_from_hf(official)
+    assert (thoughts.n_thoughts, thoughts.n_ponder, jacobi_train_range_from_hf(official)) == (2, 0, (4, 4))
+    # recurrent_model is the official loader's "pondering on" switch: it changes nothing; interpolation would
+    assert config_from_hf({**base, 'recurrent_model': True, 'num_latent_thoughts': 1}).n_thoughts == 1
+    with pytest.raises(ValueError, match='interpolation'):
+        config_from_hf({**base, 'interpolation': True})
+
+
+def save_tiny_checkpoint(path, model, config_extra=None, fmt='safetensors', shards=1, dtype=None):
+    from safetensors.torch import save_file
+    cfg = model.config
+    os.makedirs(path, exist_ok=True)
+    hf_config = dict(vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                     hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+                     max_position_embeddings=cfg.block_size, rotary_pct=cfg.rotary_pct,
+                     **(config_extra or {}))
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+        json.dump(hf_config, f)
+    sd = {('' if k == 'embed_out.weight' else 'gpt_neox.') + k: v.to(dtype or v.dtype).contiguous()
+          for k, v in model.state_dict().items()}
+    sd['gpt_neox.layers.0.attention.rotary_emb.inv_freq'] = torch.ones(2)  # old checkpoints carry buffers
+    keys = sorted(sd)
+    if fmt == 'bin':
+        torch.save(sd, os.path.join(path, 'pytorch_model.bin'))
+    elif shards == 1:
+        save_file(sd, os.path.join(path, 'model.safetensors'))
+    else:
+        weight_map = {}
+        for i in range(shards):
+            name = f'model-{i + 1:05d}-of-{shards:05d}.safetensors'
+            part = {k: sd[k] for k in keys[i::shards]}
+            save_file(part, os.path.join(path, name))
+            weight_map.update({k: name for k in part})
+        with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
+            json.dump({'weight_map': weight_map}, f)
+    return sd
+
+
+@pytest.mark.parametrize('fmt,shards', [('safetensors', 1), ('safetensors', 3), ('bin', 1)])
+def test_from_pretrained_round_trip_of_a_thought_model(tmp_path, fmt, shards):
+    model = tiny(block_size=BLOCK, n_thoughts=2)
+    save_tiny_checkpoint(tmp_path, model, dict(num_latent_thoughts=2, num_jacobi_iterations=3, scale_embeds=True),
+                         fmt=fmt, shards=shards)
+    loaded = load_pretrained(str(tmp_path)).eval()
+    assert (loaded.config.n_thoughts, loaded.config.scale_embeds) == (2, True)
+    idx = torch.randint(0, 97, (1, 9))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+
+
+def test_from_pretrained_loads_bf16_weights_and_overrides(tmp_path):
+    model = tiny(block_size=BLOCK)
+    save_tiny_checkpoint(tmp_path, model, dtype=torch.bfloat16)
+    loaded = load_pretrained(str(tmp_path), n_jacobi=5)
+    assert loaded.embed_in.weight.dtype == torch.float32 and loaded.config.n_jacobi == 5
+    torch.testing.assert_close(loaded.embed_in.weight, model.embed_in.weight.bfloat16().float())
+    with pytest.raises(ValueError, match='unknown GPTConfig'):
+        load_pretrained(str(tmp_path), n_thought=1)
+
+
+def test_missing_or_unexpected_weights_are_named(tmp_path):
+    from safetensors.torch import save_file
+    sd = save_tiny_checkpoint(tmp_path, tiny(block_size=BLOCK))
+    del sd['gpt_neox.layers.1.mlp.dense_h_to_4h.bias']
+    sd['gpt_neox.layers.1.mlp.extra'] = torch.zeros(1)
+    save_file(sd, os.path.join(tmp_path, 'model.safetensors'))
+    with pytest.raises(ValueError, match=r'layers\.1\.mlp\.dense_h_to_4h\.bias.*layers\.1\.mlp\.extra'):
+        load_pretrained(str(tmp_path))
+
+
+def test_v1_checkpoint_with_the_official_adapter_loads(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    model = randomize(tiny(n_ponder=2, ponder_multiply=True), std=0.1)
+    save_pretrained(model, str(tmp_path))
+    path = os.path.join(tmp_path, 'model.safetensors')
+    sd = load_file(path)
+    sd['gpt_neox.adapter.weight'] = torch.zeros(32, 64)  # the official code's unused nn.Linear(2H, H)
+    save_file(sd, path, metadata={'format': 'pt'})
+    capsys.readouterr()
+    loaded = load_pretrained(str(tmp_path)).eval()
+    err = capsys.readouterr().err
+    assert err.count('adapter.weight') == 1 and err.startswith('note:')
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_hub_download_failure_is_one_clear_error(monkeypatch):
+    pytest.importorskip('huggingface_hub')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(RuntimeError, match='Hugging Face Hub'):
+        load_pretrained('no-such-user/no-such-model-for-tests')
+
+
+# -----------------------------------------------------------------------------
 # what the official code writes
 
 OFFICIAL = {'ponderlm2-quickstart': (PONDERLM2_KEYS, dict(n_thoughts=1, n_jacobi=3, block_size=64, scale_embeds=True)),
@@ -126,6 +260,81 @@ def test_official_vanilla_baseline_runs_unscaled():
     assert config_from_hf({**STOCK, **PONDERLM2_KEYS}).scale_embeds is True
 
 
+# the baselines (test_methods.py's tiny models and references): a stock GPT-NeoX config.json of helpers.TINY_MODEL's
+# shape (Pythia's keys), and what the official loader adds
+TINY_MODEL_STOCK = {
+    'architectures': ['GPTNeoXForCausalLM'], 'bos_token_id': 0, 'eos_token_id': 0, 'hidden_act': 'gelu',
+    'hidden_size': TINY_MODEL['n_embd'], 'initializer_range': 0.02, 'intermediate_size': 4 * TINY_MODEL['n_embd'],
+    'layer_norm_eps': 1e-05, 'max_position_embeddings': TINY_MODEL['block_size'], 'model_type': 'gpt_neox',
+    'num_attention_heads': TINY_MODEL['n_head'], 'num_hidden_layers': TINY_MODEL['n_layer'],
+    'rotary_emb_base': 10000, 'rotary_pct': 0.25, 'tie_word_embeddings': False, 'torch_dtype': 'float32',
+    'transformers_version': '4.46.1', 'use_cache': True, 'use_parallel_residual': True,
+    'vocab_size': TINY_MODEL['vocab_size']}
+PATCH = {'pause': 'pause', 'loop': 'loop', 'hidden': 'ponderlm'}  # our method -> the official --patch_method
+
+
+def official_keys(config):
+    """The keys the official loader writes (src/llamafactory/model/loader.py), for config's method; the Pause
+    file reads pause_token_id too. None says which modeling file trained the model."""
+    keys = dict(output_hidden_states=False, num_latent_thoughts=config.n_pause or config.n_loop or config.n_hidden,
+                num_jacobi_iterations=3, random_jacobi_iterations=True, interpolation=False,
+                interpolation_use_topk=False, scale_embeds=True, recurrent_model=True, classifier_dropout=0)
+    if config.n_pause:
+        keys['pause_token_id'] = config.pause_token_id
+    return keys
+
+
+@pytest.mark.parametrize('name', NEW)
+def test_hf_export_round_trip_and_official_directories(tmp_path, name):
+    model = new_model(name)
+    idx = tokens((2, 7), 5)
+    save_pretrained(model, str(tmp_path))
+    loaded = load_pretrained(str(tmp_path)).eval()
+    # the whole config comes back (the MLP width written out: None means 4 H)
+    assert loaded.config == replace(model.config, n_inner=4 * model.config.n_embd) and loaded.config.method == name
+    with torch.no_grad():
+        logits, ref = model(idx)[0], reference(model, idx)
+        assert torch.equal(loaded(idx)[0], logits)
+    # the same weights as the official code saves them: its config.json names no method
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert 'patch_method' in config  # (our export's key, the only thing that would say)
+    (tmp_path / 'config.json').write_text(json.dumps({**TINY_MODEL_STOCK, **official_keys(model.config)}))
+    official = load_pretrained(str(tmp_path), patch_method=PATCH[name.split('-')[0]]).eval()
+    assert official.config.method == name
+    with torch.no_grad():
+        assert max_diff(official(idx)[0], ref) < TOL, max_diff(official(idx)[0], ref)
+    # without patch_method, num_latent_thoughts means PonderLM-2's thoughts (the official default, --patch_method
+    # ours): the same directory is then a PonderLM-2 model with K = the method's count
+    K = official_keys(model.config)['num_latent_thoughts']
+    assert load_pretrained(str(tmp_path)).config.method == f'ponderlm2-k{K}'
+
+
+def test_the_scripts_take_patch_method_for_an_official_directory(tmp_path, tiny_tokenizer):
+    """sample.py --patch_method=pause samples an official Pause directory as Pause (greedy, as the model does); on a
+    training checkpoint, which records its method, the option is one error line."""
+    tokenizer_json = tiny_tokenizer(['the', 'cat', 'sat', 'on', 'a', 'mat'])
+    model = new_model('pause-k2', vocab_size=300, pause_token_id=299)
+    save_pretrained(model, str(tmp_path / 'hf'), tokenizer_json)
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**TINY_MODEL_STOCK, 'vocab_size': 300,
+                                                             **official_keys(model.config)}))
+
+    def sample(*args):
+        return subprocess.run([sys.executable, 'sample.py', *args, '--start=', '--max_new_tokens=6', '--temperature=0',
+                               '--compile=False', '--device=cpu', '--dtype=float32'],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+
+    r = sample(f'--init_from={tmp_path / "hf"}', '--patch_method=pause')
+    assert r.returncode == 0, r.stderr
+    from nanoponder.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_json)
+    expected = model.generate(torch.tensor([[tok.eos_id]]), 6, temperature=0)[0].tolist()
+    assert r.stdout == tok.decode(expected[1:]) + '\n'  # (an empty prompt starts from EOS, which is not printed)
+    write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path)
+    r = sample(f'--init_from={tmp_path / "ckpt.pt"}', '--patch_method=pause')
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith('error: patch_method=pause')
+    assert r.stderr.count('error:') == 1 and 'Traceback' not in r.stderr
+
+
 # -----------------------------------------------------------------------------
 # a broken Hugging Face directory: one line, the same in all four scripts
 
@@ -148,6 +357,8 @@ def truncate(hf):
 
 
 SCRIPTS = ('sample.py', 'eval.py', 'export_hf.py', 'train.py')
+
+
 BROKEN = [  # (breaker, the words of its line)
     (write('config.json', b'[1, 2]'), ['config.json', 'JSON list']),
     (edit_config(vocab_size=None), ['config.json lacks vocab_size']),

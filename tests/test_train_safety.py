@@ -5,6 +5,8 @@ Also: Ctrl-C with stdout piped into a process that has exited still saves, the l
 files and locks of killed runs are cleaned up, a full disk during a save keeps the checkpoints (exit 1),
 --overwrite=True leaves none of the old run's files, and a log written to a file (or to a terminal that reports no
 size) has a plain line per log_interval.
+
+    python -m pytest tests/test_train_safety.py -q
 """
 import json
 import os
