@@ -9,9 +9,9 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from model import GPT, Attention, GPTConfig
+from model import Attention
 from nanoponder import kernels
-from helpers import TINY_MODEL, tiny
+from helpers import tiny
 
 BLOCK = 64  # the context of the tiny models here, tiny(block_size=BLOCK)
 
