@@ -87,8 +87,6 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
             with open(source, 'rb') as src, atomic_write(os.path.join(directory, name)) as f:
                 f.write(src.read())
         hf.update(model_type='nanoponder', architectures=['NanoPonderForCausalLM'], thoughts='jacobi',
-                  # transformers checks every *_token_id against the vocabulary: only Pause has a pause row
-                  pause_token_id=config.pause_token_id if config.n_pause else None,
                   auto_map={'AutoConfig': 'modeling_nanoponder.NanoPonderConfig',
                             'AutoModelForCausalLM': 'modeling_nanoponder.NanoPonderForCausalLM'})
     if tokenizer_path is not None:
@@ -255,7 +253,8 @@ def hf_config(config, eos_id=0, jacobi_train_range=None):
         # which official modeling file computes this model (config_from_hf reads it back); PonderingLM has its own
         'patch_method': next((m for m, field in PATCH_METHODS.items() if field and getattr(config, field)),
                              'ours' if config.n_ponder else 'vanilla'),
-        'pause_token_id': config.pause_token_id,
+        # only Pause has a pause row; transformers checks every *_token_id it finds against the vocabulary
+        **({'pause_token_id': config.pause_token_id} if config.n_pause else {}),
         'num_jacobi_iterations': config.n_jacobi,
         'random_jacobi_iterations': lo < hi,
         'jacobi_train_range': [lo, hi],

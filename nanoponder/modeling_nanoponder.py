@@ -60,7 +60,7 @@ class NanoPonderConfig(PretrainedConfig):
             n_jacobi=self.num_jacobi_iterations, **counts,
             n_ponder=self.pondering_steps if self.ponderinglm else 0, ponder_multiply=self.mutiply_pondering_steps,
             scale_embeds=self.scale_embeds,
-            **({} if self.pause_token_id is None else {'pause_token_id': self.pause_token_id}))  # Pause's only
+            **({} if getattr(self, 'pause_token_id', None) is None else {'pause_token_id': self.pause_token_id}))
 
 
 class ThoughtCache:

@@ -60,6 +60,7 @@ def test_export_round_trips_through_from_pretrained(tmp_path, tokenizer_json, kw
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
     hf = json.loads((tmp_path / 'config.json').read_text())
     assert set(OFFICIAL_KEYS) <= set(hf) and hf['model_type'] == ('nanoponder' if code else 'gpt_neox')
+    assert ('pause_token_id' in hf) == (model.config.n_pause > 0)  # transformers checks a *_token_id it finds
 
 
 def test_exported_vanilla_model_runs_in_stock_transformers(tmp_path, tokenizer_json, tok):
@@ -226,6 +227,35 @@ def test_bfloat16_and_save_pretrained_round_trip(tokenizer_json, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(idx).logits, model(idx)[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(load_pretrained(str(tmp_path / 'b'))(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def readme_snippet():
+    """The README's transformers snippet (the python block that loads 'you/shakespeare-ponder'), as written there."""
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    blocks = readme.split('```python\n')[1:]
+    (snippet,) = [b.split('```')[0] for b in blocks if "'you/shakespeare-ponder'" in b]
+    return snippet
+
+
+def test_the_readme_snippet_loads_every_export_without_a_prompt_or_a_warning(tokenizer_json, tmp_path):
+    """The README's snippet, run as written (with a local directory for the hub id) on the export of every method and
+    of vanilla, in one process with stdin closed: no trust_remote_code prompt, no warning, and text comes out."""
+    snippet = readme_snippet()
+    runs = []
+    for name in ['vanilla'] + METHODS:
+        path = tmp_path / name
+        default = {} if name.startswith('pause') else {'pause_token_id': GPTConfig.pause_token_id}  # beyond V
+        save_pretrained(new_model(name, **default), str(path), tokenizer_json)
+        runs.append(snippet.replace("'you/shakespeare-ponder'", repr(str(path))).replace('max_new_tokens=64',
+                                                                                             'max_new_tokens=4'))
+    code = 'import warnings\nwarnings.simplefilter("always")\n' + '\nprint("---")\n'.join(runs)
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    for sign in ('[y/N]', 'custom code', 'pause_token_id', 'Warning', 'warning', 'model of type'):
+        assert sign not in out, out[-3000:]
+    assert len(r.stdout.split('---')) == 1 + len(METHODS)
 
 
 def test_sample_py_greedy_text_is_transformers_generate(tokenizer_json, tmp_path):
