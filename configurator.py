@@ -118,6 +118,9 @@ def read_config_file(path, known):
             source = f.read()
         scratch = {}
         builtins.exec(builtins.compile(source, path, 'exec'), scratch)
+    except SystemExit as e:  # sys.exit() in the file: the script would end there, with an exit code that lies
+        raise ConfigError(f"config file {path} exits (SystemExit({e.code!r})): a config file only sets keys, "
+                          f"key = value") from None
     except Exception as e:  # the user's file is broken: say where, in one line
         line = getattr(e, 'lineno', None)
         at = f" (line {line})" if line else ''

@@ -38,8 +38,8 @@ from nanoponder.batches import sliding_windows, utf8_bytes, window_batches, wind
 from nanoponder.data import read_meta, read_tokens
 from nanoponder.methods import check_thought_mode
 from nanoponder.report import loss_table, plot_jacobi
-from nanoponder.runtime import (UserError, autocast, check_output_file, one_line, resolve_device, resolve_dtype,
-                                run_cli, write_json)
+from nanoponder.runtime import (NUMPY_SEEDS, TORCH_SEEDS, UserError, autocast, check_output_file, check_seed,
+                                one_line, resolve_device, resolve_dtype, run_cli, write_json)
 from nanoponder.tokenizer import checkpoint_data_dir, data_dir_tokenizer, model_tokenizer, tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
@@ -86,8 +86,10 @@ _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout
 
 def results_path(init_from, ckpt_file, out):
     """Where results go, without extension; ckpt_file: the train.py checkpoint init_from names, or None."""
-    if out:  # a directory gets DIR/eval.json, not a hidden DIR/.json
-        return os.path.join(out, 'eval') if out.endswith(('/', os.sep)) or os.path.isdir(out) else out
+    if out.endswith(('/', os.sep)) or os.path.isdir(out):  # a directory gets DIR/eval.json, not a hidden DIR/.json
+        return os.path.join(out, 'eval')
+    if out:
+        return out.removesuffix('.json')  # --out=x.json writes x.json, not x.json.json
     if ckpt_file is not None:
         return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), 'eval')
     return 'eval-' + os.path.basename(os.path.normpath(init_from))
@@ -247,6 +249,9 @@ def load_text(model, tok, ckpt):
             raise UserError("what text? pass --data_dir=DIR (prepare_data.py) or --text=FILE")
         directory = checkpoint_data_dir(ckpt)
     ids, data_tok = data_stream(directory, split)
+    if tokenizer:
+        print(f"note: --tokenizer is not used on a prepared split: {directory}'s ids and bytes are its own "
+              f"tokenizer's", file=sys.stderr)
     mismatch = ckpt is not None and tokenizer_mismatch(ckpt, directory, read_meta(directory))
     if mismatch:
         raise UserError(f"{mismatch}: the model would be scored on ids that mean other text; pass --data_dir=DIR "
@@ -279,6 +284,12 @@ def check_options():
         raise UserError(f"split must be train, val or test, got {split!r}")
     if text and data_dir:
         raise UserError("pass --text or --data_dir, not both")
+    if tasks and not [t for t in tasks.split(',') if t.strip()]:
+        raise UserError(f"tasks={tasks!r} names no task: pass --tasks=name[,name...] (lm-eval --tasks list)")
+    check_seed(seed, seeds=NUMPY_SEEDS if tasks else TORCH_SEEDS)
+    if not tasks and (thoughts != 'exact' or n_jacobi is not None or jacobi_tol is not None):
+        print("note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores; the loss mode reports every way "
+              "(max_jacobi, jacobi_tols, exact)", file=sys.stderr)
 
 
 def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
@@ -301,7 +312,10 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
     n_targets = windows[-1][1] - 1
     n_bytes = utf8_bytes(data_tok, ids[1:windows[-1][1]])
     tols = tuple(float(t) for t in jacobi_tols) if cfg.n_thoughts else ()
-    max_r = max_jacobi if cfg.n_thoughts else 0
+    max_r = min(max_jacobi, cfg.n_thoughts * (block - 1))  # (no thoughts: 0) past K(T-1) passes all are exact
+    if cfg.n_thoughts and max_r < max_jacobi:
+        print(f"note: max_jacobi={max_jacobi} is past the K(T-1) = {max_r} passes after which every thought of a "
+              f"{block}-token window is exact: rows up to R={max_r}", file=sys.stderr)
     totals = evaluate_loss(model, ids, windows, ctx, device_name, batch_size, max_r, tols,
                            exact and cfg.n_thoughts > 0)
     rows = loss_rows(totals, n_targets, n_bytes, max_r, tols)

@@ -22,7 +22,7 @@ import torch
 from model import generate_stream, settled
 from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from
-from nanoponder.runtime import UserError, autocast, one_line, resolve_device, resolve_dtype, run_cli
+from nanoponder.runtime import UserError, autocast, check_seed, one_line, resolve_device, resolve_dtype, run_cli
 from nanoponder.tokenizer import TextStream, model_tokenizer, safe_decode
 
 # -----------------------------------------------------------------------------
@@ -65,6 +65,7 @@ def check_options():
         raise UserError(f"n_jacobi must be an integer >= 0 (or None for the model's own), got {n_jacobi!r}")
     if jacobi_tol is not None and (type(jacobi_tol) not in (int, float) or jacobi_tol < 0):
         raise UserError(f"jacobi_tol must be a number >= 0 (or None for fixed passes), got {jacobi_tol!r}")
+    check_seed(seed)
 
 
 def read_prompt():

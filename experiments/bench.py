@@ -50,16 +50,16 @@ from nanoponder import kernels  # noqa: E402
 from nanoponder.cost import (cpu_name, estimate_mfu, flops_per_token, matmul_peak, measure_matmul_peak,  # noqa: E402
                              measure_training_peak, mfu_peak, plan_memory)
 from nanoponder.methods import method_fields  # noqa: E402
-from nanoponder.runtime import (UserError, autocast, check_output_file, compile_blocks, failure,  # noqa: E402
-                                keep_freed_memory, note_emulated_bf16, resolve_device, resolve_dtype, run_cli,
-                                write_json)
+from nanoponder.runtime import (UserError, autocast, check_output_file, check_seed, compile_blocks,  # noqa: E402
+                                failure, keep_freed_memory, note_emulated_bf16, resolve_device, resolve_dtype,
+                                run_cli, write_json)
 
 # -----------------------------------------------------------------------------
 # model
 model = 'pythia-70m'  # a Pythia size (as train.py's model=), or '' for the explicit n_layer / n_head / n_embd
-n_layer = 6  # with model='' (or overriding the preset's)
-n_head = 8  # likewise
-n_embd = 512  # likewise
+n_layer = 0  # 0 -> the preset's; > 0 overrides it (needed with model=''), as train.py's
+n_head = 0  # likewise
+n_embd = 0  # likewise
 vocab_size = 50304  # Pythia's padded vocabulary
 block_size = 1024  # training sequence length
 batch_size = 8  # training sequences per step
@@ -112,12 +112,13 @@ def check_method(name):
 def method_config(name):
     """The GPTConfig of the method `name` (model.py's names) at the benchmark's shape."""
     # the pause vector's row: the last one, which every vocab_size has (on random tokens, any row times the same)
+    shape = {k: globals()[k] for k in ('n_layer', 'n_head', 'n_embd') if globals()[k]}  # (0: the preset's)
     overrides = dict(block_size=block_size, vocab_size=vocab_size, n_jacobi=n_jacobi, pause_token_id=vocab_size - 1,
-                     **method_fields(name))
+                     **method_fields(name), **shape)
     try:
         if model:
             return GPTConfig.preset(model, **overrides)
-        return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+        return GPTConfig(**overrides)
     except ValueError as e:  # unknown preset, n_embd not divisible by n_head, ...
         raise UserError(str(e)) from None
 
@@ -125,14 +126,20 @@ def method_config(name):
 def check_config():
     """Everything the children would trip over, checked once up front. Returns the method names."""
     names = parse_methods(methods)
-    # the model's shape keys too, also where a preset makes n_layer / n_head / n_embd unused: torch's words for
-    # a zero or negative size come late, from a child
-    for key in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size', 'batch_size', 'repeats', 'prompt_len',
-                'new_tokens', 'new_tokens_uncached'):
+    # the model's shape keys too (0: the preset's): torch's words for a zero or negative size come late, from a child
+    for key in ('n_layer', 'n_head', 'n_embd'):
+        if globals()[key] < (0 if model else 1):
+            why = "(0: the preset's)" if model else "(model='' takes the shape from them)"
+            raise UserError(f"{key} must be >= {0 if model else 1}, got {globals()[key]} {why}")
+    for key in ('vocab_size', 'block_size', 'batch_size', 'repeats', 'prompt_len', 'new_tokens',
+                'new_tokens_uncached'):
         if globals()[key] < 1:
             raise UserError(f"{key} must be >= 1, got {globals()[key]}")
     if not peak_seconds > 0:
         raise UserError(f"peak_seconds must be > 0, got {peak_seconds}")
+    if not peak_seconds < 3600:  # (inf would run every child forever)
+        raise UserError(f"peak_seconds must be < 3600 (an hour per method), got {peak_seconds}")
+    check_seed(seed)
     for key in ('warmup', 'n_jacobi', 'threads'):
         if globals()[key] < 0:
             raise UserError(f"{key} must be >= 0, got {globals()[key]}")
@@ -698,6 +705,7 @@ def bench_all():
     report(info, out, attention)
     if json:
         config = {k: globals()[k] for k in CONFIG_KEYS if k != 'task'}
+        config['shape'] = {k: getattr(method_config('vanilla'), k) for k in ('n_layer', 'n_head', 'n_embd')}
         config['method_settings'] = {name: method_fields(name) for name in names}
         config['attention'] = attention
         write_json(json, {'machine': info, 'config': config, 'methods': out})

@@ -50,7 +50,8 @@ from nanoponder.cost import (cpu_name, flops_per_token, inference_flops_per_toke
 from nanoponder.data import read_meta, read_tokens  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
 from nanoponder.runlog import read_metrics  # noqa: E402
-from nanoponder.runtime import UserError, atomic_write, failure, run_cli  # noqa: E402
+from nanoponder.prerun import MAX_SEED  # noqa: E402
+from nanoponder.runtime import UserError, atomic_write, check_output_dir, failure, one_line, run_cli  # noqa: E402
 
 # the runs: name -> (method, extra train.py overrides, what sets it apart from its method's label),
 # most expensive first so two workers finish together. vanilla-flops gets its iterations from flops_matched_iters.
@@ -149,12 +150,20 @@ def train(name, seed):
         r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
     if r.returncode != 0:
-        raise failure(f"{' '.join(cmd)} failed (exit {r.returncode}); see {out_dir}/train.log")
+        raise failure(f"train.py of run {name} seed {seed} failed (exit {r.returncode}): "
+                      f"{last_error(os.path.join(out_dir, 'train.log'))}; see {out_dir}/train.log")
     seconds = time.time() - t0
     with atomic_write(done, 'w') as f:
         json.dump({'seconds': seconds}, f)
     print(f"{name} seed {seed}: trained in {seconds:.0f} s", flush=True)
     return out_dir, seconds
+
+
+def last_error(log):
+    """A failed script's own `error:` line from its log, or its last line."""
+    with open(log, errors='replace') as f:
+        lines = [line.strip() for line in f if line.strip()] or ['(nothing written)']
+    return next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
 
 
 def eval_losses(out_dir):
@@ -177,7 +186,8 @@ def run_eval(out_dir, out):
     with open(os.path.join(out_dir, 'eval.log'), 'w') as log:
         r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     if r.returncode != 0:
-        raise failure(f"{' '.join(cmd)} failed (exit {r.returncode}); see {out_dir}/eval.log")
+        raise failure(f"eval.py of {out_dir} failed (exit {r.returncode}): "
+                      f"{last_error(os.path.join(out_dir, 'eval.log'))}; see {out_dir}/eval.log")
 
 
 def val_curve(out_dir):
@@ -220,15 +230,28 @@ def save_result(result):
         json.dump(result, f, indent=1)
 
 
-def read_result(path):
-    """One result file, or a UserError naming it."""
+# what the report reads of a result file: key -> the kinds its value may be
+NUMBER = (int, float)
+RESULT_KEYS = {'name': str, 'seed': int, 'config': dict, 'label': str, 'params': NUMBER, 'tokens': NUMBER,
+               'train_flops': NUMBER, 'flops_per_token': NUMBER, 'inference_flops_per_token': NUMBER,
+               'kv_bytes_per_token': NUMBER, 'jacobi': NUMBER, 'exact': (*NUMBER, type(None)), 'seconds': NUMBER,
+               'curve': list}
+
+
+def read_result(path, keys=tuple(RESULT_KEYS)):
+    """One result file, checked to hold these keys, each of its kind (RESULT_KEYS: every key the report reads); or
+    a UserError naming it."""
     try:
         with open(path) as f:
             r = json.load(f)
-    except ValueError as e:
-        raise UserError(f"{path} is no repro.py result file ({e}): delete it, or restore it (git checkout)") from None
-    if not isinstance(r, dict) or not {'name', 'seed', 'config'} <= set(r):
-        raise UserError(f"{path} is no repro.py result file: delete it, or restore it (git checkout)")
+    except (OSError, ValueError) as e:  # not JSON, a directory, unreadable
+        raise UserError(f"{path} is no repro.py result file ({one_line(e)}): delete it, or restore it "
+                        f"(git checkout)") from None
+    wrong = [k for k in keys
+             if not isinstance(r, dict) or not isinstance(r.get(k), RESULT_KEYS[k]) or isinstance(r.get(k), bool)]
+    if wrong:
+        raise UserError(f"{path} is no repro.py result file (missing or mistyped: {', '.join(wrong)}): delete it, or "
+                        f"restore it (git checkout)")
     return r
 
 
@@ -259,7 +282,7 @@ def check_results_dir(tasks):
         path = os.path.join(results_dir, f'{name}-s{seed}.json')
         if not os.path.exists(path):
             continue
-        had, now = read_result(path)['config'], run_settings(run_overrides(name))
+        had, now = read_result(path, ('name', 'seed', 'config'))['config'], run_settings(run_overrides(name))
         differ = [f"{key} {had.get(key)} there, {now.get(key)} here" for key in BUDGET if had.get(key) != now.get(key)]
         if differ:
             raise UserError(f"{path} holds run {name} seed {seed} with another budget ({'; '.join(differ)}): pass "
@@ -385,9 +408,16 @@ def chosen_runs():
 
 def chosen_seeds():
     try:
-        return [int(s) for s in str(seeds).split(',')]
+        chosen = [int(s) for s in str(seeds).split(',')]
     except ValueError:
         raise UserError(f"seeds must be integers separated by commas, got {seeds!r}") from None
+    twice = sorted({s for s in chosen if chosen.count(s) > 1})
+    if twice:  # two runs of one seed would train into one out_dir at once
+        raise UserError(f"seeds lists {', '.join(map(str, twice))} more than once: each seed is one run")
+    for s in chosen:
+        if not 0 <= s <= MAX_SEED:
+            raise UserError(f"seed {s} is out of train.py's range [0, {MAX_SEED:,}]")
+    return chosen
 
 
 def prepare_data():
@@ -405,6 +435,8 @@ def prepare_data():
 def check_inputs():
     if jobs < 1:
         raise UserError(f"jobs must be >= 1, got {jobs}")
+    check_output_dir(out_root, '--out_root')  # before hours of training: where the runs and their results go
+    check_output_dir(results_dir, '--results_dir')
     if not os.path.isfile(config):
         raise UserError(f"config file not found: {config}")
     prepare_data()
@@ -417,8 +449,10 @@ def check_inputs():
 
 
 def write_report():
-    """The table (results.md) and the three plots, rebuilt from the result files in results_dir alone."""
+    """The table (results.md) and the three plots, rebuilt from the result files in results_dir alone; every file
+    is checked, and results_dir found writable, before anything is printed or written."""
     results = load_results()
+    check_output_dir(results_dir, '--results_dir')
     pairs = [f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base)]
     md = '\n'.join([table(results), '', 'Paired differences of the val loss (Jacobi R=3, whole val split), per seed:',
                     '', *pairs])

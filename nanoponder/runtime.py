@@ -55,6 +55,17 @@ def one_line(text, limit=300):
     return text if len(text) <= limit else text[:limit] + '...'
 
 
+TORCH_SEEDS = (-2 ** 63, 2 ** 64 - 1)  # what torch.manual_seed takes
+NUMPY_SEEDS = (0, 2 ** 32 - 1)  # what numpy's seeding takes (lm-eval seeds numpy and random too)
+
+
+def check_seed(value, name='seed', seeds=TORCH_SEEDS):
+    """A UserError unless value is a whole number in the range seeds (lo, hi), inclusive."""
+    lo, hi = seeds
+    if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+        raise UserError(f"{name} must be a whole number in [{lo:,}, {hi:,}], got {value!r}")
+
+
 def human(n):
     """A count for people: 1234567 -> '1.23M' (K, M, B); below a thousand as it is."""
     for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):

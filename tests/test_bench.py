@@ -193,6 +193,8 @@ def run_dir(tmp_path_factory):
     ('--n_layer=-1', ['n_layer must be >= 1, got -1'], []),
     ('--json={run}/notes.txt/bench.json', ['--json', 'notes.txt is a file, not a directory'], []),
     ('--json={run}', ['--json', 'is a directory'], []),
+    ('--peak_seconds=1e999', ['peak_seconds must be < 3600', 'got inf'], []),  # failed in every child
+    ('--seed=18446744073709551616', ['seed must be a whole number in', '18446744073709551616'], []),
 ])
 def test_bench_mistakes_are_one_line_before_measuring(run_dir, arg, needles, absent):
     before = checksums(run_dir)
@@ -330,3 +332,14 @@ def test_keep_freed_memory_stops_the_page_faults_of_big_tensors(device_type, env
         assert int(n_faults) < 1000, n_faults
     else:
         assert int(n_faults) > 4 * 16000 * 0.9, n_faults
+
+
+def test_a_shape_key_with_a_preset_is_the_model_measured(monkeypatch):
+    """--model=pythia-14m --n_layer=2 measures pythia-14m's width at 2 layers (it measured all 6 while bench.json
+    recorded n_layer 2), as train.py reads the same keys; 0 keeps the preset's."""
+    from experiments import bench as b
+    monkeypatch.setattr(b, 'model', 'pythia-14m')
+    assert (b.method_config('vanilla').n_layer, b.method_config('vanilla').n_embd) == (6, 128)
+    monkeypatch.setattr(b, 'n_layer', 2)
+    config = b.method_config('ponderlm2-k1')
+    assert (config.n_layer, config.n_head, config.n_embd, config.n_thoughts) == (2, 4, 128, 1)

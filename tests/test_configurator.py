@@ -123,8 +123,10 @@ def test_exec_applies_overrides(tmp_path):
     (['missing.py'], 'config file not found: missing.py'),
     (['--helper=1'], "unknown config key 'helper'"),
     (['--_private=1'], "unknown config key '_private'"),
+    (['exits.py'], 'config file exits.py exits (SystemExit(0)): a config file only sets keys'),  # was exit 0, silent
 ])
 def test_exec_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / 'exits.py').write_text('import sys\nbatch_size = 2\nsys.exit(0)\n')  # for the case below
     r = run_script(tmp_path, *args)
     assert r.returncode == 2
     lines = r.stderr.splitlines()

@@ -7,11 +7,13 @@ table and plots from the result files alone, the run folders gone.
 """
 import importlib.util
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import ENV, ROOT, tiny
@@ -83,6 +85,65 @@ def test_results_of_another_budget_and_broken_files_are_one_error(tmp_path):
     (res / 'loop-k1-s1.json').write_text('{"name": "loop-k1", "se')  # cut short
     r = subprocess.run([*cmd, '--report=True'], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert_one_error(r, 2, 'loop-k1-s1.json', 'no repro.py result file')
+
+
+def load_repro():
+    spec = importlib.util.spec_from_file_location('repro', ROOT / 'experiments' / 'repro.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_report_checks_every_result_file_and_where_it_writes_before_it_writes(tmp_path, monkeypatch, capsys):
+    """--report=True over a result file without the usual keys (was a KeyError), with a string seed (a TypeError), a
+    directory named like one (IsADirectoryError), or into a results_dir it cannot write (a PermissionError after
+    the table was printed): one UserError each, before anything is printed or written. And a training command
+    refuses, before any work, an --out_root that is a file (NotADirectoryError in a worker thread) and a seed
+    given twice (two runs racing into one out_dir)."""
+    repro = load_repro()
+    from nanoponder.runtime import UserError
+    good = json.loads((ROOT / 'experiments' / 'results' / 'vanilla-s1337.json').read_text())
+    res = tmp_path / 'res'
+    res.mkdir()
+    monkeypatch.setattr(repro, 'results_dir', str(res))
+    (res / 'vanilla-s1337.json').write_text(json.dumps(good))
+    cases = [('vanilla-s1.json', json.dumps({'name': 'vanilla', 'seed': 1, 'config': {}}),
+              'missing or mistyped: label'),
+             ('vanilla-s2.json', json.dumps({**good, 'seed': 'two'}), 'missing or mistyped: seed'),
+             ('old.json', None, 'old.json is no repro.py result file')]
+    for name, text, needle in cases:
+        if text is None:
+            (res / name).mkdir()
+        else:
+            (res / name).write_text(text)
+        with pytest.raises(UserError, match=needle):
+            repro.write_report()
+        if text is None:
+            (res / name).rmdir()
+        else:
+            (res / name).unlink()
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(tempfile, 'TemporaryFile', refused)  # what an unwritable results_dir does (we may be root)
+    capsys.readouterr()
+    with pytest.raises(UserError, match='--results_dir: cannot write'):
+        repro.write_report()
+    assert capsys.readouterr().out == '' and sorted(os.listdir(res)) == ['vanilla-s1337.json']
+    monkeypatch.undo()
+    (tmp_path / 'a-file').write_text('mine')
+    for key, value, needle in (('out_root', str(tmp_path / 'a-file'), '--out_root'),
+                               ('seeds', '1,1', 'more than once')):
+        monkeypatch.setattr(repro, 'results_dir', str(res))
+        monkeypatch.setattr(repro, 'runs', 'vanilla')
+        monkeypatch.setattr(repro, 'data_dir', str(tmp_path / 'no-data'))
+        monkeypatch.setattr(repro, 'out_root', str(tmp_path / 'out'))
+        monkeypatch.setattr(repro, key, value)
+        with pytest.raises(UserError, match=needle):
+            repro.main()
+        assert not (tmp_path / 'out').exists() and not (tmp_path / 'no-data').exists()
+    assert (tmp_path / 'a-file').read_text() == 'mine'
 
 
 def load_cuda_check():
