@@ -116,8 +116,7 @@ def text_stream(path, tok):
 
 def data_stream(data_dir, split):
     """A prepared split as token ids (documents each followed by EOS, as training reads them) and its tokenizer."""
-    read_meta(data_dir)
-    ids = read_tokens(data_dir, split)
+    ids = read_tokens(data_dir, split, read_meta(data_dir))
     if len(ids) < 2:
         raise UserError(f"{data_dir}/{split}.bin has {len(ids)} tokens: nothing to score")
     return ids, data_dir_tokenizer(data_dir)
@@ -353,7 +352,7 @@ def main():
     compute_dtype = resolve_dtype(dtype, torch.device(device_name).type)
     torch.manual_seed(seed)
     model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
-    tok = model_tokenizer(source, ckpt, tokenizer)
+    tok = model_tokenizer(source, ckpt, tokenizer, model.config.vocab_size)
     name = ckpt_file or init_from
     kernels.install(model)  # faster attention and loss where they suit (nanoponder/kernels.py)
     if tasks:

@@ -66,7 +66,7 @@ def jacobi_train_range(ckpt, source):
 def main():
     check_out()
     model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
-    tok = model_tokenizer(source, ckpt, tokenizer)
+    tok = model_tokenizer(source, ckpt, tokenizer, model.config.vocab_size)
     if tok.json_text is None:
         raise UserError(f"the model's tokenizer ({tok.name}) has no tokenizer.json to export; pass "
                         f"--tokenizer=path/to/tokenizer.json")

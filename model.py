@@ -59,8 +59,9 @@ class GPTConfig:
         if sum(v > 0 for v in counts.values()) > 1:
             raise ValueError(f"{' and '.join(k for k, v in counts.items() if v)} are different methods: set at most "
                              f"one of {', '.join(METHOD_COUNTS)} > 0")
-        if min(counts.values()) < 0 or self.n_jacobi < 0:
-            raise ValueError(f"{', '.join(METHOD_COUNTS)} and n_jacobi must be >= 0")
+        for k, v in {**counts, 'n_jacobi': self.n_jacobi}.items():
+            if v < 0:
+                raise ValueError(f"{k} must be >= 0, got {v}")
         if self.n_pause and not 0 <= self.pause_token_id < self.vocab_size:
             raise ValueError(f"pause_token_id {self.pause_token_id} is no row of the embedding (vocab_size "
                              f"{self.vocab_size})")
@@ -473,8 +474,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> token ids (B, 1). temperature 0 is greedy; top_k and top_p (nucleus) filter first."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    # the top logit becomes 0, the others are scaled below it: a tiny temperature is greedy, never nan
-    top = logits.amax(dim=-1, keepdim=True)
+    top = logits.amax(dim=-1, keepdim=True)  # the top logit becomes 0, the others below: a tiny temperature is greedy
     logits = torch.where(logits == top, 0.0, (logits - top) / temperature)
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

@@ -91,10 +91,6 @@ def encode_prompt(tok, text, config):
                             f"shorten it, or pass --truncate=True to keep its last {room} tokens")
         print(f"note: prompt truncated from {len(ids)} to its last {room} tokens", file=sys.stderr)
         ids = ids[-room:]
-    bad = [i for i in ids if i >= config.vocab_size]
-    if bad:
-        raise UserError(f"the tokenizer gives id {bad[0]}, beyond the model's vocabulary of {config.vocab_size}: "
-                        f"it is not this model's tokenizer")
     return ids
 
 
@@ -137,7 +133,7 @@ def main():
     ctx = autocast(device_type, resolve_dtype(dtype, device_type))
     torch.manual_seed(seed)
     model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
-    tok = model_tokenizer(source, ckpt, tokenizer)
+    tok = model_tokenizer(source, ckpt, tokenizer, model.config.vocab_size)
     prompt = encode_prompt(tok, read_prompt(), model.config)
     kernels.install(model.eval().to(dev))  # faster attention where it suits (nanoponder/kernels.py)
     if compile:  # the layer stack, which every path of every method runs; dynamic: the lengths change each call

@@ -46,8 +46,8 @@ class PackedBlocks:
 def open_blocks(data_dir, block_size, device):
     """Check data_dir and return (train blocks, val blocks, meta dict)."""
     meta = read_meta(data_dir)
-    train = PackedBlocks(split_path(data_dir, 'train'), block_size, device)
-    val = PackedBlocks(split_path(data_dir, 'val'), block_size, device)
+    train = PackedBlocks(split_path(data_dir, 'train', meta), block_size, device)
+    val = PackedBlocks(split_path(data_dir, 'val', meta), block_size, device)
     return train, val, meta
 
 

@@ -229,21 +229,30 @@ def load_init_from(init_from, out_dir, choices=INIT_FROM_CHOICES, patch_method='
     """The model that init_from names (resolve_init_from) -> (model on the CPU in fp32, its Checkpoint or None,
     the checkpoint file, Hugging Face directory or hub id it came from). patch_method: for a Hugging Face model,
     which official modeling file trained it (hf.config_from_hf); '' = what its config.json says. overrides replace
-    GPTConfig fields (hf.load_pretrained's). Every mistake is one UserError; a failed download exits with 1."""
+    GPTConfig fields (hf.load_pretrained's). Every mistake is one UserError (weights that are not finite too: a
+    model that diverged); a failed download exits with 1."""
     kind, source = resolve_init_from(init_from, out_dir, choices)
+    ckpt = None
     if kind == 'checkpoint':
         if patch_method:
             raise UserError(f"patch_method={patch_method} says which official modeling file trained a Hugging Face "
                             f"model; {source} is a training checkpoint, which records its method: leave it out")
         ckpt = Checkpoint.load(source)
-        return ckpt.build_model(**overrides), ckpt, source
-    path = source
-    if kind == 'hub':
+        model = ckpt.build_model(**overrides)
+    else:
+        path = source
+        if kind == 'hub':
+            try:
+                path = download_from_hub(source)
+            except RuntimeError as e:
+                raise failure(one_line(e)) from None
         try:
-            path = download_from_hub(source)
-        except RuntimeError as e:
-            raise failure(one_line(e)) from None
-    try:
-        return load_pretrained(path, patch_method=patch_method or None, **overrides), None, source
-    except (OSError, ValueError) as e:  # a missing or damaged file, a config this model does not compute
-        raise UserError(f"cannot load the Hugging Face model {source}: {one_line(e)}") from None
+            model = load_pretrained(path, patch_method=patch_method or None, **overrides)
+        except (OSError, ValueError) as e:  # a missing or damaged file, a config this model does not compute
+            raise UserError(f"cannot load the Hugging Face model {source}: {one_line(e)}") from None
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise UserError(f"{source} holds weights that are not finite (NaN or inf) in {', '.join(broken[:3])}"
+                        f"{', ...' if len(broken) > 3 else ''}: the model diverged, or the file is damaged; use an "
+                        f"earlier checkpoint (train.py keeps best.pt beside ckpt.pt)")
+    return model, ckpt, source

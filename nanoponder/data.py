@@ -87,8 +87,9 @@ def write_token_file(ids_iter, path):
     return temp_path(path), n_tokens, n_docs
 
 
-def split_path(data_dir, split):
-    """data_dir/split.bin, checked to be a whole uint16 file."""
+def split_path(data_dir, split, meta=None):
+    """data_dir/split.bin, checked to be a whole uint16 file with the tokens that meta.json (meta, if read already)
+    counts: a token file cut short or replaced is refused wherever it is read."""
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.isfile(path):
         if split not in ('train', 'val'):  # only MiniPile comes with a test split
@@ -97,12 +98,16 @@ def split_path(data_dir, split):
     size = os.path.getsize(path)
     if size % 2:
         raise UserError(f"{path} has an odd size ({size} bytes): not a uint16 token file, or cut short")
+    counted = ((read_meta(data_dir) if meta is None else meta).get('tokens') or {}).get(split)
+    if isinstance(counted, int) and size // 2 != counted:
+        raise UserError(f"{path} holds {size // 2:,} tokens, but {data_dir}/meta.json says {counted:,}: the token "
+                        f"file was cut short or replaced; prepare the data again ({prepare_command(data_dir)})")
     return path
 
 
-def read_tokens(data_dir, split):
-    """All ids of a split as a read-only uint16 memmap."""
-    return np.memmap(split_path(data_dir, split), dtype=TOKEN_DTYPE, mode='r')
+def read_tokens(data_dir, split, meta=None):
+    """All ids of a split as a read-only uint16 memmap (checked by split_path)."""
+    return np.memmap(split_path(data_dir, split, meta), dtype=TOKEN_DTYPE, mode='r')
 
 
 def max_token_id(path):

@@ -15,7 +15,8 @@ from dataclasses import fields, replace
 import torch
 
 from model import GPT, METHOD_COUNTS, GPTConfig
-from nanoponder.runtime import atomic_write, write_json
+from nanoponder.runtime import move_into_place, remove_stale_temp_files, temp_file, temp_path, write_json
+
 
 def load_pretrained(name_or_dir, patch_method=None, **overrides):
     """A GPT-NeoX / Pythia / PonderLM checkpoint in Hugging Face format: a local directory with config.json and
@@ -65,7 +66,9 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
     transformers runs it as itself with trust_remote_code=True: modeling_nanoponder.py and model.py copied beside
     the weights, and config.json's model_type 'nanoponder' with an auto_map naming the classes (REMOTE_CODE); a
     model type transformers does not know makes it refuse to load the directory without trust_remote_code, rather
-    than build a plain GPT-NeoX. Each file is written whole or not at all."""
+    than build a plain GPT-NeoX. The directory holds a whole model or none, also when the writing is killed: every
+    file goes to a temp file first, then the old config.json goes (a directory without one is no model), the
+    files are renamed into place, and config.json comes last. Files of the user's own in the directory stay."""
     from safetensors.torch import save as safetensors_bytes
     config, eos_id = model.config, 0
     if tokenizer_path is not None:
@@ -78,24 +81,38 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
         sd['embed_in.weight'] = sd['embed_in.weight'] * config.embed_scale
         config = replace(config, scale_embeds=False)
     sd = {(k if k == 'embed_out.weight' else 'gpt_neox.' + k): v for k, v in sd.items()}
-    os.makedirs(directory, exist_ok=True)
-    with atomic_write(os.path.join(directory, 'model.safetensors')) as f:
-        f.write(safetensors_bytes(sd, metadata={'format': 'pt'}))
+    files = {'model.safetensors': safetensors_bytes(sd, metadata={'format': 'pt'})}  # name -> its bytes
     hf = hf_config(config, eos_id, jacobi_train_range)
     if config.method != 'vanilla':
         for name, source in REMOTE_CODE.items():
-            with open(source, 'rb') as src, atomic_write(os.path.join(directory, name)) as f:
-                f.write(src.read())
+            with open(source, 'rb') as src:
+                files[name] = src.read()
         hf.update(model_type='nanoponder', architectures=['NanoPonderForCausalLM'], thoughts='jacobi',
                   auto_map={'AutoConfig': 'modeling_nanoponder.NanoPonderConfig',
                             'AutoModelForCausalLM': 'modeling_nanoponder.NanoPonderForCausalLM'})
     if tokenizer_path is not None:
-        with open(tokenizer_path, 'rb') as src, atomic_write(os.path.join(directory, 'tokenizer.json')) as f:
-            f.write(src.read())
-        write_json(os.path.join(directory, 'tokenizer_config.json'), {
+        with open(tokenizer_path, 'rb') as src:
+            files['tokenizer.json'] = src.read()
+        files['tokenizer_config.json'] = json.dumps({
             'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': eos_token, 'eos_token': eos_token,
-            'unk_token': eos_token, 'model_max_length': config.block_size})
-    write_json(os.path.join(directory, 'config.json'), hf)  # last: a directory without it is no model yet
+            'unk_token': eos_token, 'model_max_length': config.block_size}, indent=2).encode() + b'\n'
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temp_files(directory)  # of an export that was killed
+    paths = [os.path.join(directory, name) for name in files]
+    try:
+        for path, data in zip(paths, files.values()):
+            with temp_file(path) as f:
+                f.write(data)
+        for path in [os.path.join(directory, 'config.json')] + [os.path.join(directory, n) for n in REMOTE_CODE]:
+            if os.path.exists(path) and path not in paths:  # the old model's config.json first, then its stale code
+                os.remove(path)
+        for path in paths:
+            move_into_place(path)
+    finally:  # (interrupted: no temp file of ours stays behind)
+        for path in paths:
+            if os.path.exists(temp_path(path)):
+                os.remove(temp_path(path))
+    write_json(os.path.join(directory, 'config.json'), hf)  # last: a directory without it is no model
 
 
 # the code that a non-vanilla export carries for transformers' trust_remote_code: file name -> its source here

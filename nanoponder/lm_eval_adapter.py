@@ -69,7 +69,7 @@ class NanoPonderLM(TemplateLM):
         super().__init__()
         if model is None:  # loaded here as the scripts load it, with their kernels (a model given is used as it is)
             model, ckpt, source = load_init_from(init_from, 'out')
-            tokenizer = model_tokenizer(source, ckpt, tokenizer or '')
+            tokenizer = model_tokenizer(source, ckpt, tokenizer or '', model.config.vocab_size)
             kernels.install(model)
         check_thought_mode(thoughts)
         self._device = resolve_device(str(device))

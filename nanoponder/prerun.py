@@ -72,6 +72,9 @@ def check_config(cfg):
     if os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.data_dir):  # prepare_data.py --overwrite would mix them
         raise UserError(f"out_dir is the data_dir ({cfg.data_dir}): a run's files go in a directory of their own; "
                         f"choose another --out_dir")
+    if cfg.ponder_multiply and not cfg.n_ponder:  # (a Hidden run took it silently)
+        raise UserError("ponder_multiply=True multiplies PonderLM's first input embeddings, and n_ponder is 0: set "
+                        "n_ponder, or leave ponder_multiply out")
     if cfg.parallelism not in PARALLELISMS:
         raise UserError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {cfg.parallelism!r}")
     device_type = resolve_device(cfg.device).split(':')[0]

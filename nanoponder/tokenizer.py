@@ -94,8 +94,9 @@ def tokenizer_from_json(text, name, eos_token='<|endoftext|>', path=None):
         raise UserError(f"{where} is not a tokenizer the tokenizers library can read: {one_line(e)}") from None
     eos_id = tok.token_to_id(eos_token)
     if eos_id is None:
-        raise UserError(f"tokenizer {where} has no {eos_token} token; name its end-of-document token with "
-                        f"--eos_token=...")
+        raise UserError(f"tokenizer {where} has no {eos_token} token (the end of a document): to prepare data with "
+                        f"it, name its own in prepare_data.py --eos_token=...; to run a model, pass the tokenizer "
+                        f"it was trained with")
     # the largest id + 1, not the number of entries: added tokens may leave gaps
     vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
     # add_special_tokens=False: no BOS/EOS templates, documents are delimited by us;
@@ -258,19 +259,26 @@ def hub_tokenizer_path(repo_id):
                       f"pass --tokenizer=path/to/tokenizer.json") from None
 
 
-def model_tokenizer(init_from, ckpt=None, override=''):
+def model_tokenizer(init_from, ckpt=None, override='', vocab_size=None):
     """The tokenizer that goes with a model: override (pythia | gpt2 | a path) if given; for a training
     checkpoint the one its training data was prepared with (checkpoint_tokenizer); for a Hugging Face model
-    (directory or hub id) the tokenizer.json beside its weights."""
+    (directory or hub id) the tokenizer.json beside its weights. vocab_size: the model's; a tokenizer with more ids
+    is not its tokenizer (a UserError)."""
     if override:
-        return load_tokenizer(override)
-    if ckpt is not None:
-        return checkpoint_tokenizer(ckpt)
-    path = os.path.join(init_from, 'tokenizer.json') if os.path.isdir(init_from) else hub_tokenizer_path(init_from)
-    if path is None or not os.path.isfile(path):
-        raise UserError(f"no tokenizer.json beside the weights of {init_from}; pass --tokenizer=pythia "
-                        f"(every Pythia-based model uses it) or --tokenizer=path/to/tokenizer.json")
-    return load_tokenizer(path)
+        tok = load_tokenizer(override)
+    elif ckpt is not None:
+        tok = checkpoint_tokenizer(ckpt)
+    else:
+        path = os.path.join(init_from, 'tokenizer.json') if os.path.isdir(init_from) else hub_tokenizer_path(init_from)
+        if path is None or not os.path.isfile(path):
+            raise UserError(f"no tokenizer.json beside the weights of {init_from}; pass --tokenizer=pythia "
+                            f"(every Pythia-based model uses it) or --tokenizer=path/to/tokenizer.json")
+        tok = load_tokenizer(path)
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer {tok.name} has {tok.vocab_size:,} ids, more than the model's vocabulary of "
+                        f"{vocab_size:,}: it is not this model's tokenizer; pass the one it was trained with, "
+                        f"--tokenizer=path/to/tokenizer.json")
+    return tok
 
 
 def safe_decode(tok, ids):

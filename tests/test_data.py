@@ -313,6 +313,26 @@ def test_eval_refuses_data_of_another_tokenizer(case, trained, tmp_path):
     assert checksums(tmp_path, trained['data_b']) == before
 
 
+def test_token_files_cut_short_are_refused_wherever_they_are_read(trained, tmp_path):
+    """A resume onto a copy of its data whose train.bin was cut to 40% trained on, silently, though meta.json still
+    counted every token; now the file and meta.json must agree wherever a split is read (batches, eval's text)."""
+    from nanoponder.batches import open_blocks
+    from nanoponder.data import read_tokens
+    cut = tmp_path / 'cut'
+    shutil.copytree(trained['data_a'], cut)
+    shutil.copy(trained['ckpt'], tmp_path / 'ckpt.pt')
+    size = os.path.getsize(cut / 'train.bin')
+    os.truncate(cut / 'train.bin', size * 2 // 5 // 2 * 2)
+    before = checksums(tmp_path)
+    r = run('train.py', *TRAIN, '--max_iters=3', '--init_from=resume', f'--data_dir={cut}', f'--out_dir={tmp_path}')
+    assert_one_error(r, 2, str(cut / 'train.bin'), f"meta.json says {size // 2:,}", 'prepare the data again')
+    assert checksums(tmp_path) == before
+    for read in (lambda: open_blocks(str(cut), 16, 'cpu'), lambda: read_tokens(str(cut), 'train')):
+        with pytest.raises(UserError, match='cut short or replaced'):
+            read()
+    read_tokens(str(trained['data_a']), 'train')  # its own, whole: read as before
+
+
 @pytest.mark.parametrize('data, code', [('data_b', 2), ('data_a', 0)])
 def test_resume_refuses_data_of_another_tokenizer(data, code, trained, tmp_path):
     """Onto tokenizer B's data: refused before training, the checkpoint unchanged. Onto its own data, moved: fine."""

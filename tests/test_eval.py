@@ -126,11 +126,34 @@ def test_cli_loss_of_a_checkpoint_on_its_own_data(tmp_path, tokenizer_json):
     r = run_eval(f'--init_from={tmp_path / "ckpt.pt"}', '--max_windows=5', '--max_jacobi=2', '--jacobi_tols=(0.01,)',
                  '--dtype=float32')
     assert r.returncode == 0, r.stderr
+    assert 'note:' not in r.stderr  # nothing to say about these options
     report = json.loads((tmp_path / 'eval.json').read_text())
     assert (tmp_path / 'eval_jacobi.png').stat().st_size > 1000
     assert [row['name'] for row in report['rows']] == ['R=0', 'R=1', 'R=2', 'tol=0.01', 'exact']
     assert report['tokens'] == 5 * 16 and report['kv_cache_bytes_per_token'] == 2 * 2 * 32 * 4 * 2
     assert '| exact (sequential, KV cache) |' in r.stdout and 'KV cache: 1,024 bytes per token' in r.stdout
+
+
+def test_options_that_do_nothing_here_are_said_and_max_jacobi_stops_where_every_thought_is_exact(monkeypatch, capsys,
+                                                                                                tmp_path, tokenizer_json):
+    """--thoughts=jacobi (and n_jacobi, jacobi_tol) without --tasks and --tokenizer on a prepared split were ignored
+    silently: a note each. --max_jacobi far beyond the K(T-1) passes that make every thought exact spun on: the rows
+    end there, with a note. --out=x.json wrote x.json.json."""
+    from prepare_data import prepare
+    (tmp_path / 'corpus.txt').write_text('the cat sat on a mat\n' * 20, encoding='utf-8')
+    prepare('text', input=str(tmp_path / 'corpus.txt'), tokenizer=tokenizer_json, out_dir=str(tmp_path / 'data'),
+            num_proc=1)
+    write_checkpoint(tmp_path / 'ckpt.pt', tiny(n_thoughts=1, vocab_size=300, block_size=8), tmp_path / 'data')
+    capsys.readouterr()
+    run_main(monkeypatch, init_from=str(tmp_path / 'ckpt.pt'), out=str(tmp_path / 'x.json'), max_windows=2,
+             max_jacobi=1000, jacobi_tols=(), thoughts='jacobi', tokenizer=tokenizer_json, device='cpu')
+    err = capsys.readouterr().err
+    assert 'note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores' in err
+    assert '--tokenizer is not used on a prepared split' in err
+    assert 'max_jacobi=1000 is past the K(T-1) = 7 passes' in err
+    rows = json.loads((tmp_path / 'x.json').read_text())['rows']
+    assert [r['name'] for r in rows] == [f'R={r}' for r in range(8)] + ['exact']
+    assert rows[7]['loss'] == pytest.approx(rows[-1]['loss'], abs=1e-5)  # R=7 is the exact loss already
 
 
 def run_main(monkeypatch, **config):
@@ -145,7 +168,10 @@ def run_main(monkeypatch, **config):
     (dict(init_from='/no/such/ckpt.pt'), 'no such file or directory: /no/such/ckpt.pt'),
     (dict(init_from='/no/such/dir'), 'no such file or directory: /no/such/dir'),
     (dict(thoughts='magic'), 'thoughts must be'), (dict(jacobi_tols=(-1,)), 'jacobi_tols'),
-    (dict(stride=-1), 'stride must be >= 0, got -1')])
+    (dict(stride=-1), 'stride must be >= 0, got -1'),
+    (dict(tasks=','), "tasks=',' names no task"),  # was lm-eval's ValueError after 25 s of loading
+    (dict(seed=2 ** 64), 'seed must be a whole number in'),  # was torch's "Overflow when unpacking long long"
+    (dict(tasks='lambada_openai', seed=2 ** 32), 'seed must be a whole number in \\[0, 4,294,967,295\\]')])
 def test_mistakes_are_user_errors(monkeypatch, tmp_path, config, match):
     with pytest.raises(ev.UserError, match=match):
         run_main(monkeypatch, out=str(tmp_path / 'x'), **config)

@@ -101,6 +101,39 @@ def test_export_script(monkeypatch, capsys, tmp_path, tokenizer_json, kw, label)
         export_hf.main()
 
 
+def test_a_tokenizer_or_weights_that_do_not_fit_the_model_are_refused_before_any_work(monkeypatch, tmp_path,
+                                                                                     tokenizer_json):
+    """export_hf.py --tokenizer=<a 50K-id tokenizer> on a small model exited 0 (transformers then failed with an
+    IndexError), and sample.py refused it only at a prompt id beyond the vocabulary: every script now refuses a
+    tokenizer with more ids than the model (nanoponder.tokenizer.model_tokenizer). A model whose weights are not
+    finite (sample.py: torch.multinomial's RuntimeError) is refused where every script loads it."""
+    from tokenizers import Tokenizer, models
+    import export_hf
+    from nanoponder.checkpoint import load_init_from
+    big = tmp_path / 'big.json'
+    Tokenizer(models.WordLevel({'<|endoftext|>': 0, **{f'w{i}': i for i in range(1, 1000)}},
+                               unk_token='<|endoftext|>')).save(str(big))
+    hf = tmp_path / 'hf'
+    save_pretrained(new_model('ponderlm2-k1'), str(hf), tokenizer_json)
+    for key, value in (('init_from', str(hf)), ('out', str(tmp_path / 'out')), ('tokenizer', str(big))):
+        monkeypatch.setattr(export_hf, key, value)
+    with pytest.raises(ev.UserError, match=f"has 1,000 ids, more than the model's vocabulary of {V}"):
+        export_hf.main()
+    assert not (tmp_path / 'out').exists()
+    set_weight(hf, 'embed_out.weight', (3, 5), float('nan'))
+    with pytest.raises(ev.UserError, match='not finite.*embed_out.weight.*diverged'):
+        load_init_from(str(hf), 'out')
+
+
+def set_weight(directory, name, index, value):
+    """One weight of directory/model.safetensors set to value, in the file."""
+    from safetensors.torch import load_file, save_file
+    path = str(directory / 'model.safetensors')
+    tensors = load_file(path)
+    tensors[name][index] = value
+    save_file(tensors, path, metadata={'format': 'pt'})
+
+
 # -----------------------------------------------------------------------------
 # the export in transformers, as itself (trust_remote_code=True)
 
@@ -227,6 +260,41 @@ def test_bfloat16_and_save_pretrained_round_trip(tokenizer_json, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(idx).logits, model(idx)[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(load_pretrained(str(tmp_path / 'b'))(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_export_interrupted_between_its_files_is_no_model_and_the_next_one_is_whole(tokenizer_json, tmp_path,
+                                                                                      monkeypatch):
+    """export_hf.py --overwrite=True over a vanilla export, killed between its files, left the new model.safetensors
+    beside the old vanilla config.json, which loaded silently as a mix. Interrupted after its first file is in
+    place, the directory is no model now (no config.json: every loader refuses it in one line), the user's own file
+    in it stays, no temp file is left, and the next export writes a whole model."""
+    from nanoponder import hf as hf_module
+    from nanoponder.checkpoint import resolve_init_from
+    from nanoponder.runtime import UserError
+    out = tmp_path / 'hf'
+    save_pretrained(new_model('vanilla'), str(out), tokenizer_json)
+    (out / 'README.md').write_text('my model card')
+    moved, move = [], hf_module.move_into_place
+
+    def interrupted(path):
+        moved.append(path)
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        move(path)
+    monkeypatch.setattr(hf_module, 'move_into_place', interrupted)
+    k1 = new_model('ponderlm2-k1')
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(k1, str(out), tokenizer_json)
+    monkeypatch.undo()
+    assert not (out / 'config.json').exists() and (out / 'README.md').read_text() == 'my model card'
+    assert not [n for n in os.listdir(out) if '.tmp' in n]
+    with pytest.raises(UserError, match='no config.json'):
+        resolve_init_from(str(out), 'out')
+    save_pretrained(k1, str(out), tokenizer_json)
+    assert sorted(os.listdir(out)) == sorted(FILES + ['README.md'])
+    idx = torch.randint(0, V - 1, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(str(out))(idx)[0], k1(idx)[0], atol=1e-5, rtol=1e-5)
 
 
 def readme_snippet():

@@ -129,10 +129,12 @@ def test_truncate_keeps_the_last_tokens(out_dir):
 
 def test_errors_are_one_line(out_dir, tmp_path):
     missing = tmp_path / 'nowhere'
-    no_ckpt, too_long, no_file = fails(
+    no_ckpt, too_long, no_file, seed = fails(
         [f'--out_dir={missing}'],
         [f'--out_dir={out_dir}', f'--start={PROMPT * 10}', '--max_new_tokens=8'],
-        [f'--out_dir={out_dir}', f'--start=FILE:{tmp_path / "no_prompt.txt"}', '--top_p=0.9'])
+        [f'--out_dir={out_dir}', f'--start=FILE:{tmp_path / "no_prompt.txt"}', '--top_p=0.9'],
+        [f'--out_dir={out_dir}', '--seed=18446744073709551616'])  # was torch's "Overflow when unpacking long long"
+    assert 'seed must be a whole number in' in seed and '18446744073709551616' in seed
     assert os.path.join(str(missing), 'ckpt.pt') in no_ckpt and 'train.py' in no_ckpt
     assert 'context of 48' in too_long and '--truncate=True' in too_long
     assert 'prompt file not found' in no_file and 'no_prompt.txt' in no_file

@@ -60,6 +60,8 @@ def test_best_pt_is_the_best_saved_checkpoint(finished):
     # Pause's row is a token of the data, and the embedding (vocab_size 128, the data's) has no row to spare
     (['--n_thoughts=0', '--n_pause=1', '--pause_token_id=5'],
      ['pause_token_id=5 is a token id of the data', 'meta.json', '--vocab_size=136', '--pause_token_id=135']),
+    (['--n_thoughts=0', '--n_pause=-1'], ['n_pause must be >= 0, got -1']),  # was "all six counts ..."
+    (['--n_thoughts=0', '--n_hidden=1', '--ponder_multiply=True'], ['ponder_multiply', 'n_ponder is 0']),  # silent
 ])
 def test_bad_values_are_one_line_exit_2_and_touch_nothing(finished, args, needles):
     before = checksums(finished / 'out')
