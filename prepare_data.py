@@ -9,13 +9,14 @@ Tokenize a corpus into flat uint16 token files for training (each document's ids
     python prepare_data.py --dataset=text --input='books/**/*.txt' --tokenizer=gpt2 --num_proc=4
     python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512   # 512-id BPE of the train split -> data/shakespeare-bpe512
 
-Writes out_dir/{train,val}.bin (MiniPile also test.bin), tokenizer.json and meta.json, the data directory that
+Writes out_dir/{train,val,test}.bin, tokenizer.json and meta.json, the data directory that
 data.py describes and reads (data.data_dir_tokenizer(out_dir) gives back the tokenizer). An out_dir that already
 holds prepared data is refused unless --overwrite=True; every file is written to a temp file first and none is
 replaced until all are complete, so a failed run (a bad input, a full disk, Ctrl-C) leaves the old data as it was.
 
 --dataset=text: --input is a .txt file, a directory (all *.txt below it) or a glob; each file is one
-document and a val_fraction of the documents is held out (of a single file: its tail, cut at a line).
+document and a val_fraction of the documents is held out (of a single file: its tail, cut at a line), its first
+half for val and the rest for test (one held-out document is cut at a line); Tiny Shakespeare likewise.
 """
 import glob
 import json
@@ -36,7 +37,7 @@ dataset = 'minipile'    # minipile | shakespeare | text
 input = ''              # text: file, directory or glob of .txt files; shakespeare: a local copy (no download)
 tokenizer = 'pythia'    # pythia | gpt2 | path/to/tokenizer.json | bpe:N (train a byte-level BPE of N ids on train)
 out_dir = ''            # default: data/<dataset> (data/<dataset>-bpe<N> with --tokenizer=bpe:N)
-val_fraction = 0.1      # text/shakespeare: share (0 < f <= 0.5) of the documents (or of a single text) held out for val
+val_fraction = 0.1      # text/shakespeare: share (0 < f <= 0.5) of the documents (or text) held out: val, then test
 seed = 1337             # which documents go to val
 num_proc = min(8, os.cpu_count() or 1)  # processes that tokenize (>= 1)
 eos_token = '<|endoftext|>'  # tokenizer.json tokenizers: the token that ends every document
@@ -101,6 +102,21 @@ def split_documents(docs, val_fraction, seed):
     val_idx = set(random.Random(seed).sample(range(len(docs)), n_val))
     return {'train': [d for i, d in enumerate(docs) if i not in val_idx],
             'val': [d for i, d in enumerate(docs) if i in val_idx]}
+
+
+def held_out_halves(held):
+    """The held-out texts -> (val, test): the first half of the documents and the rest, or a single document cut at
+    the line break nearest after its middle (a single line: all for val, none for test)."""
+    if len(held) > 1:
+        half = (len(held) + 1) // 2
+        return held[:half], held[half:]
+    try:
+        val, test = split_at_line(held[0], 0.5)
+    except UserError:  # one line: all of it for val, and an empty test split
+        print("note: the held-out text is a single line, so it all goes to val and test.bin is empty: give more text, "
+              "or a larger --val_fraction, for a test split")
+        return held, []
+    return [val], [test]
 
 
 def text_documents(path):
@@ -189,12 +205,15 @@ def read_splits(dataset, input, tokenizer, val_fraction, seed):
     bad input fails before anything in out_dir is touched; MiniPile is loaded by the caller, after the
     tokenizer, so that the quick checks come before the big download."""
     if dataset == 'shakespeare':
-        train, val = split_at_line(shakespeare_text(input, tokenizer), val_fraction)
-        return (os.path.abspath(input) if input else SHAKESPEARE_URL), {'train': [train], 'val': [val]}
+        train, held = split_at_line(shakespeare_text(input, tokenizer), val_fraction)
+        val, test = held_out_halves([held])
+        return (os.path.abspath(input) if input else SHAKESPEARE_URL), {'train': [train], 'val': val, 'test': test}
     if dataset == 'text':
         if not input:
             raise UserError("--dataset=text needs --input=PATH (a .txt file, a directory or a glob)")
-        return os.path.abspath(input), split_documents(text_documents(input), val_fraction, seed)
+        splits = split_documents(text_documents(input), val_fraction, seed)
+        splits['val'], splits['test'] = held_out_halves(splits['val'])
+        return os.path.abspath(input), splits
     return MINIPILE, None
 
 

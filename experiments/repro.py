@@ -166,13 +166,13 @@ def last_error(log):
     return next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
 
 
-def eval_losses(out_dir):
-    """The run's val loss over the whole val split, by eval.py: Jacobi thoughts at R=3 (the papers' number) and,
-    for thought models, exact thoughts (one token at a time through the KV cache, as decoding computes them).
-    Its eval.json is reused while it is newer than the checkpoint."""
-    out = os.path.join(out_dir, 'eval')
+def eval_losses(out_dir, split='val'):
+    """The run's loss over the whole split, by eval.py: Jacobi thoughts at R=3 (the papers' number) and, for thought
+    models, exact thoughts (one token at a time through the KV cache, as decoding computes them). Its eval json is
+    reused while it is newer than the checkpoint."""
+    out = os.path.join(out_dir, 'eval' if split == 'val' else f'eval_{split}')
     if not os.path.exists(out + '.json') or os.path.getmtime(out + '.json') < os.path.getmtime(os.path.join(out_dir, 'ckpt.pt')):
-        run_eval(out_dir, out)
+        run_eval(out_dir, out, split)
     with open(out + '.json') as f:
         rows = {row['name']: row['loss'] for row in json.load(f)['rows']}
     if 'exact' not in rows:  # no thoughts: one row
@@ -180,9 +180,9 @@ def eval_losses(out_dir):
     return rows['R=3'], rows['exact']
 
 
-def run_eval(out_dir, out):
+def run_eval(out_dir, out, split):
     cmd = [sys.executable, EVAL, f'--init_from={os.path.join(out_dir, "ckpt.pt")}', '--max_jacobi=3', '--jacobi_tols=()',
-           f'--out={out}', '--dtype=float32', '--batch_size=32']
+           f'--out={out}', '--dtype=float32', '--batch_size=32', f'--split={split}']
     with open(os.path.join(out_dir, 'eval.log'), 'w') as log:
         r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     if r.returncode != 0:
@@ -206,9 +206,11 @@ def evaluate(name, seed, out_dir, seconds):
     flops, params = flops_per_token(cfg, R, training=True), shapes.get_num_params()
     note = RUNS[name][2]
     jacobi, exact = eval_losses(out_dir)
+    test_loss, test_loss_exact = eval_losses(out_dir, 'test')  # held out from every choice made on val
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
     return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
-                jacobi=jacobi, exact=exact, seconds=seconds, params=params, iters=ckpt.iter_num, tokens=tokens,
+                jacobi=jacobi, exact=exact, test_loss=test_loss, test_loss_exact=test_loss_exact, seconds=seconds,
+                params=params, iters=ckpt.iter_num, tokens=tokens,
                 train_flops=tokens * flops, flops_per_token=flops,
                 inference_flops_per_token=inference_flops_per_token(cfg),
                 kv_bytes_per_token=kv_cache_bytes_per_token(cfg, 2),  # bf16 keys and values
@@ -446,6 +448,10 @@ def check_inputs():
                         f"--data_dir (repro.py prepares it there)")
     read_tokens(data_dir, 'train')
     read_tokens(data_dir, 'val')
+    if not os.path.isfile(os.path.join(data_dir, 'test.bin')):  # prepared before there were test splits
+        raise UserError(f"{data_dir} has no test split, which every result file records: prepare it again with "
+                        f"python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512 --out_dir={data_dir} "
+                        f"--overwrite=True (train and its BPE stay as they are)")
 
 
 def write_report():

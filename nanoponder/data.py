@@ -92,8 +92,10 @@ def split_path(data_dir, split, meta=None):
     counts: a token file cut short or replaced is refused wherever it is read."""
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.isfile(path):
-        if split not in ('train', 'val'):  # only MiniPile comes with a test split
-            raise UserError(f"{data_dir} has no {split} split ({path} is missing): use --split=val")
+        if split not in ('train', 'val'):  # data prepared before test splits were cut has none
+            raise UserError(f"{data_dir} has no {split} split ({path} is missing): prepare it again with "
+                            f"`{prepare_command(data_dir)} --overwrite=True` (it keeps train and its tokenizer), or "
+                            f"use --split=val")
         raise UserError(f"{path} is missing: data_dir must hold train.bin, val.bin and meta.json from prepare_data.py")
     size = os.path.getsize(path)
     if size % 2:
@@ -106,8 +108,9 @@ def split_path(data_dir, split, meta=None):
 
 
 def read_tokens(data_dir, split, meta=None):
-    """All ids of a split as a read-only uint16 memmap (checked by split_path)."""
-    return np.memmap(split_path(data_dir, split, meta), dtype=TOKEN_DTYPE, mode='r')
+    """All ids of a split as a read-only uint16 memmap (checked by split_path); an empty split as an empty array."""
+    path = split_path(data_dir, split, meta)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode='r') if os.path.getsize(path) else np.zeros(0, TOKEN_DTYPE)
 
 
 def max_token_id(path):

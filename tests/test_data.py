@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from nanoponder.tokenizer import data_dir_tokenizer, load_tokenizer
-from prepare_data import split_at_line, split_documents
+from prepare_data import held_out_halves, split_at_line, split_documents
 from nanoponder.runtime import TEMP_SUFFIX, UserError
 from helpers import ENV, ROOT, assert_one_error, checksums
 
@@ -85,6 +85,10 @@ def test_splits():
     splits = split_documents([str(i) for i in range(10)], 0.25, seed=0)
     assert len(splits['val']) == 2 and sorted(splits['train'] + splits['val'], key=int) == [str(i) for i in range(10)]
     assert len(split_documents(['a', 'b'], 0.01, seed=0)['val']) == 1  # at least one val document
+    # the held-out part is then val and test: the first half of its documents and the rest, or one cut at a line
+    assert held_out_halves(['1', '2', '3']) == (['1', '2'], ['3'])
+    assert held_out_halves(['a\nbb\nccc\ndddd\n']) == (['a\nbb\nccc\n'], ['dddd\n'])
+    assert held_out_halves(['one line\n']) == (['one line\n'], [])  # nothing to cut: test.bin is empty
 
 
 def test_directory_of_documents(tmp_path, tokenizer_json, make_text):
@@ -103,16 +107,16 @@ def test_directory_of_documents(tmp_path, tokenizer_json, make_text):
 
     meta = json.loads((out / 'meta.json').read_text())
     tok = data_dir_tokenizer(str(out))
-    train, val = read_documents(out, 'train', tok), read_documents(out, 'val', tok)
-    assert len(val) == 3 and sorted(train + val) == sorted(docs)  # lossless, each document exactly once
+    train, val, test = (read_documents(out, split, tok) for split in ('train', 'val', 'test'))
+    assert (len(val), len(test)) == (2, 1) and sorted(train + val + test) == sorted(docs)  # lossless, each once
     assert meta == {
         'dataset': 'text', 'source': str(tmp_path / 'corpus'), 'tokenizer': tokenizer_json,
         'tokenizer_file': 'tokenizer.json',
         'tokenizer_sha256': hashlib.sha256(open(tokenizer_json, 'rb').read()).hexdigest(),
         'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>',
         'dtype': 'uint16',
-        'tokens': {s: os.path.getsize(out / f'{s}.bin') // 2 for s in ('train', 'val')},
-        'documents': {'train': 9, 'val': 3}}
+        'tokens': {s: os.path.getsize(out / f'{s}.bin') // 2 for s in ('train', 'val', 'test')},
+        'documents': {'train': 9, 'val': 2, 'test': 1}}
     assert (out / 'tokenizer.json').read_bytes() == open(tokenizer_json, 'rb').read()
     assert_no_temp_files(out)
 
@@ -125,9 +129,10 @@ def test_single_file_and_glob(tmp_path, tokenizer_json, make_text):
                 f'--out_dir={out}', '--num_proc=1')
     assert r.returncode == 0, r.stderr
     tok = load_tokenizer(tokenizer_json)
-    [train], [val] = read_documents(out, 'train', tok), read_documents(out, 'val', tok)
-    assert train + val == text and train.endswith('\n') and 0.8 < len(train) / len(text) < 0.95
-    assert json.loads((out / 'meta.json').read_text())['documents'] == {'train': 1, 'val': 1}
+    [train], [val], [test] = (read_documents(out, split, tok) for split in ('train', 'val', 'test'))
+    assert train + val + test == text and train.endswith('\n') and 0.8 < len(train) / len(text) < 0.95
+    assert val.endswith('\n') and 0.3 < len(val) / (len(val) + len(test)) < 0.7  # the held-out tail, cut at a line
+    assert json.loads((out / 'meta.json').read_text())['documents'] == {'train': 1, 'val': 1, 'test': 1}
 
     r = prepare('--dataset=text', f'--input={tmp_path / "*.txt"}', f'--tokenizer={tokenizer_json}', f'--out_dir={out}',
                 '--overwrite=True')  # the same data again, into the same directory
@@ -187,12 +192,13 @@ def test_bpe_is_trained_on_train_only_and_travels_with_the_data(tmp_path, make_t
     (tmp_path / 'book.txt').write_bytes((train_text + val_text).encode('utf-8'))
     out = tmp_path / 'out'
     r = prepare('--dataset=text', f'--input={tmp_path / "book.txt"}', '--tokenizer=bpe:300', f'--out_dir={out}',
-                '--val_fraction=0.3')  # a single text: val is its tail, all of val_text and a bit of train_text
+                '--val_fraction=0.3')  # a single text: val and test are its tail, all of val_text and a bit of train_text
     assert r.returncode == 0, r.stderr
     tok = data_dir_tokenizer(str(out))
     assert tok.vocab_size == 300 and tok.eos_id == 0 and tok.name == 'bpe:300'
-    [train], [val] = read_documents(out, 'train', tok), read_documents(out, 'val', tok)
-    assert train + val == train_text + val_text and 'zqx' in val and 'zqx' not in train  # lossless, both splits
+    [train], [val], [test] = (read_documents(out, split, tok) for split in ('train', 'val', 'test'))
+    assert train + val + test == train_text + val_text  # lossless, every split
+    assert 'zqx' in val + test and 'zqx' not in train  # the held-out tail only
     from tokenizers import Tokenizer as HFTokenizer
     vocab = HFTokenizer.from_file(str(out / 'tokenizer.json')).get_vocab()
     assert len(vocab) == 300 and not any('zq' in t or 'qx' in t for t in vocab)  # no merge learned from val
@@ -357,7 +363,7 @@ def limit_file_size():
 
 
 @pytest.mark.parametrize('case, args, code, words', [
-    ('into prepared data', [], 2, ['already holds prepared data', 'train.bin, val.bin, meta.json',
+    ('into prepared data', [], 2, ['already holds prepared data', 'train.bin, val.bin, test.bin, meta.json',
                                    '--overwrite=True']),
     ('num_proc < 1', ['--overwrite=True', '--num_proc=-3'], 2, ['num_proc must be', '>= 1', '-3']),
     ('val_fraction near 1', ['--overwrite=True', '--val_fraction=0.9999'], 2,
@@ -408,7 +414,7 @@ def test_token_files_use_the_temp_naming_that_stale_cleanup_knows(trained, tmp_p
     r = run('prepare_data.py', '--dataset=text', f'--input={trained["corpus"]}', f'--out_dir={data}',
             f'--tokenizer={trained["data_b"]}', '--overwrite=True')
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(data)) == ['meta.json', 'tokenizer.json', 'train.bin', 'val.bin']
+    assert sorted(os.listdir(data)) == ['meta.json', 'test.bin', 'tokenizer.json', 'train.bin', 'val.bin']
     assert read_meta(str(data))['tokenizer_sha256'] == read_meta(str(trained['data_b']))['tokenizer_sha256']
 
 
@@ -465,12 +471,17 @@ def test_data_without_its_tokenizer_json_is_said_at_training_and_at_sampling(tra
     ('train.py', ['--data_dir=FILE'], ['is a file, not a data directory']),
     ('train.py', ['--data_dir=DATA', '--out_dir=DATA'], ['out_dir is the data_dir', 'another --out_dir']),
     ('train.py', ['--data_dir=BADEOS'], ['eos_id 99999', '0 <= eos_id < vocab_size']),
-    ('eval.py', ['--split=test'], ['has no test split', '--split=val']),
+    ('eval.py', ['--split=test'], ['has no test split', '--overwrite=True', 'keeps train', '--split=val']),
     ('eval.py', ['--tasks=my_task', '--task_dir=MISSING'], ["task_dir", 'is not a directory']),
 ])
 def test_data_and_task_paths_are_said_truthfully(script, args, words, trained, tmp_path):
     data, bad_eos = tmp_path / 'data', tmp_path / 'bad_eos'
     shutil.copytree(trained['data_a'], data)
+    if '--split=test' in args:  # data prepared before there were test splits
+        (data / 'test.bin').unlink()
+        meta = json.loads((data / 'meta.json').read_text())
+        (data / 'meta.json').write_text(json.dumps({**meta, 'tokens': {k: v for k, v in meta['tokens'].items()
+                                                                       if k != 'test'}}))
     shutil.copytree(trained['data_a'], bad_eos)
     meta = json.loads((bad_eos / 'meta.json').read_text())
     (bad_eos / 'meta.json').write_text(json.dumps({**meta, 'eos_id': 99999}))

@@ -118,8 +118,8 @@ def test_cli_loss_of_a_checkpoint_on_its_own_data(tmp_path, tokenizer_json):
     from prepare_data import prepare
     corpus = tmp_path / 'corpus.txt'
     rng = random.Random(0)
-    corpus.write_text(''.join(' '.join(rng.choice(WORDS) for _ in range(10)) + '\n' for _ in range(60)),
-                      encoding='utf-8')
+    corpus.write_text(''.join(' '.join(rng.choice(WORDS) for _ in range(10)) + '\n' for _ in range(120)),
+                      encoding='utf-8')  # val: 6 of the 12 held-out lines, more than 5 windows of 16 tokens
     prepare('text', input=str(corpus), tokenizer=tokenizer_json, out_dir=str(tmp_path / 'data'), num_proc=1)
     model = randomize(tiny(n_thoughts=1, vocab_size=300, block_size=16), std=0.1)
     write_checkpoint(tmp_path / 'ckpt.pt', model, tmp_path / 'data')
@@ -140,7 +140,7 @@ def test_options_that_do_nothing_here_are_said_and_max_jacobi_stops_where_every_
     silently: a note each. --max_jacobi far beyond the K(T-1) passes that make every thought exact spun on: the rows
     end there, with a note. --out=x.json wrote x.json.json."""
     from prepare_data import prepare
-    (tmp_path / 'corpus.txt').write_text('the cat sat on a mat\n' * 20, encoding='utf-8')
+    (tmp_path / 'corpus.txt').write_text('the cat sat on a mat\n' * 40, encoding='utf-8')
     prepare('text', input=str(tmp_path / 'corpus.txt'), tokenizer=tokenizer_json, out_dir=str(tmp_path / 'data'),
             num_proc=1)
     write_checkpoint(tmp_path / 'ckpt.pt', tiny(n_thoughts=1, vocab_size=300, block_size=8), tmp_path / 'data')
@@ -154,6 +154,9 @@ def test_options_that_do_nothing_here_are_said_and_max_jacobi_stops_where_every_
     rows = json.loads((tmp_path / 'x.json').read_text())['rows']
     assert [r['name'] for r in rows] == [f'R={r}' for r in range(8)] + ['exact']
     assert rows[7]['loss'] == pytest.approx(rows[-1]['loss'], abs=1e-5)  # R=7 is the exact loss already
+    run_main(monkeypatch, split='test', out=str(tmp_path / 'test.json'), max_jacobi=2)  # prepare_data's test split
+    report = json.loads((tmp_path / 'test.json').read_text())
+    assert report['data'].endswith(' test') and report['tokens'] == os.path.getsize(tmp_path / 'data' / 'test.bin') // 2 - 1
 
 
 def run_main(monkeypatch, **config):

@@ -39,6 +39,9 @@ def test_repro_runs_end_to_end_on_a_toy_budget(tmp_path):
     by = {(n, s): json.loads((tmp_path / 'res' / f'{n}-s{s}.json').read_text()) for n in names for s in (1, 2)}
     k1, van, flops, pause = by['ponderlm2-k1', 1], by['vanilla', 1], by['vanilla-flops', 1], by['pause-k1', 1]
     assert k1['exact'] is not None and van['exact'] is None
+    # the test split too (prepare_data's second half of the held-out text), Jacobi R=3 and exact, as on val
+    assert k1['test_loss'] > 0 and k1['test_loss_exact'] > 0 and van['test_loss'] > 0 and van['test_loss_exact'] is None
+    assert k1['test_loss'] != k1['jacobi']
     assert van['iters'] == k1['iters'] == 2 and flops['iters'] > 2
     assert abs(flops['train_flops'] / k1['train_flops'] - 1) < 0.1  # matched training FLOPs, to one iteration
     # K=1 and Pause K=1 decode two slots per token, vanilla one: twice the cache and a little more than twice the
