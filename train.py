@@ -4,9 +4,10 @@ with one of the papers' baselines (Pause tokens, Loop, hidden-state feedback). O
 several GPUs and nodes with DDP or FSDP2. The defaults are the headline run: PonderLM-2 with one thought per token
 (K=1) on pythia-70m, one epoch of MiniPile.
 
-    python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512 && python train.py config/shakespeare_ponder.py
-        # minutes on a CPU: the config reads data/shakespeare-bpe512, which that command writes
-    python train.py config/pythia70m_ponder.py                        # one GPU
+    python train.py config/shakespeare_ponder.py                    # minutes on a CPU; the first run prepares
+        # data/shakespeare-bpe512 (python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512); offline:
+        # --input=path/to/tinyshakespeare.txt
+    python train.py config/pythia70m_ponder.py --prepare=True         # one GPU; prepares MiniPile first if missing
     torchrun --standalone --nproc_per_node=8 train.py config/pythia70m_ponder.py   # 8 GPUs, same global batch
     python train.py config/pythia70m_ponder.py --batch_size=4 --gradient_accumulation_steps=32  # less memory
     torchrun --standalone --nproc_per_node=8 train.py config/pythia1.4b_ponder.py --parallelism=fsdp \
@@ -36,7 +37,9 @@ from configurator import known_config
 from nanoponder import kernels
 from nanoponder.checkpoint import restore_run, save_run
 from nanoponder.parallel import clip_gradients, set_gradient_sync, setup_distributed, wrap
-from nanoponder.prerun import build_model, check_config, open_data, remove_previous_run, schedule, training_session
+import prepare_data
+from nanoponder.prerun import (build_model, check_config, data_to_prepare, open_data, remove_previous_run, schedule,
+                               training_session)
 from nanoponder.runlog import SilentLog, open_log
 from nanoponder.runtime import (autocast, compile_blocks, failure, keep_freed_memory, resolve_device, resolve_dtype,
                                 run_cli)
@@ -55,7 +58,12 @@ wandb_log = False               # also log to Weights & Biases (pip install wand
 wandb_project = 'nanoPonder'    # its project ...
 wandb_run_name = 'pythia70m-ponder'  # ... and run name
 # data
-data_dir = 'data/minipile'      # train.bin, val.bin, meta.json from prepare_data.py
+data_dir = 'data/minipile'      # train.bin, val.bin, meta.json from prepare_data.py (or prepared here, see dataset)
+dataset = ''                    # data_dir's dataset, prepared here when missing: shakespeare | text | minipile (with
+                                # prepare=True: GBs to download, an hour of tokenizing); '' = a missing one is an error
+tokenizer = 'pythia'            # ... its tokenizer (sample.py's and eval.py's --tokenizer overrides a model's instead)
+input = ''                      # a local copy of the text to prepare from (prepare_data.py's --input: offline)
+prepare = False                 # let dataset='minipile' be prepared here
 batch_size = 8                  # micro-batch of one process, in sequences
 gradient_accumulation_steps = 16  # micro-batches per iteration over ALL processes: 8 x 16 = 128 sequences
 block_size = 2048               # tokens per sequence
@@ -171,6 +179,8 @@ def main():
         ptdtype = resolve_dtype(cfg.dtype, device_type)
         ctx = autocast(device_type, ptdtype)
         accum = cfg.gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
+        if data_to_prepare(cfg, distributed):  # a small dataset the config names, missing: prepared here, once
+            prepare_data.prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.data_dir)
         train_batches, val_batches, meta = open_data(cfg, device, accum, rank, world_size)
         total_iters, warmup, decay_end = schedule(cfg, train_batches.iters_per_epoch)
         # from scratch, out_dir/ckpt.pt or a Hugging Face model, checked against the config and the data

@@ -1,5 +1,5 @@
 # PonderLM-2 with K=1 latent thought per token on pythia-70m, one epoch of MiniPile: the headline run.
-#   python prepare_data.py                                  # data/minipile
+#   python prepare_data.py                                  # data/minipile (or --prepare=True below)
 #   python train.py config/pythia70m_ponder.py              # one GPU
 #   torchrun --standalone --nproc_per_node=8 train.py config/pythia70m_ponder.py
 # The papers' recipe: global batch 128 sequences x 2048 tokens, AdamW lr 1e-3 (betas 0.9/0.95, weight decay
@@ -9,6 +9,8 @@
 out_dir = 'out-pythia70m-ponder'
 wandb_run_name = 'pythia70m-ponder'
 data_dir = 'data/minipile'
+dataset = 'minipile'     # a missing data_dir is prepared here with --prepare=True (GBs to download), else an error
+tokenizer = 'pythia'
 eval_interval = 500
 eval_iters = 40
 

@@ -1,6 +1,6 @@
 # A tiny PonderLM-2 (K=1) on Tiny Shakespeare that trains on a laptop CPU in minutes.
-#   python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512    # -> data/shakespeare-bpe512
-#   python train.py config/shakespeare_ponder.py
+#   python train.py config/shakespeare_ponder.py     # prepares data/shakespeare-bpe512 first, if missing, as
+#     python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512 would (offline: --input=PATH)
 #   python train.py config/shakespeare_vanilla.py                       # the same without thoughts, to compare
 # A 512-id BPE trained on the train split keeps the embeddings small (0.13M parameters against the trunk's
 # 1.19M), so what the model learns depends on the trunk's compute per token, which thoughts change: the regime
@@ -11,6 +11,8 @@
 
 out_dir = 'out-shakespeare-ponder'
 data_dir = 'data/shakespeare-bpe512'
+dataset = 'shakespeare'  # the first run prepares data_dir (downloads the text, or --input=PATH: a local copy)
+tokenizer = 'bpe:512'
 wandb_run_name = 'shakespeare-ponder'
 eval_interval = 50
 eval_iters = 8

@@ -72,6 +72,9 @@ def check_config(cfg):
     if os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.data_dir):  # prepare_data.py --overwrite would mix them
         raise UserError(f"out_dir is the data_dir ({cfg.data_dir}): a run's files go in a directory of their own; "
                         f"choose another --out_dir")
+    if cfg.dataset not in DATASETS:
+        raise UserError(f"dataset must be one of {', '.join(DATASETS[1:])} (how a missing data_dir is prepared) or '' "
+                        f"(none), got {cfg.dataset!r}")
     if cfg.ponder_multiply and not cfg.n_ponder:  # (a Hidden run took it silently)
         raise UserError("ponder_multiply=True multiplies PonderLM's first input embeddings, and n_ponder is 0: set "
                         "n_ponder, or leave ponder_multiply out")
@@ -166,6 +169,28 @@ def remove_previous_run(cfg):
 
 # -----------------------------------------------------------------------------
 # the data
+
+DATASETS = ('', 'minipile', 'shakespeare', 'text')  # prepare_data.py's; '' = the config names none
+
+
+def data_to_prepare(cfg, distributed):
+    """Whether data_dir is missing and to be prepared now, with the config's dataset, tokenizer and input (said in one
+    line): Tiny Shakespeare and a local text are, MiniPile (GBs to download) only with prepare=True. A missing
+    data_dir that is not, and any under torchrun (every rank would wait for one), is one UserError naming the
+    command that prepares it."""
+    if not cfg.dataset or os.path.exists(os.path.join(cfg.data_dir, 'meta.json')) or os.path.isfile(cfg.data_dir):
+        return False
+    command = ' '.join(['python prepare_data.py', f'--dataset={cfg.dataset}', f'--tokenizer={cfg.tokenizer}',
+                        f'--out_dir={cfg.data_dir}'] + ([f'--input={cfg.input}'] if cfg.input else []))
+    if distributed:
+        raise UserError(f"data_dir {cfg.data_dir} is not prepared: run `{command}` first (under torchrun no rank "
+                        f"prepares it: the others would wait for it)")
+    if cfg.dataset == 'minipile' and not cfg.prepare:
+        raise UserError(f"data_dir {cfg.data_dir} is not prepared: MiniPile is GBs to download and an hour of "
+                        f"tokenizing, which train.py does not start unasked; run `{command}`, or pass --prepare=True")
+    print(f"note: data_dir {cfg.data_dir} is missing: preparing it first, as `{command}` would")
+    return True
+
 
 def open_data(cfg, device, accum, rank, world_size):
     """-> (train batches, val batches, meta.json) of cfg.data_dir, cut into blocks of block_size."""

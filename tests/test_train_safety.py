@@ -10,6 +10,7 @@ size) has a plain line per log_interval.
 """
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -349,3 +350,38 @@ def test_the_newcomer_commands_make_what_the_configs_read():
         exec((ROOT / 'config' / config).read_text(), scratch)
         assert prepare_command(scratch['data_dir']) in docs, config
     assert 'prepare_data.py --dataset=shakespeare &&' not in docs
+
+
+def test_the_first_run_is_one_command_and_a_big_download_is_never_started_unasked(tmp_path):
+    """`python train.py config/shakespeare_ponder.py` prepares its missing data_dir first (the config names its
+    dataset and tokenizer), with prepare_data.py's own code, saying so in one line; --input is the offline form. A
+    missing MiniPile is one line naming the command unless --prepare=True, and so is any missing data under
+    torchrun (every rank would wait for one); a config that names no dataset keeps the plain missing-data error."""
+    from types import SimpleNamespace
+    from nanoponder.prerun import data_to_prepare
+    from nanoponder.runtime import UserError
+    rng = random.Random(0)
+    words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    (tmp_path / 'text.txt').write_text(''.join(' '.join(rng.choice(words) for _ in range(12)) + '\n'
+                                               for _ in range(600)))
+    r = subprocess.run([sys.executable, 'train.py', 'config/shakespeare_ponder.py', f'--input={tmp_path / "text.txt"}',
+                        f'--data_dir={tmp_path / "data"}', f'--out_dir={tmp_path / "out"}', '--max_iters=1',
+                        '--eval_iters=1', '--n_layer=1', '--dtype=float32'],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(f'note: data_dir {tmp_path / "data"} is missing: preparing it first') == 1
+    assert 'python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512' in r.stdout
+    assert sorted(os.listdir(tmp_path / 'data')) == ['meta.json', 'test.bin', 'tokenizer.json', 'train.bin', 'val.bin']
+    assert (tmp_path / 'out' / 'ckpt.pt').exists()
+    cfg = SimpleNamespace(data_dir=str(tmp_path / 'data'), dataset='shakespeare', tokenizer='bpe:512', input='',
+                          prepare=False)
+    assert not data_to_prepare(cfg, distributed=False)  # prepared: used as it is
+    cfg.data_dir = str(tmp_path / 'missing')
+    with pytest.raises(UserError, match='under torchrun no rank prepares it'):
+        data_to_prepare(cfg, distributed=True)
+    cfg.dataset, cfg.tokenizer = 'minipile', 'pythia'
+    with pytest.raises(UserError, match='MiniPile is GBs to download.*python prepare_data.py --dataset=minipile.*'
+                                        '--prepare=True'):
+        data_to_prepare(cfg, distributed=False)
+    cfg.dataset = ''
+    assert not data_to_prepare(cfg, distributed=False) and not (tmp_path / 'missing').exists()
