@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, 
 from model import GPT, GPTConfig  # noqa: E402
 from nanoponder import kernels  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
-from nanoponder.runtime import (UserError, check_output_dir, failure, resolve_device, run_cli,  # noqa: E402
+from nanoponder.runtime import (UserError, check_output_dir, check_seed, failure, resolve_device, run_cli,  # noqa: E402
                                 write_json, write_result)
 
 # -----------------------------------------------------------------------------
@@ -178,6 +178,7 @@ def check_config():
         shlex.split(bench_args)
     except ValueError as e:
         raise UserError(f"bench_args: {e}; quote as a shell would, e.g. --bench_args='--repeats=3'") from None
+    check_seed(seed)
     check_output_dir(out_dir, '--out_dir')
     return names
 

@@ -147,6 +147,8 @@ def test_a_report_checks_every_result_file_and_where_it_writes_before_it_writes(
             repro.main()
         assert not (tmp_path / 'out').exists() and not (tmp_path / 'no-data').exists()
     assert (tmp_path / 'a-file').read_text() == 'mine'
+    (tmp_path / 'train.log').write_text('config: seed = 1\nerror: beta1 must be in [0, 1), got 1.5\n')
+    assert repro.last_error(tmp_path / 'train.log') == 'error: beta1 must be in [0, 1), got 1.5'  # not the command
 
 
 def load_cuda_check():
