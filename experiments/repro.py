@@ -183,11 +183,11 @@ def eval_losses(out_dir, split='val'):
 def run_eval(out_dir, out, split):
     cmd = [sys.executable, EVAL, f'--init_from={os.path.join(out_dir, "ckpt.pt")}', '--max_jacobi=3', '--jacobi_tols=()',
            f'--out={out}', '--dtype=float32', '--batch_size=32', f'--split={split}']
-    with open(os.path.join(out_dir, 'eval.log'), 'w') as log:
+    log_path = out + '.log'  # eval.log, eval_test.log: one per split
+    with open(log_path, 'w') as log:
         r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     if r.returncode != 0:
-        raise failure(f"eval.py of {out_dir} failed (exit {r.returncode}): "
-                      f"{last_error(os.path.join(out_dir, 'eval.log'))}; see {out_dir}/eval.log")
+        raise failure(f"eval.py of {out_dir} failed (exit {r.returncode}): {last_error(log_path)}; see {log_path}")
 
 
 def val_curve(out_dir):
