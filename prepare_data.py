@@ -314,6 +314,8 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
             'vocab_size': tok.vocab_size,
             'eos_id': tok.eos_id,
             'eos_token': eos_token,
+            'val_fraction': None if dataset == 'minipile' else val_fraction,  # MiniPile comes split
+            'seed': None if dataset == 'minipile' else seed,
             'dtype': 'uint16',
             'tokens': {name: n for name, (n, _) in counts.items()},
             'documents': {name: d for name, (_, d) in counts.items()},

@@ -1,12 +1,12 @@
 """
 A prepared data directory: its token files and meta.json (the batches cut from it: nanoponder/batches.py).
 
-A data directory holds {train,val}.bin (MiniPile also test.bin): every document's ids followed by the EOS id,
-concatenated, as uint16; and meta.json:
+A data directory holds {train,val,test}.bin (no test.bin if prepared before there were test splits): every
+document's ids followed by the EOS id, concatenated, as uint16; and meta.json:
     dataset, source, tokenizer ('pythia', 'gpt2', 'bpe:N' or an absolute tokenizer.json path), tokenizer_file
     ('tokenizer.json', a copy inside the directory, or null for gpt2), tokenizer_sha256 (the tokenizer's
-    identity, Tokenizer.sha256), vocab_size, eos_id, eos_token, dtype ('uint16'), tokens {split: count},
-    documents {split: count}.
+    identity, Tokenizer.sha256), vocab_size, eos_id, eos_token, val_fraction and seed (how text and Tiny
+    Shakespeare were split; null for MiniPile), dtype ('uint16'), tokens {split: count}, documents {split: count}.
 
     from nanoponder.data import read_meta, read_tokens
     ids = read_tokens('data/shakespeare-bpe512', 'val')      # a read-only uint16 memmap
@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 
 import numpy as np
 
@@ -32,13 +33,28 @@ def data_tokenizer_file(data_dir, meta):
     return path if os.path.isfile(path) else None
 
 
-def prepare_command(data_dir):
-    """The prepare_data.py command that writes data_dir: data/<dataset>[-bpe<N>] is its default out_dir for the
-    datasets it downloads; any other directory is an --out_dir."""
-    m = re.fullmatch(r'data/(minipile|shakespeare)(?:-bpe(\d+))?', os.path.normpath(data_dir).replace(os.sep, '/'))
-    if not m:
-        return f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={data_dir}"
-    return f"python prepare_data.py --dataset={m[1]}" + (f" --tokenizer=bpe:{m[2]}" if m[2] else '')
+def prepare_command(data_dir, meta=None):
+    """The prepare_data.py command that writes data_dir: from its meta.json when there is one (dataset, tokenizer,
+    a local source), else data/<dataset>[-bpe<N>] for the default out_dirs and --dataset=text for any other."""
+    default = re.fullmatch(r'data/(minipile|shakespeare)(?:-bpe(\d+))?', os.path.normpath(data_dir).replace(os.sep, '/'))
+    dataset, tok, source = (meta or {}).get('dataset'), (meta or {}).get('tokenizer'), (meta or {}).get('source')
+    if dataset not in ('minipile', 'shakespeare', 'text'):  # no meta.json to go by
+        if not default:
+            return f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={shlex.quote(data_dir)}"
+        dataset, tok, source = default[1], f'bpe:{default[2]}' if default[2] else 'pythia', None
+    args = [f'--dataset={dataset}']
+    if dataset == 'text' or (isinstance(source, str) and dataset == 'shakespeare' and '://' not in source):
+        args.append(f'--input={shlex.quote(source)}' if isinstance(source, str) else '--input=YOUR_TEXT')
+    if isinstance(tok, str) and tok != 'pythia':
+        args.append(f'--tokenizer={shlex.quote(tok)}')
+    for key, default_value in (('val_fraction', 0.1), ('seed', 1337), ('eos_token', '<|endoftext|>')):
+        value = (meta or {}).get(key)  # None: not recorded (MiniPile's split, data prepared before)
+        if value is not None and value != default_value:
+            args.append(f'--{key}={shlex.quote(str(value))}')
+    bpe = tok[4:] if isinstance(tok, str) and tok.startswith('bpe:') else None
+    if not (default and default[1] == dataset and default[2] == bpe):
+        args.append(f'--out_dir={shlex.quote(data_dir)}')
+    return 'python prepare_data.py ' + ' '.join(args)
 
 
 def read_meta(data_dir):
@@ -94,8 +110,8 @@ def split_path(data_dir, split, meta=None):
     if not os.path.isfile(path):
         if split not in ('train', 'val'):  # data prepared before test splits were cut has none
             raise UserError(f"{data_dir} has no {split} split ({path} is missing): prepare it again with "
-                            f"`{prepare_command(data_dir)} --overwrite=True` (it keeps train and its tokenizer), or "
-                            f"use --split=val")
+                            f"`{prepare_command(data_dir, meta or read_meta(data_dir))} --overwrite=True` (it keeps "
+                            f"train and its tokenizer), or use --split=val")
         raise UserError(f"{path} is missing: data_dir must hold train.bin, val.bin and meta.json from prepare_data.py")
     size = os.path.getsize(path)
     if size % 2:
@@ -103,7 +119,8 @@ def split_path(data_dir, split, meta=None):
     counted = ((read_meta(data_dir) if meta is None else meta).get('tokens') or {}).get(split)
     if isinstance(counted, int) and size // 2 != counted:
         raise UserError(f"{path} holds {size // 2:,} tokens, but {data_dir}/meta.json says {counted:,}: the token "
-                        f"file was cut short or replaced; prepare the data again ({prepare_command(data_dir)})")
+                        f"file was cut short or replaced; prepare the data again "
+                        f"({prepare_command(data_dir, meta)} --overwrite=True)")
     return path
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -113,12 +114,21 @@ def test_directory_of_documents(tmp_path, tokenizer_json, make_text):
         'dataset': 'text', 'source': str(tmp_path / 'corpus'), 'tokenizer': tokenizer_json,
         'tokenizer_file': 'tokenizer.json',
         'tokenizer_sha256': hashlib.sha256(open(tokenizer_json, 'rb').read()).hexdigest(),
-        'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>',
+        'vocab_size': 300, 'eos_id': 0, 'eos_token': '<|endoftext|>', 'val_fraction': 0.25, 'seed': 1337,
         'dtype': 'uint16',
         'tokens': {s: os.path.getsize(out / f'{s}.bin') // 2 for s in ('train', 'val', 'test')},
         'documents': {'train': 9, 'val': 2, 'test': 1}}
     assert (out / 'tokenizer.json').read_bytes() == open(tokenizer_json, 'rb').read()
     assert_no_temp_files(out)
+    # the command that the errors give to prepare it again (read from meta.json) writes the same files
+    from nanoponder.data import prepare_command
+    command = shlex.split(prepare_command(str(out), meta))
+    assert command[:2] == ['python', 'prepare_data.py'] and '--val_fraction=0.25' in command
+    before = checksums(out)
+    (out / 'test.bin').unlink()
+    r = prepare(*command[2:], '--overwrite=True')
+    assert r.returncode == 0, r.stderr
+    assert checksums(out) == before
 
 
 def test_single_file_and_glob(tmp_path, tokenizer_json, make_text):
@@ -331,7 +341,8 @@ def test_token_files_cut_short_are_refused_wherever_they_are_read(trained, tmp_p
     os.truncate(cut / 'train.bin', size * 2 // 5 // 2 * 2)
     before = checksums(tmp_path)
     r = run('train.py', *TRAIN, '--max_iters=3', '--init_from=resume', f'--data_dir={cut}', f'--out_dir={tmp_path}')
-    assert_one_error(r, 2, str(cut / 'train.bin'), f"meta.json says {size // 2:,}", 'prepare the data again')
+    assert_one_error(r, 2, str(cut / 'train.bin'), f"meta.json says {size // 2:,}", 'prepare the data again',
+                     f"--dataset=text --input={trained['corpus']} --tokenizer=", f'--out_dir={cut} --overwrite=True')
     assert checksums(tmp_path) == before
     for read in (lambda: open_blocks(str(cut), 16, 'cpu'), lambda: read_tokens(str(cut), 'train')):
         with pytest.raises(UserError, match='cut short or replaced'):
