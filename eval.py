@@ -72,7 +72,7 @@ jacobi_tol = None       # with thoughts=jacobi: adaptive passes to this toleranc
 max_gen_toks = 256      # generate_until: tokens at most, unless a task says otherwise
 # output and system
 out = ''                # results path without extension (a directory: DIR/eval); '' = eval beside a ckpt.pt, else
-                        # eval-<model name>
+                        # eval-<model name> (eval_test, eval_test-<model name> with split=test)
 device = 'auto'         # auto | cpu | cuda | cuda:1 | mps
 dtype = 'float32'       # float32 | bfloat16 | float16 | auto (nanoponder.runtime.resolve_dtype); see above
 seed = 1337             # of lm-eval's few-shot draws and of any sampling
@@ -84,15 +84,17 @@ _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout
 # -----------------------------------------------------------------------------
 # the model
 
-def results_path(init_from, ckpt_file, out):
-    """Where results go, without extension; ckpt_file: the train.py checkpoint init_from names, or None."""
+def results_path(init_from, ckpt_file, out, split='val'):
+    """Where results go, without extension; ckpt_file: the train.py checkpoint init_from names, or None. The
+    default names are eval (the val split) and eval_<split> (another), so that a test split's never replaces val's."""
+    name = 'eval' if split == 'val' else f'eval_{split}'
     if out.endswith(('/', os.sep)) or os.path.isdir(out):  # a directory gets DIR/eval.json, not a hidden DIR/.json
-        return os.path.join(out, 'eval')
+        return os.path.join(out, name)
     if out:
         return out.removesuffix('.json')  # --out=x.json writes x.json, not x.json.json
     if ckpt_file is not None:
-        return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), 'eval')
-    return 'eval-' + os.path.basename(os.path.normpath(init_from))
+        return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), name)
+    return f'{name}-' + os.path.basename(os.path.normpath(init_from))
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def main():
     check_options()
     kind, source = resolve_init_from(init_from, out_dir)  # (load_init_from reads it by the same rule)
     ckpt_file = source if kind == 'checkpoint' else None
-    path = results_path(init_from, ckpt_file, out)
+    path = results_path(init_from, ckpt_file, out, split if not tasks else 'val')
     check_output_file(path + ('_tasks.json' if tasks else '.json'), '--out')  # now, not after the evaluation
     device_name = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, torch.device(device_name).type)

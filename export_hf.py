@@ -48,7 +48,8 @@ def check_out():
         raise UserError(f"--out={out} is a file, not a directory")
     held = [name for name in WRITTEN + NOT_WRITTEN if os.path.exists(os.path.join(out, name))]
     if held and not overwrite:
-        raise UserError(f"{out} already holds a model ({', '.join(held)}): choose another --out or pass "
+        what = 'a model' if {'config.json', 'model.safetensors'} & set(held) else 'files that the export writes'
+        raise UserError(f"{out} already holds {what} ({', '.join(held)}): choose another --out or pass "
                         f"--overwrite=True")
     stale = [name for name in held if name in NOT_WRITTEN]
     if stale:  # --overwrite=True replaces what the export writes; these would stay and be read with it

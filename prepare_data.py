@@ -27,7 +27,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from nanoponder.data import write_token_file
+from nanoponder.data import default_data_dir, write_token_file
 from nanoponder.runtime import (UserError, check_output_dir, failure, move_into_place, one_line, remove_stale_temp_files,
                                 run_cli, temp_file, temp_path)
 from nanoponder.tokenizer import bpe_size, load_tokenizer, pythia_tokenizer_cached, train_bpe
@@ -46,6 +46,7 @@ overwrite = False       # replace the prepared data already in out_dir
 
 MINIPILE = 'JeanKaddour/minipile'
 DATA_FILES = ('train.bin', 'val.bin', 'test.bin', 'meta.json')  # what makes a directory hold prepared data
+WRITTEN = DATA_FILES + ('tokenizer.json',)  # every file a preparation writes (and replaces)
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 
@@ -248,7 +249,7 @@ def replace_data(out_dir, temps):
     meta_path = os.path.join(out_dir, 'meta.json')
     if os.path.exists(meta_path):
         os.remove(meta_path)  # until the new meta.json lands, the old one must not vouch for new files
-    for name in DATA_FILES + ('tokenizer.json',):
+    for name in WRITTEN:
         path = os.path.join(out_dir, name)
         if path not in temps and os.path.exists(path):
             os.remove(path)
@@ -260,22 +261,17 @@ def check_out_dir(out_dir, overwrite):
     """Before any work: out_dir is (or can be made) a directory to write in, holding no prepared data unless
     overwrite."""
     check_output_dir(out_dir, '--out_dir')
-    held = [name for name in DATA_FILES if os.path.exists(os.path.join(out_dir, name))]
+    held = [name for name in WRITTEN if os.path.exists(os.path.join(out_dir, name))]
     if held and not overwrite:
-        raise UserError(f"{out_dir} already holds prepared data ({', '.join(held)}): choose another --out_dir, or "
+        what = 'prepared data' if held != ['tokenizer.json'] else 'a tokenizer.json, which the preparation writes'
+        raise UserError(f"{out_dir} already holds {what} ({', '.join(held)}): choose another --out_dir, or "
                         f"pass --overwrite=True to replace it")
 
 
-def default_out_dir(dataset, tokenizer):
-    """data/<dataset>, or data/<dataset>-bpe<N> for a BPE trained here (so it never replaces the Pythia-token data)."""
-    n_bpe = bpe_size(tokenizer)
-    return os.path.join('data', f"{dataset}-bpe{n_bpe}" if n_bpe else dataset)
-
-
 def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1, seed=1337, num_proc=1,
-            eos_token='<|endoftext|>', overwrite=False):
-    """Read, tokenize and write one dataset (arguments as the config globals above);
-    return the meta dict also written to out_dir/meta.json."""
+            eos_token='<|endoftext|>', overwrite=False, note=''):
+    """Read, tokenize and write one dataset (arguments as the config globals above; note: printed once the quick
+    checks pass); return the meta dict also written to out_dir/meta.json."""
     if dataset not in ('minipile', 'shakespeare', 'text'):
         raise UserError(f"unknown dataset '{dataset}' (expected minipile, shakespeare or text)")
     if not 0 < val_fraction <= 0.5:  # beyond half, train would be the smaller split (and a BPE learns from it)
@@ -284,15 +280,17 @@ def prepare(dataset, input='', tokenizer='pythia', out_dir='', val_fraction=0.1,
     if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
         raise UserError(f"num_proc must be a whole number >= 1 (the processes that tokenize), got {num_proc!r}")
     n_bpe = bpe_size(tokenizer)
-    out_dir = out_dir or default_out_dir(dataset, tokenizer)
+    out_dir = out_dir or default_data_dir(dataset, tokenizer)
     check_out_dir(out_dir, overwrite)
     source, splits = read_splits(dataset, input, tokenizer, val_fraction, seed)
     tok = None if n_bpe else load_tokenizer(tokenizer, eos_token)  # before MiniPile's download: quick checks first
+    if note:
+        print(note)
     if splits is None:
         splits = minipile_splits()
     made = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temp_files(out_dir)  # what a killed preparation left
+    remove_stale_temp_files(out_dir, WRITTEN)  # what a killed preparation left
     tok_path, meta_path = os.path.join(out_dir, 'tokenizer.json'), os.path.join(out_dir, 'meta.json')
     temps = {}  # final path -> its complete temp file (runtime.temp_path naming)
     try:
@@ -344,7 +342,7 @@ def main():
         raise failure(f"could not write {e.filename or out_dir}: {e.strerror or one_line(e)}") from None
     for name, n in meta['tokens'].items():
         print(f"{name}: {n:,} tokens in {meta['documents'][name]:,} documents")
-    print(f"wrote {out_dir or default_out_dir(dataset, tokenizer)}")
+    print(f"wrote {out_dir or default_data_dir(dataset, tokenizer)}")
 
 
 if __name__ == '__main__':

@@ -61,7 +61,8 @@ wandb_run_name = 'pythia70m-ponder'  # ... and run name
 data_dir = 'data/minipile'      # train.bin, val.bin, meta.json from prepare_data.py (or prepared here, see dataset)
 dataset = ''                    # data_dir's dataset, prepared here when missing: shakespeare | text | minipile (with
                                 # prepare=True: GBs to download, an hour of tokenizing); '' = a missing one is an error
-tokenizer = 'pythia'            # ... its tokenizer (sample.py's and eval.py's --tokenizer overrides a model's instead)
+tokenizer = 'pythia'            # ... with this tokenizer (only a missing data_dir: a prepared one is used as it is;
+                                # sample.py's and eval.py's --tokenizer overrides a model's instead)
 input = ''                      # a local copy of the text to prepare from (prepare_data.py's --input: offline)
 prepare = False                 # let dataset='minipile' be prepared here
 batch_size = 8                  # micro-batch of one process, in sequences
@@ -179,8 +180,10 @@ def main():
         ptdtype = resolve_dtype(cfg.dtype, device_type)
         ctx = autocast(device_type, ptdtype)
         accum = cfg.gradient_accumulation_steps // world_size  # micro-batches per iteration of this process
-        if data_to_prepare(cfg, distributed):  # a small dataset the config names, missing: prepared here, once
-            prepare_data.prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.data_dir)
+        note = data_to_prepare(cfg, distributed)  # a small dataset the config names, missing: prepared here, once
+        if note:
+            prepare_data.prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.data_dir, num_proc=prepare_data.num_proc,
+                                 note=note)
         train_batches, val_batches, meta = open_data(cfg, device, accum, rank, world_size)
         total_iters, warmup, decay_end = schedule(cfg, train_batches.iters_per_epoch)
         # from scratch, out_dir/ckpt.pt or a Hugging Face model, checked against the config and the data

@@ -24,11 +24,14 @@ out_root (out-repro) are found in the repository. Each run is `python train.py c
 experiments/repro_shakespeare.py <its overrides> --seed=S --out_dir=<out_root>/<name>-s<S>` with OMP_NUM_THREADS=1
 (two single-threaded runs share two cores better than one run with two threads), then eval.py on its checkpoint;
 logs in the run's folder. A run whose train_time.json exists is finished and reused (delete its folder to train it
-again). Each evaluated run writes its small result file, results_dir/<name>-s<S>.json (the final losses, the
-val-loss curve, the costs, the config); the table (results.md) and the plots val_loss_tokens.png,
-val_loss_flops.png and val_loss_inference_flops.png are rebuilt from every result file there, so a set of runs
-can be continued on another machine, or in another sitting, from the committed files.
+again). Each evaluated run writes its small result file, results_dir/<name>-s<S>.json (the final val and test
+losses, the splits' sizes, the val-loss curve, the costs, the config); the table (results.md) and the plots
+val_loss_tokens.png, val_loss_flops.png and val_loss_inference_flops.png are rebuilt from every result file there,
+so a set of runs can be continued on another machine, or in another sitting, from the committed files. The files of
+one results_dir must share one val split (results made before there were test splits used the whole held-out
+tenth: keep new runs in another --results_dir until they are all made again).
 """
+import io
 import json
 import os
 import subprocess
@@ -169,9 +172,10 @@ def last_error(log):
 def eval_losses(out_dir, split='val'):
     """The run's loss over the whole split, by eval.py: Jacobi thoughts at R=3 (the papers' number) and, for thought
     models, exact thoughts (one token at a time through the KV cache, as decoding computes them). Its eval json is
-    reused while it is newer than the checkpoint."""
+    reused while it is newer than the checkpoint and the split's token file (data prepared again: evaluated again)."""
     out = os.path.join(out_dir, 'eval' if split == 'val' else f'eval_{split}')
-    if not os.path.exists(out + '.json') or os.path.getmtime(out + '.json') < os.path.getmtime(os.path.join(out_dir, 'ckpt.pt')):
+    inputs = (os.path.join(out_dir, 'ckpt.pt'), os.path.join(data_dir, f'{split}.bin'))
+    if not os.path.exists(out + '.json') or os.path.getmtime(out + '.json') < max(map(os.path.getmtime, inputs)):
         run_eval(out_dir, out, split)
     with open(out + '.json') as f:
         rows = {row['name']: row['loss'] for row in json.load(f)['rows']}
@@ -207,9 +211,11 @@ def evaluate(name, seed, out_dir, seconds):
     note = RUNS[name][2]
     jacobi, exact = eval_losses(out_dir)
     test_loss, test_loss_exact = eval_losses(out_dir, 'test')  # held out from every choice made on val
+    counts = read_meta(data_dir)['tokens']  # which val and test splits the losses are of
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
     return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
-                jacobi=jacobi, exact=exact, test_loss=test_loss, test_loss_exact=test_loss_exact, seconds=seconds,
+                jacobi=jacobi, exact=exact, test_loss=test_loss, test_loss_exact=test_loss_exact,
+                val_tokens=counts['val'], test_tokens=counts['test'], seconds=seconds,
                 params=params, iters=ckpt.iter_num, tokens=tokens,
                 train_flops=tokens * flops, flops_per_token=flops,
                 inference_flops_per_token=inference_flops_per_token(cfg),
@@ -240,6 +246,12 @@ RESULT_KEYS = {'name': str, 'seed': int, 'config': dict, 'label': str, 'params':
                'curve': list}
 
 
+def is_curve(curve):
+    """[[tokens, val loss], ...]: at least one pair of numbers."""
+    return curve and all(isinstance(p, list) and len(p) == 2 and all(
+        isinstance(v, NUMBER) and not isinstance(v, bool) for v in p) for p in curve)
+
+
 def read_result(path, keys=tuple(RESULT_KEYS)):
     """One result file, checked to hold these keys, each of its kind (RESULT_KEYS: every key the report reads); or
     a UserError naming it."""
@@ -250,16 +262,18 @@ def read_result(path, keys=tuple(RESULT_KEYS)):
         raise UserError(f"{path} is no repro.py result file ({one_line(e)}): delete it, or restore it "
                         f"(git checkout)") from None
     wrong = [k for k in keys
-             if not isinstance(r, dict) or not isinstance(r.get(k), RESULT_KEYS[k]) or isinstance(r.get(k), bool)]
+             if not isinstance(r, dict) or not isinstance(r.get(k), RESULT_KEYS[k]) or isinstance(r.get(k), bool)
+             or k == 'curve' and not is_curve(r[k])]
     if wrong:
         raise UserError(f"{path} is no repro.py result file (missing or mistyped: {', '.join(wrong)}): delete it, or "
                         f"restore it (git checkout)")
     return r
 
 
-def load_results():
+def load_results(some=True):
     """Every run's result file in results_dir, in RUNS then seed order (the files of runs RUNS no longer names are
-    skipped, with a line)."""
+    skipped, with a line), checked to compare: one val split, each run's seeds evaluated at the same points. some:
+    none is an error."""
     results = []
     names = sorted(f for f in os.listdir(results_dir) if f.endswith('.json')) if os.path.isdir(results_dir) else []
     for f in names:
@@ -268,9 +282,26 @@ def load_results():
             print(f"skipping {f}: run {r['name']!r} is not one of {', '.join(RUNS)}")
             continue
         results.append(r)
-    if not results:
+    if not results and some:
         raise UserError(f"no result files in {results_dir}: train some runs first (python experiments/repro.py)")
+    check_one_val_split(results)
+    for name, runs_ in by_run(results).items():
+        if len({tuple(tokens for tokens, _ in r['curve']) for r in runs_}) > 1:
+            raise UserError(f"the result files of run {name} in {results_dir} hold val curves at different points "
+                            f"(seeds {', '.join(str(r['seed']) for r in runs_)}): their seeds cannot be averaged; "
+                            f"restore them (git checkout) or train them again")
     return sorted(results, key=lambda r: (list(RUNS).index(r['name']), r['seed']))
+
+
+def check_one_val_split(results, val_tokens=None):
+    """The results (and the runs about to be made on a val split of val_tokens) must share one val split: its
+    token count, none recorded for files made before there were test splits (the whole held-out tenth)."""
+    splits = {r.get('val_tokens') for r in results} | ({val_tokens} if val_tokens is not None else set())
+    if len(splits) > 1:
+        said = sorted(f"a val split of {n:,} tokens" if n else "the whole held-out tenth (before test splits)"
+                      for n in splits)
+        raise UserError(f"{results_dir} would hold results on {' and on '.join(said)}: their losses do not compare; "
+                        f"keep each in its own --results_dir (and --out_root)")
 
 
 BUDGET = ('max_iters', 'batch_size', 'block_size', 'gradient_accumulation_steps', 'learning_rate')
@@ -297,8 +328,8 @@ def by_run(results):
 
 
 @contextmanager
-def figure(path):
-    """The axes of one 7 x 4.5 inch figure, written to path as a PNG (atomically) once the block has drawn it."""
+def figure(files, name):
+    """The axes of one 7 x 4.5 inch figure, put in files[name] as a PNG's bytes once the block has drawn it."""
     import matplotlib
     matplotlib.use('Agg')  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -306,17 +337,18 @@ def figure(path):
     try:
         yield ax
         fig.tight_layout()
-        with atomic_write(path) as f:
-            fig.savefig(f, format='png', dpi=120)
+        png = io.BytesIO()
+        fig.savefig(png, format='png', dpi=120)
+        files[name] = png.getvalue()
     finally:
         plt.close(fig)
 
 
-def plot(results, path, x_of, xlabel, leave_out=()):
+def plot(results, files, name, x_of, xlabel, leave_out=()):
     """Val-loss curves against x_of(tokens, run): each run's mean over the seeds, with the min-max band."""
     results = [r for r in results if r['name'] not in leave_out]
     log_x = 'FLOPs' in xlabel
-    with figure(path) as ax:
+    with figure(files, name) as ax:
         for runs_ in by_run(results).values():
             first = 1 if log_x else 0  # iteration 0 has no FLOPs to put on a log axis
             xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve'][first:]]
@@ -383,10 +415,10 @@ def paired_differences(results, base):
     return lines
 
 
-def plot_inference(results, path):
+def plot_inference(results, files, name):
     """Final val loss (whole split, Jacobi) against inference FLOPs per token: one point per run, the mean over the
     seeds with the min-max as error bars. The plot to read first: what a token costs to generate, and what it buys."""
-    with figure(path) as ax:
+    with figure(files, name) as ax:
         for runs_ in by_run(results).values():
             x, losses = runs_[0]['inference_flops_per_token'], np.array([r['jacobi'] for r in runs_])
             err = [[losses.mean() - losses.min()], [losses.max() - losses.mean()]]
@@ -446,12 +478,8 @@ def check_inputs():
     if made_with != 'bpe:512':  # data prepared for something else: the runs would not be this experiment's
         raise UserError(f"{data_dir} holds data of tokenizer {made_with}, not the experiment's bpe:512: pass another "
                         f"--data_dir (repro.py prepares it there)")
-    read_tokens(data_dir, 'train')
-    read_tokens(data_dir, 'val')
-    if not os.path.isfile(os.path.join(data_dir, 'test.bin')):  # prepared before there were test splits
-        raise UserError(f"{data_dir} has no test split, which every result file records: prepare it again with "
-                        f"python prepare_data.py --dataset=shakespeare --tokenizer=bpe:512 --out_dir={data_dir} "
-                        f"--overwrite=True (train and its BPE stay as they are)")
+    for split in ('train', 'val', 'test'):  # whole, and a test split (which every result file records)
+        read_tokens(data_dir, split)
 
 
 def write_report():
@@ -462,14 +490,15 @@ def write_report():
     pairs = [f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base)]
     md = '\n'.join([table(results), '', 'Paired differences of the val loss (Jacobi R=3, whole val split), per seed:',
                     '', *pairs])
-    print(md)
-    with atomic_write(os.path.join(results_dir, 'results.md'), 'w') as f:
-        f.write(md + '\n')
-    plot(results, os.path.join(results_dir, 'val_loss_tokens.png'), lambda tokens, r: tokens / 1e6,
+    files = {'results.md': (md + '\n').encode()}  # name -> its bytes: all built before any is written
+    plot(results, files, 'val_loss_tokens.png', lambda tokens, r: tokens / 1e6,
          'tokens trained (M)', leave_out=('vanilla-flops',))  # 10x the tokens: it is the FLOPs plot's comparison
-    plot(results, os.path.join(results_dir, 'val_loss_flops.png'), lambda tokens, r: tokens * r['flops_per_token'],
-         'training FLOPs')
-    plot_inference(results, os.path.join(results_dir, 'val_loss_inference_flops.png'))
+    plot(results, files, 'val_loss_flops.png', lambda tokens, r: tokens * r['flops_per_token'], 'training FLOPs')
+    plot_inference(results, files, 'val_loss_inference_flops.png')
+    print(md)
+    for name, data in files.items():
+        with atomic_write(os.path.join(results_dir, name)) as f:
+            f.write(data)
     print(f"wrote {results_dir}/results.md, val_loss_tokens.png, val_loss_flops.png, val_loss_inference_flops.png "
           f"from {len(results)} result files")
 
@@ -481,6 +510,7 @@ def main():
     tasks = [(n, s) for s in seed_list for n in names]
     check_results_dir(tasks)
     check_inputs()
+    check_one_val_split(load_results(some=False), read_meta(data_dir)['tokens']['val'])
     if trained_only:
         tasks = [(n, s) for n, s in tasks if os.path.exists(os.path.join(out_root, f'{n}-s{s}', 'train_time.json'))]
         if not tasks:

@@ -9,7 +9,7 @@
 #   python train.py config/shakespeare_ponder.py experiments/repro_shakespeare.py --n_thoughts=1 \
 #       --out_dir=out-repro/ponderlm2-k1-s1337
 # 600 iterations of 16 x 128 tokens = 1.23M tokens, about 2.4 epochs of the 517K train tokens; each evaluation
-# reads the same 8 x 16 val blocks (16K of the 59K val tokens).
+# reads the same 8 x 16 val blocks (16K of the val split's 30K tokens; 59K before it was cut into val and test).
 
 out_dir = 'out-repro/vanilla'
 wandb_run_name = 'repro-vanilla'

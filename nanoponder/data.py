@@ -33,15 +33,28 @@ def data_tokenizer_file(data_dir, meta):
     return path if os.path.isfile(path) else None
 
 
+def default_data_dir(dataset, tokenizer):
+    """prepare_data.py's out_dir when none is given: data/<dataset>, or data/<dataset>-bpe<N> for a BPE of N ids
+    trained on it (so that it never replaces the Pythia-token data)."""
+    return os.path.join('data', f'{dataset}-bpe{tokenizer[4:]}' if tokenizer.startswith('bpe:') else dataset)
+
+
+def default_named(data_dir):
+    """(dataset, 'bpe:N' or None) that data_dir's name says if it is one of prepare_data.py's default out_dirs
+    (default_data_dir), else None."""
+    m = re.fullmatch(r'data/(minipile|shakespeare)(?:-bpe(\d+))?', os.path.normpath(data_dir).replace(os.sep, '/'))
+    return (m[1], m[2] and f'bpe:{m[2]}') if m else None
+
+
 def prepare_command(data_dir, meta=None):
-    """The prepare_data.py command that writes data_dir: from its meta.json when there is one (dataset, tokenizer,
-    a local source), else data/<dataset>[-bpe<N>] for the default out_dirs and --dataset=text for any other."""
-    default = re.fullmatch(r'data/(minipile|shakespeare)(?:-bpe(\d+))?', os.path.normpath(data_dir).replace(os.sep, '/'))
+    """The prepare_data.py command that writes data_dir: from its meta.json (meta) when there is one (dataset,
+    tokenizer, a local source, how it was split), else from a default out_dir's name (--dataset=text elsewhere)."""
     dataset, tok, source = (meta or {}).get('dataset'), (meta or {}).get('tokenizer'), (meta or {}).get('source')
     if dataset not in ('minipile', 'shakespeare', 'text'):  # no meta.json to go by
-        if not default:
+        if not default_named(data_dir):
             return f"python prepare_data.py --dataset=text --input=YOUR_TEXT --out_dir={shlex.quote(data_dir)}"
-        dataset, tok, source = default[1], f'bpe:{default[2]}' if default[2] else 'pythia', None
+        (dataset, bpe), source = default_named(data_dir), None
+        tok = bpe or 'pythia'
     args = [f'--dataset={dataset}']
     if dataset == 'text' or (isinstance(source, str) and dataset == 'shakespeare' and '://' not in source):
         args.append(f'--input={shlex.quote(source)}' if isinstance(source, str) else '--input=YOUR_TEXT')
@@ -51,10 +64,17 @@ def prepare_command(data_dir, meta=None):
         value = (meta or {}).get(key)  # None: not recorded (MiniPile's split, data prepared before)
         if value is not None and value != default_value:
             args.append(f'--{key}={shlex.quote(str(value))}')
-    bpe = tok[4:] if isinstance(tok, str) and tok.startswith('bpe:') else None
-    if not (default and default[1] == dataset and default[2] == bpe):
+    if not isinstance(tok, str) or os.path.normpath(data_dir) != default_data_dir(dataset, tok):
         args.append(f'--out_dir={shlex.quote(data_dir)}')
     return 'python prepare_data.py ' + ' '.join(args)
+
+
+def prepare_again(data_dir, meta):
+    """What to run to prepare data_dir again, as it was: its prepare_command with --overwrite=True, and a caveat
+    where meta.json predates recording how the held-out part was chosen."""
+    caveat = (" (with the --val_fraction and --seed it was first prepared with, if not the defaults)"
+              if meta.get('dataset') in ('text', 'shakespeare') and 'val_fraction' not in meta else '')
+    return f"`{prepare_command(data_dir, meta)} --overwrite=True`{caveat}"
 
 
 def read_meta(data_dir):
@@ -110,17 +130,17 @@ def split_path(data_dir, split, meta=None):
     if not os.path.isfile(path):
         if split not in ('train', 'val'):  # data prepared before test splits were cut has none
             raise UserError(f"{data_dir} has no {split} split ({path} is missing): prepare it again with "
-                            f"`{prepare_command(data_dir, meta or read_meta(data_dir))} --overwrite=True` (it keeps "
-                            f"train and its tokenizer), or use --split=val")
+                            f"{prepare_again(data_dir, meta or read_meta(data_dir))}, which keeps train and its "
+                            f"tokenizer, or use --split=val")
         raise UserError(f"{path} is missing: data_dir must hold train.bin, val.bin and meta.json from prepare_data.py")
     size = os.path.getsize(path)
     if size % 2:
         raise UserError(f"{path} has an odd size ({size} bytes): not a uint16 token file, or cut short")
-    counted = ((read_meta(data_dir) if meta is None else meta).get('tokens') or {}).get(split)
+    meta = read_meta(data_dir) if meta is None else meta
+    counted = (meta.get('tokens') or {}).get(split)
     if isinstance(counted, int) and size // 2 != counted:
         raise UserError(f"{path} holds {size // 2:,} tokens, but {data_dir}/meta.json says {counted:,}: the token "
-                        f"file was cut short or replaced; prepare the data again "
-                        f"({prepare_command(data_dir, meta)} --overwrite=True)")
+                        f"file was cut short or replaced; prepare the data again ({prepare_again(data_dir, meta)})")
     return path
 
 

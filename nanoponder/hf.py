@@ -97,14 +97,16 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
             'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': eos_token, 'eos_token': eos_token,
             'unk_token': eos_token, 'model_max_length': config.block_size}, indent=2).encode() + b'\n'
     os.makedirs(directory, exist_ok=True)
-    remove_stale_temp_files(directory)  # of an export that was killed
+    remove_stale_temp_files(directory, ['config.json', *files])  # of an export that was killed
     paths = [os.path.join(directory, name) for name in files]
+    old_config = os.path.join(directory, 'config.json')
+    stale = [os.path.join(directory, n) for n in REMOTE_CODE] if carries_remote_code(old_config) else []
     try:
         for path, data in zip(paths, files.values()):
             with temp_file(path) as f:
                 f.write(data)
-        for path in [os.path.join(directory, 'config.json')] + [os.path.join(directory, n) for n in REMOTE_CODE]:
-            if os.path.exists(path) and path not in paths:  # the old model's config.json first, then its stale code
+        for path in [old_config] + stale:  # the old model's config.json first, then the code it named
+            if os.path.exists(path) and path not in paths:
                 os.remove(path)
         for path in paths:
             move_into_place(path)
@@ -113,6 +115,15 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
             if os.path.exists(temp_path(path)):
                 os.remove(temp_path(path))
     write_json(os.path.join(directory, 'config.json'), hf)  # last: a directory without it is no model
+
+
+def carries_remote_code(config_path):
+    """Whether config_path is an export's config.json whose auto_map names the code it carries (REMOTE_CODE)."""
+    try:
+        with open(config_path) as f:
+            return 'modeling_nanoponder' in json.dumps(json.load(f).get('auto_map'))
+    except (OSError, ValueError, AttributeError):  # none, or no JSON object
+        return False
 
 
 # the code that a non-vanilla export carries for transformers' trust_remote_code: file name -> its source here

@@ -6,6 +6,7 @@ config and the data. Each mistake is one UserError, raised before anything the u
 
     from nanoponder.prerun import check_config, training_session, open_data, build_model
 """
+import hashlib
 import math
 import os
 from contextlib import contextmanager
@@ -16,10 +17,10 @@ import torch
 from model import GPT, METHOD_COUNTS, GPTConfig
 from nanoponder.checkpoint import load_init_from, resolve_init_from
 from nanoponder.batches import TrainBatches, ValBatches, open_blocks
-from nanoponder.data import max_token_id
+from nanoponder.data import default_data_dir, default_named, max_token_id
 from nanoponder.parallel import PARALLELISMS, all_ranks_agree, teardown_distributed
-from nanoponder.runtime import (DirectoryLock, UserError, failure, one_line, remove_stale_temp_files, resolve_device,
-                                resolve_dtype)
+from nanoponder.runtime import (TEMP_SUFFIX, DirectoryLock, UserError, failure, one_line, remove_stale_temp_files,
+                                resolve_device, resolve_dtype)
 from nanoponder.tokenizer import tokenizer_mismatch, tokenizer_record
 
 MAX_ITERS = 10 ** 12  # more than any run does (30 years at 1,000 iterations a second); beyond it, a typo
@@ -174,22 +175,55 @@ DATASETS = ('', 'minipile', 'shakespeare', 'text')  # prepare_data.py's; '' = th
 
 
 def data_to_prepare(cfg, distributed):
-    """Whether data_dir is missing and to be prepared now, with the config's dataset, tokenizer and input (said in one
-    line): Tiny Shakespeare and a local text are, MiniPile (GBs to download) only with prepare=True. A missing
-    data_dir that is not, and any under torchrun (every rank would wait for one), is one UserError naming the
-    command that prepares it."""
-    if not cfg.dataset or os.path.exists(os.path.join(cfg.data_dir, 'meta.json')) or os.path.isfile(cfg.data_dir):
-        return False
+    """The note to print if data_dir is missing and to be prepared now with the config's dataset, tokenizer and
+    input, else '': Tiny Shakespeare and a local text are, MiniPile (GBs to download) only with prepare=True. A
+    missing data_dir that is not, any under torchrun (every rank would wait for one), a directory that holds other
+    files, and one named for another dataset are one UserError naming what to do."""
+    if not cfg.dataset or os.path.isfile(cfg.data_dir) or os.path.exists(os.path.join(cfg.data_dir, 'meta.json')):
+        return ''
     command = ' '.join(['python prepare_data.py', f'--dataset={cfg.dataset}', f'--tokenizer={cfg.tokenizer}',
                         f'--out_dir={cfg.data_dir}'] + ([f'--input={cfg.input}'] if cfg.input else []))
+    named, wanted = default_named(cfg.data_dir), default_data_dir(cfg.dataset, cfg.tokenizer)
+    if named and os.path.normpath(cfg.data_dir) != wanted:  # a name that would mislead every later run
+        raise UserError(f"data_dir {cfg.data_dir} is where prepare_data.py puts {named[0]} data"
+                        f"{f' with tokenizer {named[1]}' if named[1] else ''}, not {cfg.dataset} with tokenizer "
+                        f"{cfg.tokenizer}: pass --data_dir={wanted}")
+    others = [n for n in (os.listdir(cfg.data_dir) if os.path.isdir(cfg.data_dir) else []) if not TEMP_SUFFIX.search(n)]
+    if others:
+        raise UserError(f"data_dir {cfg.data_dir} holds {', '.join(sorted(others)[:3])}{', ...' if others[3:] else ''} "
+                        f"but no meta.json: it is no prepared data directory (or a preparation that did not finish); "
+                        f"pass another --data_dir, or prepare it with `{command} --overwrite=True`")
     if distributed:
         raise UserError(f"data_dir {cfg.data_dir} is not prepared: run `{command}` first (under torchrun no rank "
                         f"prepares it: the others would wait for it)")
     if cfg.dataset == 'minipile' and not cfg.prepare:
         raise UserError(f"data_dir {cfg.data_dir} is not prepared: MiniPile is GBs to download and an hour of "
                         f"tokenizing, which train.py does not start unasked; run `{command}`, or pass --prepare=True")
-    print(f"note: data_dir {cfg.data_dir} is missing: preparing it first, as `{command}` would")
-    return True
+    if cfg.dataset == 'text' and not cfg.input:
+        raise UserError(f"data_dir {cfg.data_dir} is not prepared, and dataset='text' is prepared from your own "
+                        f"text: pass --input=PATH (a .txt file, a directory or a glob)")
+    if cfg.init_from != 'scratch':  # a missing checkpoint is found now, not after the preparation
+        resolve_init_from(cfg.init_from, cfg.out_dir)
+    return f"note: data_dir {cfg.data_dir} is missing: preparing it first, as `{command}` would"
+
+
+def other_data_notes(cfg, meta):
+    """A note if data_dir's meta.json names another dataset than the config, or a tokenizer known to differ (by
+    name, or a tokenizer.json by its sha256): dataset and tokenizer say how a missing data_dir is prepared, and a
+    prepared one is used as it is."""
+    if not cfg.dataset:
+        return []
+    tok, theirs = cfg.tokenizer, str(meta.get('tokenizer'))
+    if os.path.isfile(tok):
+        with open(tok, 'rb') as f:
+            other_tok = hashlib.sha256(f.read()).hexdigest() != meta.get('tokenizer_sha256')
+    else:  # pythia, gpt2, bpe:N: a tokenizer.json path in meta.json may be any of them
+        other_tok = os.sep not in theirs and tok != theirs
+    if meta.get('dataset') == cfg.dataset and not other_tok:
+        return []
+    return [f"note: data_dir {cfg.data_dir} holds {meta.get('dataset')} data with tokenizer {theirs}, not the config's "
+            f"{cfg.dataset} with {tok}: it is used as it is (dataset and tokenizer say how a missing data_dir is "
+            f"prepared; pass --data_dir=... for another)"]
 
 
 def open_data(cfg, device, accum, rank, world_size):
@@ -253,7 +287,7 @@ def build_model(cfg, train_batches, val_batches, meta):
                         f"model's vocab_size {model.config.vocab_size}: raise vocab_size")
     check_token_ids((train_batches.blocks, val_batches.blocks), model.config.vocab_size, cfg.data_dir, meta)
     tokenizer = tokenizer_record(cfg.data_dir, meta)
-    notes = resume_notes(ckpt.config or {}, cfg) if ckpt is not None else []
+    notes = (resume_notes(ckpt.config or {}, cfg) if ckpt is not None else []) + other_data_notes(cfg, meta)
     if tokenizer['json'] is None and tokenizer['name'] != 'gpt2':  # gpt2: its name is all
         notes.append(f"note: the tokenizer of {cfg.data_dir} cannot be loaded (meta.json's tokenizer: "
                      f"{tokenizer['name']}, no tokenizer.json), so the checkpoints carry none: sample.py, eval.py "

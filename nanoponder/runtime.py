@@ -302,15 +302,16 @@ def check_output_dir(directory, option, wanted=None):
                         f"({e.strerror or one_line(e)}); choose another path") from None
 
 
-def remove_stale_temp_files(directory):
-    """Delete the temp files (name.tmpPID) that a killed writer left behind: those whose process is gone.
+def remove_stale_temp_files(directory, names=None):
+    """Delete the temp files (name.tmpPID) that a killed writer left behind: those whose process is gone, and of
+    names only, if given (the files that writer writes; other such files in the directory may be the user's).
     Returns their names."""
     removed = []
     if not os.path.isdir(directory):
         return removed
     for name in os.listdir(directory):
         m = TEMP_SUFFIX.search(name)
-        if m and not pid_alive(int(m.group(1))):
+        if m and (names is None or name[:m.start()] in names) and not pid_alive(int(m.group(1))):
             os.remove(os.path.join(directory, name))
             removed.append(name)
     return removed
@@ -323,7 +324,7 @@ def pid_alive(pid):
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, but belongs to someone else
+    except (PermissionError, OverflowError):  # exists, but belongs to someone else; or no process id at all
         return True
     return True
 

@@ -72,6 +72,7 @@ def run(tmp_path_factory):
 
 def test_tables_have_a_row_per_method_and_the_columns(run):
     stdout, data = run
+    assert data['config']['shape'] == {'n_layer': 2, 'n_head': 2, 'n_embd': 32}  # the model measured
     body = stdout[stdout.index('machine: '):]  # configurator's `config:` echo may come first
     machine = body.splitlines()[0]
     assert body.startswith('machine: ') and 'torch ' in machine
@@ -343,3 +344,4 @@ def test_a_shape_key_with_a_preset_is_the_model_measured(monkeypatch):
     monkeypatch.setattr(b, 'n_layer', 2)
     config = b.method_config('ponderlm2-k1')
     assert (config.n_layer, config.n_head, config.n_embd, config.n_thoughts) == (2, 4, 128, 1)
+    assert '--n_layer=2' in b.child_command('ponderlm2-k1', 'main')  # the children build the same model

@@ -132,6 +132,15 @@ def test_cli_loss_of_a_checkpoint_on_its_own_data(tmp_path, tokenizer_json):
     assert [row['name'] for row in report['rows']] == ['R=0', 'R=1', 'R=2', 'tol=0.01', 'exact']
     assert report['tokens'] == 5 * 16 and report['kv_cache_bytes_per_token'] == 2 * 2 * 32 * 4 * 2
     assert '| exact (sequential, KV cache) |' in r.stdout and 'KV cache: 1,024 bytes per token' in r.stdout
+    # the test split: its own eval_test.json beside the checkpoint, the val results left as they were
+    before = (tmp_path / 'eval.json').read_bytes()
+    r = run_eval(f'--init_from={tmp_path / "ckpt.pt"}', '--max_windows=5', '--max_jacobi=1', '--jacobi_tols=()',
+                 '--dtype=float32', '--split=test')
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / 'eval.json').read_bytes() == before
+    test_report = json.loads((tmp_path / 'eval_test.json').read_text())
+    assert 'test' in test_report['data'] and 'val' in report['data']
+    assert test_report['rows'][0]['loss'] != report['rows'][0]['loss']
 
 
 def test_options_that_do_nothing_here_are_said_and_max_jacobi_stops_where_every_thought_is_exact(monkeypatch, capsys,

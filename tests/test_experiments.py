@@ -97,6 +97,32 @@ def load_repro():
     return module
 
 
+def test_an_evaluation_is_reused_until_its_checkpoint_or_its_split_changes(tmp_path, monkeypatch):
+    """eval.json is reused while newer than the checkpoint and the split's token file: data prepared again (the
+    val split halved when test was cut from it) is evaluated again, not reported beside a fresh test loss."""
+    repro = load_repro()
+    run, data = tmp_path / 'run', tmp_path / 'data'
+    run.mkdir()
+    data.mkdir()
+    monkeypatch.setattr(repro, 'data_dir', str(data))
+    calls = []
+
+    def fake_eval(out_dir, out, split):
+        calls.append(split)
+        (tmp_path / 'run' / f'{os.path.basename(out)}.json').write_text(json.dumps({'rows': [{'name': 'R=0',
+                                                                                             'loss': len(calls)}]}))
+    monkeypatch.setattr(repro, 'run_eval', fake_eval)
+    for name in ('run/ckpt.pt', 'data/val.bin', 'data/test.bin'):
+        (tmp_path / name).write_bytes(b'x')
+        os.utime(tmp_path / name, (1e9, 1e9))
+    assert [repro.eval_losses(str(run)) for _ in range(2)] == [(1, None)] * 2 and calls == ['val']
+    assert repro.eval_losses(str(run), 'test') == (2, None)
+    os.utime(data / 'val.bin')  # prepared again, now
+    assert repro.eval_losses(str(run)) == (3, None) and repro.eval_losses(str(run), 'test') == (2, None)
+    os.utime(run / 'ckpt.pt', (2e9, 2e9))  # trained on
+    assert repro.eval_losses(str(run), 'test') == (4, None) and calls == ['val', 'test', 'val', 'test']
+
+
 def test_a_report_checks_every_result_file_and_where_it_writes_before_it_writes(tmp_path, monkeypatch, capsys):
     """--report=True over a result file without the usual keys (was a KeyError), with a string seed (a TypeError), a
     directory named like one (IsADirectoryError), or into a results_dir it cannot write (a PermissionError after
@@ -113,7 +139,12 @@ def test_a_report_checks_every_result_file_and_where_it_writes_before_it_writes(
     cases = [('vanilla-s1.json', json.dumps({'name': 'vanilla', 'seed': 1, 'config': {}}),
               'missing or mistyped: label'),
              ('vanilla-s2.json', json.dumps({**good, 'seed': 'two'}), 'missing or mistyped: seed'),
-             ('old.json', None, 'old.json is no repro.py result file')]
+             ('old.json', None, 'old.json is no repro.py result file'),
+             ('vanilla-s3.json', json.dumps({**good, 'seed': 3, 'curve': [[0, 'x']]}), 'missing or mistyped: curve'),
+             ('vanilla-s4.json', json.dumps({**good, 'seed': 4, 'curve': good['curve'][:-1]}),
+              'val curves at different points'),  # the seeds' mean curve would be a numpy error after results.md
+             ('vanilla-s5.json', json.dumps({**good, 'seed': 5, 'val_tokens': 29533}), 'do not compare')]
+    capsys.readouterr()
     for name, text, needle in cases:
         if text is None:
             (res / name).mkdir()
@@ -125,6 +156,10 @@ def test_a_report_checks_every_result_file_and_where_it_writes_before_it_writes(
             (res / name).rmdir()
         else:
             (res / name).unlink()
+    assert capsys.readouterr().out == '' and sorted(os.listdir(res)) == ['vanilla-s1337.json']
+    # runs about to be made on today's val split, beside files of the old one: refused before any training
+    with pytest.raises(UserError, match='whole held-out tenth.*do not compare'):
+        repro.check_one_val_split([good], 29533)
     import tempfile
 
     def refused(*args, **kwargs):

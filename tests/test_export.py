@@ -19,7 +19,7 @@ import eval as ev
 from model import GPT, GPTConfig
 from nanoponder.hf import jacobi_train_range_from_hf, load_pretrained, read_config, save_pretrained
 from nanoponder.methods import method_fields
-from helpers import ENV, ROOT, TINY_MODEL, randomize, randomize_matrices, tiny, write_checkpoint
+from helpers import ENV, ROOT, TINY_MODEL, assert_one_error, randomize, randomize_matrices, tiny, write_checkpoint
 from test_hf import OFFICIAL_KEYS
 
 transformers = pytest.importorskip('transformers')
@@ -123,6 +123,9 @@ def test_a_tokenizer_or_weights_that_do_not_fit_the_model_are_refused_before_any
     set_weight(hf, 'embed_out.weight', (3, 5), float('nan'))
     with pytest.raises(ev.UserError, match='not finite.*embed_out.weight.*diverged'):
         load_init_from(str(hf), 'out')
+    r = subprocess.run([sys.executable, 'sample.py', f'--init_from={hf}', '--max_new_tokens=2', '--device=cpu'],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # the script of the report
+    assert_one_error(r, 2, 'not finite (NaN or inf) in embed_out.weight', 'earlier checkpoint')
 
 
 def set_weight(directory, name, index, value):
@@ -295,6 +298,18 @@ def test_an_export_interrupted_between_its_files_is_no_model_and_the_next_one_is
     idx = torch.randint(0, V - 1, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(str(out))(idx)[0], k1(idx)[0], atol=1e-5, rtol=1e-5)
+    # a vanilla export over it leaves none of the code that k1's config.json named; in a directory whose files no
+    # export of ours wrote, a model.py and name.tmpN files stay (only a killed export's own temp files go)
+    save_pretrained(new_model('vanilla'), str(out), tokenizer_json)
+    assert not (out / 'model.py').exists() and not (out / 'modeling_nanoponder.py').exists()
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    for name in ('model.py', 'notes.txt.tmp4194999', 'log.tmp99999999999999999999', 'config.json.tmp4194999'):
+        (mine / name).write_text('mine')
+    save_pretrained(new_model('vanilla'), str(mine), tokenizer_json)
+    assert not (mine / 'config.json.tmp4194999').exists()  # (no process has that id: above pid_max)
+    assert all((mine / n).read_text() == 'mine' for n in ('model.py', 'notes.txt.tmp4194999',
+                                                            'log.tmp99999999999999999999'))
 
 
 def readme_snippet():

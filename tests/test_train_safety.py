@@ -352,7 +352,7 @@ def test_the_newcomer_commands_make_what_the_configs_read():
     assert 'prepare_data.py --dataset=shakespeare &&' not in docs
 
 
-def test_the_first_run_is_one_command_and_a_big_download_is_never_started_unasked(tmp_path):
+def test_the_first_run_is_one_command_and_a_big_download_is_never_started_unasked(tmp_path, monkeypatch):
     """`python train.py config/shakespeare_ponder.py` prepares its missing data_dir first (the config names its
     dataset and tokenizer), with prepare_data.py's own code, saying so in one line; --input is the offline form. A
     missing MiniPile is one line naming the command unless --prepare=True, and so is any missing data under
@@ -385,3 +385,39 @@ def test_the_first_run_is_one_command_and_a_big_download_is_never_started_unaske
         data_to_prepare(cfg, distributed=False)
     cfg.dataset = ''
     assert not data_to_prepare(cfg, distributed=False) and not (tmp_path / 'missing').exists()
+    # a directory of other files is never prepared into (an export's tokenizer.json would be replaced), nor is one
+    # that prepare_data.py's default names put another dataset in; a missing text needs --input; a missing
+    # checkpoint is said before the preparation
+    (tmp_path / 'export').mkdir()
+    (tmp_path / 'export' / 'tokenizer.json').write_text('mine')
+    cfg.dataset, cfg.tokenizer, cfg.data_dir, cfg.init_from, cfg.out_dir = ('shakespeare', 'bpe:512',
+                                                                           str(tmp_path / 'export'), 'scratch', 'o')
+    with pytest.raises(UserError, match='holds tokenizer.json but no meta.json: it is no prepared data directory'):
+        data_to_prepare(cfg, distributed=False)
+    assert (tmp_path / 'export' / 'tokenizer.json').read_text() == 'mine'
+    monkeypatch.chdir(tmp_path)  # (data/ of the repository may hold prepared data)
+    cfg.data_dir, cfg.tokenizer = 'data/shakespeare-bpe512', 'bpe:300'
+    with pytest.raises(UserError, match='where prepare_data.py puts shakespeare data with tokenizer bpe:512, not '
+                                        'shakespeare with tokenizer bpe:300: pass --data_dir=data/shakespeare-bpe300'):
+        data_to_prepare(cfg, distributed=False)
+    cfg.data_dir, cfg.dataset = str(tmp_path / 'missing'), 'text'
+    with pytest.raises(UserError, match="dataset='text' is prepared from your own text: pass --input=PATH"):
+        data_to_prepare(cfg, distributed=False)
+    cfg.input, cfg.init_from = str(tmp_path / 'text.txt'), 'resume'
+    with pytest.raises(UserError, match='init_from=resume reads out_dir/ckpt.pt, and there is no o/ckpt.pt'):
+        data_to_prepare(cfg, distributed=False)
+    cfg.init_from = 'scratch'
+    assert data_to_prepare(cfg, distributed=False).startswith(f'note: data_dir {tmp_path / "missing"} is missing')
+    # a prepared data_dir of other data than the config names is used as it is, with a note
+    from nanoponder.data import read_meta
+    from nanoponder.prerun import other_data_notes
+    meta = read_meta(str(tmp_path / 'data'))
+    cfg.data_dir = str(tmp_path / 'data')
+    for dataset, tokenizer, notes in (('shakespeare', 'bpe:512', 0), ('shakespeare', 'gpt2', 1), ('text', 'bpe:512', 1),
+                                      ('shakespeare', str(tmp_path / 'data' / 'tokenizer.json'), 0),
+                                      ('shakespeare', str(tmp_path / 'export' / 'tokenizer.json'), 1)):
+        cfg.dataset, cfg.tokenizer = dataset, tokenizer
+        assert len(other_data_notes(cfg, meta)) == notes, (dataset, tokenizer)
+    cfg.dataset, cfg.tokenizer = 'text', 'bpe:512'
+    assert "holds shakespeare data with tokenizer bpe:512, not the config's text with bpe:512: it is used as it is" in \
+        other_data_notes(cfg, meta)[0]
