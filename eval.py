@@ -7,10 +7,14 @@ Evaluate a model the way the PonderLM papers report it (docs/evaluation.md):
   Jacobi to each of jacobi_tols, and exact thoughts (one token at a time through the KV cache, as decoding runs),
   with how much the thoughts still move per pass and their distance to the exact ones. A markdown table on
   stdout, PATH.json and a plot PATH_jacobi.png;
+- with --lens=True, every pass of every method read through the LM head, per token (nanoponder/lens.py): per pass
+  the NLL, top-1 accuracy and KL from the last pass, the tokens the passes fix and break, the NLL gain by the
+  target's frequency; a table, PATH.json's 'lens' and a picture PATH_lens.png;
 - downstream tasks through lm-evaluation-harness (pip install lm-eval): a markdown table and PATH_tasks.json.
 
     python eval.py --init_from=out-shakespeare-ponder/ckpt.pt           # the val split of its training data
     python eval.py --init_from=out/ckpt.pt --data_dir=data/minipile --split=test --max_windows=500
+    python eval.py --out_dir=out-shakespeare-ponder --split=test --lens=True   # what each pass predicts
     python eval.py --init_from=zeng123/PonderLM-2-Pythia-410m --text=wiki.test.raw --block_size=2048 --stride=1024
     python eval.py --init_from=zeng123/PonderLM-2-Pythia-1.4b --tasks=lambada_openai,arc_easy --num_fewshot=0
     python eval.py --init_from=zeng123/PonderLM-2-Pythia-1.4b --tasks=piqa --thoughts=jacobi --n_jacobi=3
@@ -30,17 +34,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import settled
+from model import pass_states, settled
 from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from, resolve_init_from
 from nanoponder.cost import kv_cache_bytes_per_token, kv_cache_slots
 from nanoponder.batches import sliding_windows, utf8_bytes, window_batches, window_counts
 from nanoponder.data import read_meta, read_tokens
+from nanoponder.lens import LensTotals, lens_table, plot_lens, target_buckets
 from nanoponder.methods import check_thought_mode
 from nanoponder.report import loss_table, plot_jacobi
 from nanoponder.runtime import (NUMPY_SEEDS, TORCH_SEEDS, UserError, autocast, check_output_file, check_seed,
                                 one_line, resolve_device, resolve_dtype, run_cli, write_json)
-from nanoponder.tokenizer import checkpoint_data_dir, data_dir_tokenizer, model_tokenizer, tokenizer_mismatch
+from nanoponder.tokenizer import (checkpoint_data_dir, data_dir_tokenizer, model_tokenizer, safe_decode,
+                                  tokenizer_mismatch)
 
 # -----------------------------------------------------------------------------
 # config: plain globals, overridden by config files and --key=value (configurator.py)
@@ -61,12 +67,13 @@ max_windows = 0         # score only the first windows; 0 = all
 max_jacobi = 8          # the loss and the convergence after R = 0..max_jacobi Jacobi passes
 jacobi_tols = (1e-2, 1e-3, 1e-4)  # adaptive Jacobi at each of these tolerances: the passes taken and the loss
 exact = True            # also the exact thoughts, one token at a time through the KV cache (slower)
+lens = False            # also every pass's readout through the head (exact thoughts; --thoughts=jacobi: n_jacobi)
 # downstream tasks (lm-evaluation-harness)
 tasks = ''              # comma-separated task names: switches to downstream mode
 num_fewshot = 0         # examples shown before each task question
 limit = 0               # examples per task; 0 = all
 task_dir = ''           # a folder of extra task YAMLs (lm-eval's include_path)
-thoughts = 'exact'      # exact (what decoding sees) | jacobi (parallel passes, as the papers score)
+thoughts = 'exact'      # tasks and the lens: exact (what decoding sees) | jacobi (parallel passes, as the papers)
 n_jacobi = None         # with thoughts=jacobi: the passes; None = the model's own n_jacobi
 jacobi_tol = None       # with thoughts=jacobi: adaptive passes to this tolerance instead of n_jacobi
 max_gen_toks = 256      # generate_until: tokens at most, unless a task says otherwise
@@ -154,11 +161,13 @@ def square(t):
 def score_thought_batch(model, x, y, totals, max_r, tols, with_exact):
     """One batch of a PonderLM-2 model: the exact thoughts (model.sequential, as decoding computes them); the loss
     after r = 0..max_r Jacobi passes and the convergence of the thoughts, observed in one think run through its
-    stop predicate; and adaptive Jacobi to each tolerance (settled), with the passes it took."""
+    stop predicate; and adaptive Jacobi to each tolerance (settled), with the passes it took. Returns the exact
+    pass states (B, T, K+1, C) (with_exact) or None."""
     z_exact = None
     if with_exact:
-        h, z_exact = model.sequential(x, model.new_caches(x.size(0), x.size(1), x.device))  # (B, T, C), (B, T, K, C)
-        totals.add('exact', nats(model.embed_out(h), y))
+        caches = model.new_caches(x.size(0), x.size(1), x.device)
+        h_exact, z_exact = model.sequential(x, caches)  # (B, T, C), (B, T, K, C)
+        totals.add('exact', nats(model.embed_out(h_exact), y))
         totals.exact_sq += square(z_exact)
     previous = None
 
@@ -183,19 +192,27 @@ def score_thought_batch(model, x, y, totals, max_r, tols, with_exact):
         h = model.think(x, model.exact_passes(x.size(1)), stop=stop)
         totals.add(f'tol={tol:g}', nats(model.embed_out(h), y))
         totals.passes.setdefault(tol, []).append(taken[-1])
+    return torch.cat((z_exact, h_exact[:, :, None]), dim=2) if with_exact else None
 
 
-def evaluate_loss(model, ids, windows, ctx, device, batch_sz, max_r, tols, with_exact):
-    """Score every window; returns the Totals."""
+def evaluate_loss(model, ids, windows, ctx, device, batch_sz, max_r, tols, with_exact, lens_totals=None,
+                  lens_jacobi=None):
+    """Score every window; returns the Totals. lens_totals: also each pass's readout (the exact thoughts' states
+    are the ones scored above, lens_jacobi passes else)."""
     totals = Totals(max_r)
     n_batches = sum(math.ceil(n / batch_sz) for n in window_counts(windows).values())
     with torch.no_grad(), ctx:
         for x, y in tqdm(window_batches(ids, windows, batch_sz, device), total=n_batches, desc='scoring',
                          unit='batch', file=sys.stderr, dynamic_ncols=True):
+            states = None
             if model.config.n_thoughts:
-                score_thought_batch(model, x, y, totals, max_r, tols, with_exact)
+                states = score_thought_batch(model, x, y, totals, max_r, tols, with_exact)
             else:
                 totals.add(model.config.method_label, nats(model(x)[0], y))
+            if lens_totals is not None:
+                if states is None or lens_jacobi is not None:
+                    states = pass_states(model, x, lens_jacobi)
+                lens_totals.add(model.embed_out, states, y)
     return totals
 
 
@@ -288,9 +305,13 @@ def check_options():
     if tasks and not [t for t in tasks.split(',') if t.strip()]:
         raise UserError(f"tasks={tasks!r} names no task: pass --tasks=name[,name...] (lm-eval --tasks list)")
     check_seed(seed, seeds=NUMPY_SEEDS if tasks else TORCH_SEEDS)
-    if not tasks and (thoughts != 'exact' or n_jacobi is not None or jacobi_tol is not None):
-        print("note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores; the loss mode reports every way "
-              "(max_jacobi, jacobi_tols, exact)", file=sys.stderr)
+    if lens not in (True, False):
+        raise UserError(f"lens must be True or False, got {lens!r}")
+    if tasks and lens:
+        raise UserError("--lens reads a text's loss (the loss mode): drop --tasks, or --lens")
+    if not tasks and (jacobi_tol is not None or not lens and (thoughts != 'exact' or n_jacobi is not None)):
+        print("note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores (and thoughts, n_jacobi the lens); "
+              "the loss mode reports every way (max_jacobi, jacobi_tols, exact)", file=sys.stderr)
 
 
 def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
@@ -317,8 +338,17 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
     if cfg.n_thoughts and max_r < max_jacobi:
         print(f"note: max_jacobi={max_jacobi} is past the K(T-1) = {max_r} passes after which every thought of a "
               f"{block}-token window is exact: rows up to R={max_r}", file=sys.stderr)
+    lens_totals, lens_jacobi, lens_source = None, None, None
+    if lens:
+        bucket_of, labels, lens_source = target_buckets(model.config.vocab_size, ckpt, ids)
+        lens_totals = LensTotals(cfg, bucket_of, labels)
+        if len(lens_totals.names) == 1:
+            print(f"note: a {cfg.method_label} model reads each token once: the lens has one pass, nothing to "
+                  f"compare it with", file=sys.stderr)
+        if cfg.n_thoughts and thoughts == 'jacobi':
+            lens_jacobi = cfg.n_jacobi if n_jacobi is None else n_jacobi
     totals = evaluate_loss(model, ids, windows, ctx, device_name, batch_size, max_r, tols,
-                           exact and cfg.n_thoughts > 0)
+                           cfg.n_thoughts > 0 and (exact or lens and lens_jacobi is None), lens_totals, lens_jacobi)
     rows = loss_rows(totals, n_targets, n_bytes, max_r, tols)
     kv = kv_cache_bytes_per_token(cfg, torch.finfo(compute_dtype).bits // 8)
     print(f"{name}: {cfg.method_label}; {source}: {n_targets:,} tokens ({n_bytes:,} bytes) in {len(windows)} "
@@ -330,8 +360,18 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
               'data': source, 'block_size': block, 'stride': step, 'windows': len(windows), 'tokens': n_targets,
               'bytes': n_bytes, 'kv_cache_bytes_per_token': kv, 'dtype': str(compute_dtype).removeprefix('torch.'),
               'rows': rows}
+    if lens_totals is not None:
+        what = ('exact thoughts' if lens_jacobi is None else f'Jacobi thoughts, R={lens_jacobi}') if cfg.n_thoughts \
+            else cfg.method_label
+        report['lens'] = lens_totals.report(what, lens_source)
+        print(lens_table(report['lens']))
     write_json(path + '.json', report)
     written = [path + '.json']
+    if lens_totals is not None:
+        plotted = plot_lens(report['lens'], lambda i: safe_decode(data_tok, i), path + '_lens.png',
+                            f"{name}: {cfg.method_label}, {source}")
+        if plotted:
+            written.append(plotted)
     if cfg.n_thoughts:
         try:
             plotted = plot_jacobi(rows, path + '_jacobi.png', f"{name}: {cfg.method_label}, {source}")

@@ -306,28 +306,32 @@ class GPT(nn.Module):
             loss = self.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def next_token_states(self, idx, caches=None, n_jacobi=None):
+    def next_token_states(self, idx, caches=None, n_jacobi=None, every_pass=False):
         """The hidden states (B, T, C) that predict each next token, by the method. With caches (new_caches), idx
-        comes after what they hold, PonderLM-2 token by token."""
+        comes after what they hold, PonderLM-2 token by token. every_pass: each pass's states (B, T, P, C), the
+        last of which predicts (see pass_states)."""
         cfg = self.config
         if cfg.n_thoughts:
             if caches:
-                return self.sequential(idx, caches)[0]
-            return self.think(idx, cfg.n_jacobi if n_jacobi is None else n_jacobi)
+                h, thoughts = self.sequential(idx, caches)
+                return torch.cat((thoughts, h[:, :, None]), dim=2) if every_pass else h
+            return self.think(idx, cfg.n_jacobi if n_jacobi is None else n_jacobi, every_pass=every_pass)
         if cfg.n_ponder or cfg.n_hidden:
-            return self.ponder(idx, caches)
+            return self.ponder(idx, caches, every_pass)
         if cfg.n_pause:
-            return self.pause(idx, caches[0] if caches else None)
+            return self.pause(idx, caches[0] if caches else None, every_pass)
         if cfg.n_loop:
-            return self.loop(idx, caches)
+            return self.loop(idx, caches, every_pass)
         pos = self.positions(idx.size(1), caches, idx.device)
-        return self.trunk(self.embed(idx), pos, caches[0] if caches else None)
+        h = self.trunk(self.embed(idx), pos, caches[0] if caches else None)
+        return h[:, :, None] if every_pass else h
 
     # --- PonderLM-2 ---
-    def think(self, idx, n_jacobi, cache=None, stop=None):
+    def think(self, idx, n_jacobi, cache=None, stop=None, every_pass=False):
         """PonderLM-2 in parallel (docs/design.md) -> each token's last slot's output (B, T, C): K thought stages,
         n_jacobi Jacobi passes over all (K+1)T slots (K(T-1) passes: exact), a final pass. cache: ends holding the
-        last pass's keys and values. stop(r, thoughts (B, T, K, C), h (B, T, C)) after pass r: True returns h."""
+        last pass's keys and values. stop(r, thoughts (B, T, K, C), h (B, T, C)) after pass r: True returns h.
+        every_pass: the last pass's outputs at all K+1 slots (B, T, K+1, C) instead."""
         K = self.config.n_thoughts
         e = self.embed(idx)  # (B, T, C)
         stages = [e]
@@ -341,7 +345,7 @@ class GPT(nn.Module):
             h = self.run_stages(stages, cache)  # (B, T, K+1, C)
             stopped = stop is not None and stop(r, torch.stack(stages[1:], dim=2), h[:, :, K])
             if stopped or r == n_jacobi:
-                return h[:, :, K]
+                return h if every_pass else h[:, :, K]
             stages = [e] + list(h[:, :, :K].unbind(dim=2))  # the Jacobi step: thought j+1 <- output at slot j
 
     def run_stages(self, stages, cache=None):
@@ -380,32 +384,40 @@ class GPT(nn.Module):
         return self.embed_out(h)
 
     # --- the other methods ---
-    def ponder(self, idx, caches=None):
-        """PonderLM and Hidden: N times, add to the input what the last pass gives -> its hidden states (B, T, C)."""
+    def ponder(self, idx, caches=None, every_pass=False):
+        """PonderLM and Hidden: N times, add to the input what the last pass gives -> its hidden states (B, T, C)
+        (every_pass: each step's, (B, T, N+1, C))."""
         cfg = self.config
         N, s = cfg.n_ponder or cfg.n_hidden, cfg.embed_scale
         pos = self.positions(idx.size(1), caches, idx.device)
         c = self.embed(idx) * (N if cfg.ponder_multiply and cfg.n_ponder else 1)  # (B, T, C)
+        hs = []
         for step in range(N + 1):
             h = self.trunk(c, pos, caches[step] if caches else None)  # (B, T, C)
+            hs.append(h)
             if step == N:
-                return h
+                return torch.stack(hs, dim=2) if every_pass else h
             # Hidden adds the output itself, PonderLM the expected next-token embedding
             c = c + (h if cfg.n_hidden else F.softmax(self.embed_out(h), dim=-1) @ self.embed_in.weight * s)
 
-    def pause(self, idx, cache=None):
-        """Pause: K pause embeddings after each token, at its position, in one pass; the last pause predicts."""
+    def pause(self, idx, cache=None, every_pass=False):
+        """Pause: K pause embeddings after each token, at its position, in one pass; the last pause predicts
+        (every_pass: the outputs at all K+1 slots, (B, T, K+1, C))."""
         e = self.embed(idx)  # (B, T, C)
         p = self.embed(torch.full_like(idx, self.config.pause_token_id))  # (B, T, C)
-        return self.run_stages([e] + [p] * self.config.n_pause, cache)[:, :, -1]
+        h = self.run_stages([e] + [p] * self.config.n_pause, cache)  # (B, T, K+1, C)
+        return h if every_pass else h[:, :, -1]
 
-    def loop(self, idx, caches=None):
-        """Loop: the layer stack K+1 times with the same weights, the final LayerNorm once; a cache per run."""
+    def loop(self, idx, caches=None, every_pass=False):
+        """Loop: the layer stack K+1 times with the same weights, the final LayerNorm once; a cache per run.
+        every_pass: the residual stream after each run through the final LayerNorm (B, T, K+1, C), the logit lens."""
         pos = self.positions(idx.size(1), caches, idx.device)
         x = self.embed(idx)  # (B, T, C)
+        xs = []
         for j in range(self.config.n_loop + 1):
             x = self.blocks(x, pos, caches[j] if caches else None)
-        return self.final_layer_norm(x)
+            xs.append(x)
+        return self.final_layer_norm(torch.stack(xs, dim=2) if every_pass else x)
 
     def new_caches(self, batch_size, max_len, device):
         """Empty KV caches for max_len tokens and their slots, in the dtype the layers compute in (autocast's)."""
@@ -485,6 +497,17 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -float('inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+@torch.no_grad()
+def pass_states(model, idx, n_jacobi=None):
+    """Every readout of each token (B, T, P, C), through the final LayerNorm, the last of which predicts the next
+    token: PonderLM-2's K+1 slots (the token slot's output is the first thought), Pause's K+1 slots, each of the N+1
+    steps of PonderLM and Hidden, Loop's residual stream after each of its K+1 runs; vanilla's one. Exact thoughts
+    (as decoding computes them), or n_jacobi Jacobi passes."""
+    if model.config.n_thoughts and n_jacobi is None:
+        return model.next_token_states(idx, model.new_caches(idx.size(0), idx.size(1), idx.device), every_pass=True)
+    return model.next_token_states(idx, n_jacobi=n_jacobi, every_pass=True)
 
 
 def settled(tol):

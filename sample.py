@@ -7,10 +7,13 @@ Sample from a trained model: a checkpoint of train.py, or a Hugging Face GPT-Neo
     python sample.py --init_from=EleutherAI/pythia-160m --start=FILE:prompt.txt --top_k=0 --top_p=0.9
     python sample.py --out_dir=out-shakespeare-ponder --jacobi_tol=1e-3   # prompt passes until thoughts settle
     python sample.py --num_samples=5 > samples.txt                # stdout holds the samples and nothing else
+    python sample.py --out_dir=out-shakespeare-ponder --lens=True 2> lens.txt   # each pass's guess per token
 
 The tokenizer is the model's own (a checkpoint carries its data's); --tokenizer=pythia|gpt2|PATH overrides it. The
 prompt must fit in the model's context, the new tokens need not (the window slides: model.generate_stream). stdout
-holds the samples and nothing else: notes, the config echo and the tokens/s go to stderr.
+holds the samples and nothing else: notes, the config echo and the tokens/s go to stderr. --lens=True writes to
+stderr, after each sample, a line per new token: each pass's top-1 and its probability (nanoponder/lens.py), read
+again teacher-forced with exact thoughts (what decoding computes after the prompt), then the token chosen.
 """
 import math
 import os
@@ -22,6 +25,7 @@ import torch
 from model import generate_stream, settled
 from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from
+from nanoponder.lens import pass_names, sample_lines
 from nanoponder.runtime import UserError, autocast, check_seed, one_line, resolve_device, resolve_dtype, run_cli
 from nanoponder.tokenizer import TextStream, model_tokenizer, safe_decode
 
@@ -46,6 +50,7 @@ stream = None           # print tokens as they come; None = on for a single samp
 n_jacobi = None         # PonderLM-2: Jacobi passes over the prompt; None = the model's own n_jacobi
 jacobi_tol = None       # PonderLM-2: instead, passes until the prompt's thoughts change by at most this (relative);
                         # 0 = exact. The passes taken go to stderr
+lens = False            # after each sample, each pass's top-1 per new token, on stderr (see above)
 # -----------------------------------------------------------------------------
 _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout is the samples, nothing else
 
@@ -61,6 +66,8 @@ def check_options():
             raise UserError(f"{name}={value} is out of range: {name} must be {rule}")
     if stream not in (None, True, False):
         raise UserError(f"stream must be True, False or None (auto), got {stream!r}")
+    if lens not in (True, False):
+        raise UserError(f"lens must be True or False, got {lens!r}")
     if n_jacobi is not None and (not isinstance(n_jacobi, int) or isinstance(n_jacobi, bool) or n_jacobi < 0):
         raise UserError(f"n_jacobi must be an integer >= 0 (or None for the model's own), got {n_jacobi!r}")
     if jacobi_tol is not None and (type(jacobi_tol) not in (int, float) or jacobi_tol < 0):
@@ -123,6 +130,10 @@ def generate_one(model, prompt, tok, ctx, device_type):
         printer.finish()
     else:
         print(decode(prompt + new))
+    if lens:
+        with ctx:
+            lines = sample_lines(model, (prompt or [tok.eos_id]) + new, len(prompt or [tok.eos_id]), decode)
+        print('\n'.join(lines), file=sys.stderr, flush=True)
     return new, seconds
 
 
@@ -135,6 +146,9 @@ def main():
     model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
     tok = model_tokenizer(source, ckpt, tokenizer, model.config.vocab_size)
     prompt = encode_prompt(tok, read_prompt(), model.config)
+    if lens and len(pass_names(model.config)) == 1:
+        print(f"note: a {model.config.method_label} model reads each token once: the lens shows one pass",
+              file=sys.stderr)
     kernels.install(model.eval().to(dev))  # faster attention where it suits (nanoponder/kernels.py)
     if compile:  # the layer stack, which every path of every method runs; dynamic: the lengths change each call
         model.blocks = torch.compile(model.blocks, dynamic=True)

@@ -100,7 +100,8 @@ def schedule(cfg, iters_per_epoch):
 # the out_dir: one run's
 
 # what a run writes into its out_dir, and the results eval.py writes beside its checkpoint by default
-RUN_FILES = ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'loss.png', 'eval.json', 'eval_jacobi.png', 'eval_tasks.json')
+RUN_FILES = ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'loss.png', 'eval_tasks.json') + tuple(
+    name + ending for name in ('eval', 'eval_test') for ending in ('.json', '_jacobi.png', '_lens.png'))
 
 
 @contextmanager

@@ -299,7 +299,8 @@ def test_a_full_disk_during_a_save_keeps_the_checkpoints(finished, tmp_path):
 def test_overwrite_removes_the_old_run_even_when_stopped_at_once(finished, tmp_path):
     """--overwrite=True, then SIGTERM before the new run's first evaluation saves: only the new run's files."""
     out = copy_of_run(finished / 'out', tmp_path / 'out')
-    (out / 'eval.json').write_text('{}')  # eval.py's results of the old model, beside its checkpoint
+    for name in ('eval.json', 'eval_test.json', 'eval_lens.png', 'eval_test_lens.png'):  # eval.py's results of the
+        (out / name).write_text('{}')  # old model beside its checkpoint, the lens's picture too
     old_png = digest(out / 'loss.png')
     cmd = [sys.executable, 'train.py', *TINY, f"--data_dir={finished / 'data'}", f'--out_dir={out}',
            '--max_iters=100000', '--eval_interval=100000', '--overwrite=True']
