@@ -266,6 +266,7 @@ class GPT(nn.Module):
 
     # --- the trunk f: the layer stack and the final LayerNorm ---
     activation_checkpointing = False  # recompute each Block in backward (a setting of the run)
+    jacobi_grad_passes = 0  # PonderLM-2 training: G >= 1 builds a graph in the last G passes only (a setting of the run)
 
     def trunk(self, x, pos, cache=None):
         """x (B, T, C) input vectors at position ids pos (T,) -> hidden states (B, T, C) after the final LN."""
@@ -331,18 +332,22 @@ class GPT(nn.Module):
         """PonderLM-2 in parallel (docs/design.md) -> each token's last slot's output (B, T, C): K thought stages,
         n_jacobi Jacobi passes over all (K+1)T slots (K(T-1) passes: exact), a final pass. cache: ends holding the
         last pass's keys and values. stop(r, thoughts (B, T, K, C), h (B, T, C)) after pass r: True returns h.
-        every_pass: the last pass's outputs at all K+1 slots (B, T, K+1, C) instead."""
-        K = self.config.n_thoughts
+        every_pass: the last pass's outputs at all K+1 slots (B, T, K+1, C) instead. With jacobi_grad_passes G >= 1
+        the gradient flows through the last G passes only (and the token embeddings): the earlier thoughts enter
+        them as constants (docs/design.md)."""
+        K, G, graph = self.config.n_thoughts, self.jacobi_grad_passes, torch.is_grad_enabled()
         e = self.embed(idx)  # (B, T, C)
         stages = [e]
-        for _ in range(K):  # S stages in, S outputs out: thought stages 1..S
-            h = self.run_stages(stages)  # (B, T, S, C)
-            stages = [e] + list(h.unbind(dim=2))
+        with torch.set_grad_enabled(graph and not G):
+            for _ in range(K):  # S stages in, S outputs out: thought stages 1..S
+                h = self.run_stages(stages)  # (B, T, S, C)
+                stages = [e] + list(h.unbind(dim=2))
         start = cache.pos if cache is not None else 0
         for r in range(n_jacobi + 1):
             if cache is not None:  # each pass rewrites the same slots
                 cache.pos = start
-            h = self.run_stages(stages, cache)  # (B, T, K+1, C)
+            with torch.set_grad_enabled(graph and (not G or r > n_jacobi - G)):
+                h = self.run_stages(stages, cache)  # (B, T, K+1, C)
             stopped = stop is not None and stop(r, torch.stack(stages[1:], dim=2), h[:, :, K])
             if stopped or r == n_jacobi:
                 return h if every_pass else h[:, :, K]

@@ -79,6 +79,7 @@ vocab_size = 50304              # must be >= the data's vocab_size (meta.json)
 n_thoughts = 1                  # PonderLM-2: K latent thoughts per token (0 = off)
 n_jacobi = 3                    # PonderLM-2: Jacobi passes in evaluation
 jacobi_train_range = (2, 4)     # PonderLM-2: R drawn uniformly from lo..hi per training iteration
+jacobi_grad_passes = 0          # PonderLM-2: backpropagate through the last G of the R+1 passes only; 0 = all
 n_ponder = 0                    # PonderLM: pondering steps (0 = off)
 ponder_multiply = False         # PonderLM: multiply the first input embeddings by n_ponder
 n_pause = 0                     # Pause: K pause slots after every token (0 = off)
@@ -190,6 +191,7 @@ def main():
         model, ckpt, pretrained, tokenizer, notes = build_model(cfg, train_batches, val_batches, meta)
         kernels.install(model)  # faster attention and loss where they suit (nanoponder/kernels.py)
         model.activation_checkpointing = cfg.activation_checkpointing
+        model.jacobi_grad_passes = cfg.jacobi_grad_passes  # PonderLM-2: the last G passes build a graph
         if cfg.compile:
             compile_blocks(model)  # per Block: the same graphs for every number of thought passes
         net = wrap(model, cfg.parallelism, device, ptdtype)  # DDP, or FSDP that shards model in place, or model

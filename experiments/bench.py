@@ -13,6 +13,8 @@ cache, as a markdown table.
     python experiments/bench.py --model=pythia-14m --task=ponderlm2-k1:main   # one measurement: `result: {...}`
     python experiments/bench.py --model= --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4 \
         --methods=vanilla,ponderlm2-k1 --dtype=bfloat16 --profile=True   # + torch.profiler's top ops per method
+    python experiments/bench.py --model= --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4 \
+        --methods=ponderlm2-k1 --dtype=bfloat16 --grad_passes=1,2 --compare_compile=False  # truncated backprop
 
 Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained
 with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N
@@ -21,7 +23,8 @@ the same weights; hidden-nN = N steps that feed the hidden state back. Every (me
 its own child process, bench.py run again with the whole config on its command line plus --task=method:variant,
 so its peak memory is its own and not the high-water mark of the methods before it. Variants: main (training
 and decoding), compile (each Block compiled, as train.py's compile=True), checkpoint (activation checkpointing),
-memory (the memory plan of a training step against its measured peak, with and without checkpointing) and sdpa
+memory (the memory plan of a training step against its measured peak, with and without checkpointing), gG
+(PonderLM-2 backpropagating through its last G passes only, train.py's jacobi_grad_passes) and sdpa
 (on CUDA when flash_attn imports: flash-attn vs SDPA), and hf (vanilla's decoding against Hugging Face's
 GPTNeoXForCausalLM.generate on the same weights, alternating in one process, when transformers imports). On a CPU,
 compiling costs about a minute per method: --compare_compile=False.
@@ -78,6 +81,7 @@ threads = 0  # CPU threads for torch, 0 = its default; 1 avoids thrashing when o
 compare_compile = True  # also time the training step with each Block torch.compile'd (train.py's compile=True)
 compare_checkpointing = True  # also time it with activation checkpointing (train.py's activation_checkpointing)
 check_memory = True  # also check the memory plan of a training step against its measured peak
+grad_passes = '1,2'  # PonderLM-2: also the training step backpropagating through the last G passes only, each G
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
 compare_hf = True  # also time Hugging Face's generate on vanilla's weights (needs transformers)
 profile = False  # also profile one training step per method (torch.profiler): top ops and the matmul share
@@ -123,9 +127,19 @@ def method_config(name):
         raise UserError(str(e)) from None
 
 
+def parse_grad_passes():
+    """grad_passes '1,2' -> [1, 2], checked."""
+    text = str(grad_passes).strip('()')
+    values = [v.strip() for v in text.split(',') if v.strip()]
+    if not all(v.isdigit() and int(v) >= 1 for v in values):
+        raise UserError(f"grad_passes must be whole numbers >= 1, comma-separated (e.g. 1,2), or '', got {grad_passes!r}")
+    return [int(v) for v in values]
+
+
 def check_config():
     """Everything the children would trip over, checked once up front. Returns the method names."""
     names = parse_methods(methods)
+    parse_grad_passes()
     # the model's shape keys too (0: the preset's): torch's words for a zero or negative size come late, from a child
     for key in ('n_layer', 'n_head', 'n_embd'):
         if globals()[key] < (0 if model else 1):
@@ -196,8 +210,9 @@ def rss_mib():
 def parse_task(text):
     """'method:variant' -> (method, variant), checked."""
     name, _, variant = text.partition(':')
-    if variant not in VARIANTS:
-        raise UserError(f"task must be method:variant with variant one of {', '.join(VARIANTS)}, got {text!r}")
+    if variant not in VARIANTS and not (variant[:1] == 'g' and variant[1:].isdigit()):
+        raise UserError(f"task must be method:variant with variant one of {', '.join(VARIANTS)} or gG (G >= 1), "
+                        f"got {text!r}")
     check_method(name)
     return name, variant
 
@@ -218,6 +233,7 @@ def measure(name, variant):
     if variant == 'sdpa':
         kernels.set_backend(gpt, 'sdpa')  # 'auto' (main) runs flash-attn where it can
     gpt.activation_checkpointing = variant == 'checkpoint'
+    gpt.jacobi_grad_passes = int(variant[1:]) if variant[:1] == 'g' else 0  # g1, g2: truncated backpropagation
     if variant == 'compile':
         compile_blocks(gpt)  # per Block, as train.py: the same graphs for every R
     result = measure_training(gpt, variant, ctx, dev, ptdtype)
@@ -252,9 +268,10 @@ def measure_training(gpt, variant, ctx, dev, ptdtype):
         result['peak_mem_mib'] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result['peak_mem_mib'] = rss_mib()
-    result['flops_per_token'] = flops_per_token(gpt.config, n_jacobi, training=True)
+    G = gpt.jacobi_grad_passes
+    result['flops_per_token'] = flops_per_token(gpt.config, n_jacobi, training=True, grad_passes=G)
     tokens_per_s = batch_size * block_size / statistics.median(result['step_s'])
-    result['mfu'] = estimate_mfu(gpt.config, tokens_per_s, n_jacobi, mfu_peak(dev, ptdtype))
+    result['mfu'] = estimate_mfu(gpt.config, tokens_per_s, n_jacobi, mfu_peak(dev, ptdtype), G)
     return result  # the optimizer's state goes with it: decoding runs without
 
 
@@ -479,6 +496,13 @@ def collect(names, device_type, ptdtype):
                 'tokens_per_s': training_speed(k['step_s'])}
         if check_memory:
             entry['memory'] = run_child(name, 'memory')
+        if method_config(name).n_thoughts:
+            for G in parse_grad_passes():
+                g = run_child(name, f'g{G}')
+                entry.setdefault('grad_passes', {})[G] = g if 'error' in g else {
+                    'tokens_per_s': training_speed(g['step_s']), 'peak_mem_mib': g['peak_mem_mib'],
+                    **({'base_mem_mib': g['base_mem_mib']} if 'base_mem_mib' in g else {}),
+                    'flops_per_token': g['flops_per_token']}
         if flash and compare_attention:
             s = run_child(name, 'sdpa')
             entry['sdpa'] = s if 'error' in s else {'tokens_per_s': training_speed(s['step_s'])}
@@ -624,6 +648,7 @@ def report(info, out, attention):
     variants(out, attention)
     if check_memory:
         memory_table(out, cuda)
+    grad_passes_table(out)
 
 
 def variants(out, attention):
@@ -686,9 +711,45 @@ def memory_table(out, cuda):
              "the rise of the peak RSS over a step, in a process whose malloc returns freed blocks at once."))
 
 
+def grad_passes_table(out):
+    """Truncated backpropagation against full (G = 0): the measured steps, then the memory plans of pythia-70m and
+    pythia-1.4b K=1 at 2048 tokens (the configs' micro-batches, bf16, R up to 4)."""
+    rows = []
+    for entry in out.values():
+        if 'error' in entry or not entry.get('grad_passes'):
+            continue
+        t = entry['train']
+        rows.append([entry['label'], 'all (0)', spread(t['tokens_per_s']), '1.00x', num(t['flops_per_step'] / 1e9),
+                     num(memory_rise(t)), '1.00x'])
+        for G, g in entry['grad_passes'].items():
+            rows.append([entry['label'], str(G)] + (['failed: ' + g['error']] + ['-'] * 4 if 'error' in g else [
+                spread(g['tokens_per_s']), times(ratio(g['tokens_per_s']['median'], t['tokens_per_s']['median'])),
+                num(g['flops_per_token'] * batch_size * block_size / 1e9), num(memory_rise(g)),
+                times(ratio(memory_rise(g), memory_rise(t)))]))
+    if rows:
+        print()
+        print("## truncated backpropagation: the last G passes with a graph (train.py's jacobi_grad_passes)")
+        print()
+        print(table(['method', 'G', 'tokens/s', 'speed vs all', 'GFLOP/step', 'peak mem MiB', 'mem vs all'], rows))
+        print()
+        print(f"PonderLM-2 at R={n_jacobi}: the stages and the first R+1-G passes run without a graph. peak mem as in "
+              f"the training table (its rise, on a CPU).")
+    rows = []
+    for size, micro in (('pythia-70m', 8), ('pythia-1.4b', 1)):
+        config = GPTConfig.preset(size, n_thoughts=1)
+        plans = [plan_memory(config, micro, 2048, n_jacobi=4, dtype=torch.bfloat16, grad_passes=G) for G in (0, 1, 2)]
+        rows += [[size, f"{micro} x 2048", str(G) if G else 'all (0)', f"{p.activations / 2**30:.1f}",
+                  f"{p.total / 2**30:.1f}", times(p.activations / plans[0].activations)] for G, p in enumerate(plans)]
+    print()
+    print("## memory plans with truncated backpropagation: PonderLM-2 K=1, bf16, R up to 4, one process")
+    print()
+    print(table(['model', 'micro-batch', 'G', 'activations GiB', 'total GiB', 'activations vs all'], rows))
+
+
 def failed(out):
     return [f"{name} ({variant})" for name, e in out.items()
             for variant, part in [('main', e)] + [(v, e.get(v, {})) for v in VARIANTS if v != 'main']
+            + [(f'g{G}', g) for G, g in e.get('grad_passes', {}).items()]
             if 'error' in part]
 
 

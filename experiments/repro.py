@@ -62,6 +62,8 @@ RUNS = {
     'ponderlm2-k2': ('ponderlm2-k2', [], ''),
     'vanilla-flops': ('vanilla', [], 'training FLOPs of K=1'),
     'ponderlm2-k1': ('ponderlm2-k1', [], ''),
+    'ponderlm2-k1-g2': ('ponderlm2-k1', ['--jacobi_grad_passes=2'], 'backward through the last 2 passes'),
+    'ponderlm2-k1-g1': ('ponderlm2-k1', ['--jacobi_grad_passes=1'], 'backward through the last pass'),
     'ponderlm1-n3': ('ponderlm1-n3', [], ''),
     'pause-k1': ('pause-k1', ['--vocab_size=520', '--pause_token_id=519'], ''),  # a free embedding row for the pause
     'loop-k1': ('loop-k1', [], ''),
@@ -112,10 +114,11 @@ def run_settings(args):
 
 
 def training_flops_per_token(args):
-    """FLOPs per token of one training step of the model args give (R at its mean)."""
+    """FLOPs per token of one training step of the model args give (the mean over the R drawn)."""
     from nanoponder.prerun import scratch_config
     cfg = SimpleNamespace(**run_settings(args))
-    return flops_per_token(scratch_config(cfg), sum(cfg.jacobi_train_range) / 2, training=True)
+    return flops_per_token(scratch_config(cfg), tuple(cfg.jacobi_train_range), training=True,
+                           grad_passes=cfg.jacobi_grad_passes)
 
 
 def flops_matched_iters(base_iters):
@@ -206,16 +209,20 @@ def evaluate(name, seed, out_dir, seconds):
     cfg = ckpt.gpt_config()
     with torch.device('meta'):  # the shapes alone: no weights to allocate
         shapes = GPT(cfg)
-    R = sum(ckpt.config.get('jacobi_train_range', (2, 4))) / 2  # the run's mean R
-    flops, params = flops_per_token(cfg, R, training=True), shapes.get_num_params()
+    R = tuple(ckpt.config.get('jacobi_train_range', (2, 4)))  # the R the run drew, on average
+    flops = flops_per_token(cfg, R, training=True, grad_passes=ckpt.config.get('jacobi_grad_passes', 0))
+    params = shapes.get_num_params()
     note = RUNS[name][2]
     jacobi, exact = eval_losses(out_dir)
     test_loss, test_loss_exact = eval_losses(out_dir, 'test')  # held out from every choice made on val
+    with open(os.path.join(out_dir, 'eval_test.json')) as f:  # the thoughts' convergence, pass by pass
+        passes = [{k: row.get(k) for k in ('passes', 'loss', 'change', 'distance_to_exact')}
+                  for row in json.load(f)['rows'] if row['thoughts'] == 'jacobi']
     counts = read_meta(data_dir)['tokens']  # which val and test splits the losses are of
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
     return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
                 jacobi=jacobi, exact=exact, test_loss=test_loss, test_loss_exact=test_loss_exact,
-                val_tokens=counts['val'], test_tokens=counts['test'], seconds=seconds,
+                val_tokens=counts['val'], test_tokens=counts['test'], test_jacobi_passes=passes, seconds=seconds,
                 params=params, iters=ckpt.iter_num, tokens=tokens,
                 train_flops=tokens * flops, flops_per_token=flops,
                 inference_flops_per_token=inference_flops_per_token(cfg),
@@ -375,11 +382,36 @@ def spread(values, fmt):
     return f"{fmt.format(sum(values) / len(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def paired(results, name, base):
-    """[(seed, run's val loss (Jacobi) - base's)] over the seeds both have: a seed fixes the init and the data order
-    of both runs, so their difference is what the seeds' spread is about."""
-    of = {r['seed']: r['jacobi'] for r in results if r['name'] == base}
-    return [(r['seed'], r['jacobi'] - of[r['seed']]) for r in results if r['name'] == name and r['seed'] in of]
+def paired(results, name, base, key='jacobi'):
+    """[(seed, run's loss - base's)] over the seeds both have (key: the val loss (Jacobi) by default): a seed fixes
+    the init and the data order of both runs, so their difference is what the seeds' spread is about."""
+    of = {r['seed']: r[key] for r in results if r['name'] == base}
+    return [(r['seed'], r[key] - of[r['seed']]) for r in results if r['name'] == name and r['seed'] in of]
+
+
+TRUNCATED = ('ponderlm2-k1', 'ponderlm2-k1-g2', 'ponderlm2-k1-g1', 'loop-k1', 'vanilla')  # the truncation table's
+
+
+def truncation_table(results):
+    """PonderLM-2 K=1 trained with backpropagation through its last G passes only, beside full K=1, Loop and
+    vanilla, on the test split: the loss, the exact-vs-Jacobi gap (the guard rail: do the Jacobi passes still
+    converge to the thoughts the model learned?), the cost, and the thoughts' change per Jacobi pass."""
+    groups = {n: rs for n, rs in by_run(results).items() if n in TRUNCATED and all('test_loss' in r for r in rs)}
+    if not any(n.startswith('ponderlm2-k1-g') for n in groups):
+        return []
+    lines = ['| run | seeds | test loss (Jacobi R=3) | exact - Jacobi | - PonderLM-2 K=1, per seed | training FLOPs '
+             '| train time (min) | change per pass, R=1, 2, 3 |', '|---|---|---|---|---|---|---|---|']
+    for name, rs in groups.items():
+        gap = spread([r['test_loss_exact'] - r['test_loss'] for r in rs], '{:+.5f}') \
+            if rs[0]['test_loss_exact'] is not None else '-'
+        diffs = ', '.join(f"{d:+.4f}" for _, d in paired(results, name, 'ponderlm2-k1', 'test_loss')) \
+            if name != 'ponderlm2-k1' else ''
+        change = ', '.join(f"{np.mean([r['test_jacobi_passes'][p]['change'] for r in rs]):.1e}" for p in (1, 2, 3)) \
+            if rs[0].get('test_jacobi_passes') else '-'
+        lines.append(f"| {rs[0]['label']} | {len(rs)} | {spread([r['test_loss'] for r in rs], '{:.4f}')} | {gap} "
+                     f"| {diffs} | {rs[0]['train_flops']:.2e} | {spread([r['seconds'] / 60 for r in rs], '{:.1f}')} "
+                     f"| {change} |")
+    return ['', 'Truncated backpropagation (jacobi_grad_passes), on the whole test split:', '', *lines]
 
 
 def table(results):
@@ -489,7 +521,7 @@ def write_report():
     check_output_dir(results_dir, '--results_dir')
     pairs = [f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base)]
     md = '\n'.join([table(results), '', 'Paired differences of the val loss (Jacobi R=3, whole val split), per seed:',
-                    '', *pairs])
+                    '', *pairs, *truncation_table(results)])
     files = {'results.md': (md + '\n').encode()}  # name -> its bytes: all built before any is written
     plot(results, files, 'val_loss_tokens.png', lambda tokens, r: tokens / 1e6,
          'tokens trained (M)', leave_out=('vanilla-flops',))  # 10x the tokens: it is the FLOPs plot's comparison

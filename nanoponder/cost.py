@@ -55,10 +55,15 @@ def pass_schedule(config, n_jacobi=None):
     return [(config.slots, config.passes)]
 
 
-def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
+def flops_per_token(config, n_jacobi=None, training=True, seq_len=None, grad_passes=0):
     """FLOPs per real token of one training step (forward + backward = 3x forward) or one eval forward, counting
     every trunk pass over its (slots x T) positions, the attention over that length, and the vocabulary
-    projections. Matmuls only (2 FLOPs per multiply-add), as in the PaLM appendix. n_jacobi: R, see pass_schedule()."""
+    projections. Matmuls only (2 FLOPs per multiply-add), as in the PaLM appendix. n_jacobi: R, see pass_schedule(),
+    or a range (lo, hi): the mean over R drawn uniformly from lo..hi, as training draws it. grad_passes: PonderLM-2's
+    G >= 1, backward (2x forward) through the last G passes and the head only."""
+    if isinstance(n_jacobi, (tuple, list)):
+        lo, hi = n_jacobi
+        return sum(flops_per_token(config, R, training, seq_len, grad_passes) for R in range(lo, hi + 1)) / (hi - lo + 1)
     T = seq_len or config.block_size
     L, H, V = config.n_layer, config.n_embd, config.vocab_size
     trunk_params = L * count_params(config)['matmul']
@@ -67,10 +72,16 @@ def flops_per_token(config, n_jacobi=None, training=True, seq_len=None):
         return 2 * trunk_params + 4 * L * H * context
 
     head = 2 * H * V
-    fwd = sum(count * S * slot_flops(S * T) for S, count in pass_schedule(config, n_jacobi)) + head
+    schedule = pass_schedule(config, n_jacobi)
+    fwd = sum(count * S * slot_flops(S * T) for S, count in schedule) + head
     if config.n_ponder:  # N more vocabulary projections and N probability-weighted embedding sums
         fwd += 2 * config.n_ponder * head
-    return 3 * fwd if training else fwd
+    if not training:
+        return fwd
+    if not (grad_passes and config.n_thoughts):
+        return 3 * fwd
+    S, count = schedule[-1]  # the R+1 passes over K+1 slots, of which the last G build a graph
+    return fwd + 2 * (min(grad_passes, count) * S * slot_flops(S * T) + head)
 
 
 def inference_flops_per_token(config, position=None):
@@ -99,14 +110,14 @@ def device_peak_flops():
     return None
 
 
-def estimate_mfu(config, tokens_per_sec, n_jacobi=None, peak_flops=None):
+def estimate_mfu(config, tokens_per_sec, n_jacobi=None, peak_flops=None, grad_passes=0):
     """Model FLOPs utilization of training at tokens_per_sec real tokens per second (of one device) with
-    R = n_jacobi, against peak_flops (see mfu_peak) or the bf16 datasheet peak of the current CUDA device; None when
-    neither is known."""
+    R = n_jacobi (or a range, see flops_per_token) and grad_passes, against peak_flops (see mfu_peak) or the bf16
+    datasheet peak of the current CUDA device; None when neither is known."""
     peak_flops = peak_flops or device_peak_flops()
     if not peak_flops:
         return None
-    return flops_per_token(config, n_jacobi, training=True) * tokens_per_sec / peak_flops
+    return flops_per_token(config, n_jacobi, training=True, grad_passes=grad_passes) * tokens_per_sec / peak_flops
 
 
 def mfu_peak(device, dtype):
@@ -181,20 +192,26 @@ def attention_probability_count(length, block=kernels.BLOCK):
     return sum(min(block, length - a) * min(a + block, length) for a in range(0, length, block))
 
 
-def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_jacobi=None, blocks=None):
+def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_jacobi=None, blocks=None,
+                     grad_passes=0):
     """-> (kept, working): the bytes that one micro-batch's forward keeps for backward, and the most that
     backward adds on top at once. Per slot and layer, in eager mode, autograd keeps the block input (fp32, the
     residual stream) and, in the compute dtype, the two LayerNorm outputs, q k v (3C, rotated in place),
     the attention output (and its log-sum-exp), the re-laid-out heads, and the MLP's hidden layer before and
     after GELU (2 x n_inner). With checkpointing only the block input stays; backward recomputes one block's
     insides at a time. The loss keeps the logits (in the compute dtype) for every token. blocks(length): whether
-    attention over that many positions runs kernels.attend_blocks, which also keeps its probabilities."""
+    attention over that many positions runs kernels.attend_blocks, which also keeps its probabilities.
+    grad_passes: PonderLM-2's G >= 1 keeps the last G passes' activations only, and the passes without a graph add
+    the peak of one of them (a block's insides over its slots)."""
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     inner = config.n_inner or 4 * C
     B, T = batch_size, seq_len
     block_inside = (7 * C + 2 * inner) * dtype_bytes + 4 * config.n_head  # per slot
     per_slot_layer = 4 * C + (0 if checkpointing else block_inside)
     slots = [S * T for S, count in pass_schedule(config, n_jacobi) for _ in range(count)]
+    longest = max(slots)
+    if grad_passes and config.n_thoughts:
+        slots = slots[-min(grad_passes, (config.n_jacobi if n_jacobi is None else n_jacobi) + 1):]
     final_ln = T if config.n_loop else sum(slots)  # Loop runs the final LayerNorm once, the others every pass
     kept = B * (sum(slots) * L * per_slot_layer + final_ln * 4 * C)  # + the final LayerNorms' inputs
 
@@ -210,6 +227,8 @@ def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_
     # makes roughly take the place of the saved tensors it frees)
     recomputed = B * max(slots) * (4 * C + block_inside) + probabilities(max(slots)) if checkpointing else 0
     working = max(dtype_bytes * B * T * V, recomputed)
+    if grad_passes and config.n_thoughts:  # a pass without a graph runs before the kept ones: its peak, if higher
+        working = max(working, B * longest * (4 * C + block_inside) + probabilities(longest) - kept)
     return kept, working
 
 
@@ -233,14 +252,15 @@ class MemoryPlan:
 
 def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.float32, parallelism='ddp',
                 world_size=1, grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32,
-                device_type='cuda'):
+                device_type='cuda', grad_passes=0):
     """The peak bytes per process of training GPT(config) with micro-batches of batch_size x seq_len tokens
     (default block_size), dtype the autocast compute dtype, grad_accum micro-batches per process and
     iteration, n_jacobi PonderLM-2's R (training: the largest it draws). ddp (and one process) replicates weights,
     gradients and AdamW state; fsdp shards them over world_size, and gathers a block at a time (gather_dtype: its
     MixedPrecisionPolicy's param_dtype) plus the root (embeddings, final LayerNorm), which stays gathered through
     forward and backward. device_type: where it trains, which decides the attention kernel (kernels.blocks_suit:
-    the plan is for a model with the kernels installed, as every script runs it)."""
+    the plan is for a model with the kernels installed, as every script runs it). grad_passes: PonderLM-2's G
+    (activation_bytes); under fsdp every pass still gathers the weights, with a graph or without."""
     n = count_params(config)
     P = n['total']
     T = seq_len or config.block_size
@@ -259,12 +279,14 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
     if c < 4:
         weights += c * cast
     kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing, n_jacobi,
-                                     blocks=lambda length: kernels.blocks_suit(device_type, dtype, length))
+                                     blocks=lambda length: kernels.blocks_suit(device_type, dtype, length),
+                                     grad_passes=grad_passes)
     slots = '+'.join(str(S) for S, count in pass_schedule(config, n_jacobi) for _ in range(count))
     description = (f"{config.method}, micro-batch {batch_size} x {T}, passes over {slots} slots per token, "
                    f"{str(dtype).removeprefix('torch.')}, {parallelism if world_size > 1 else 'one process'}"
                    f"{f' x {world_size}' if world_size > 1 else ''}"
-                   f"{', activation checkpointing' if activation_checkpointing else ''}")
+                   f"{', activation checkpointing' if activation_checkpointing else ''}"
+                   f"{f', backward through the last {grad_passes}' if grad_passes and config.n_thoughts else ''}")
     return MemoryPlan(weights, grads, adam, kept + working, description)
 
 
@@ -272,7 +294,7 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
 # the measured peak, to check the plan against
 
 def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.float32, device='cpu',
-                          activation_checkpointing=False, steps=2):
+                          activation_checkpointing=False, steps=2, grad_passes=0):
     """Build GPT(config) and AdamW on device and run `steps` training steps (forward, backward, AdamW) with
     R = n_jacobi (default config.n_jacobi, as plan_memory) on random tokens; return the peak bytes that this added:
     the CUDA allocator's peak, or on a CPU the process's peak RSS (Linux /proc; None elsewhere). For CPU figures
@@ -297,7 +319,7 @@ def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dt
     method = {k: getattr(config, k) for k in METHOD_COUNTS + ('pause_token_id',)}
     tiny = kernels.install(GPT(type(config)(n_layer=1, n_head=1, n_embd=8, vocab_size=config.vocab_size,
                                             block_size=8, **method)).to(device))
-    tiny.activation_checkpointing = activation_checkpointing
+    tiny.activation_checkpointing, tiny.jacobi_grad_passes = activation_checkpointing, grad_passes
     train(tiny, torch.optim.AdamW(tiny.parameters()), idx[:1, :8])
     del tiny
     gc.collect()
@@ -313,7 +335,7 @@ def measure_training_peak(config, batch_size, seq_len=None, *, n_jacobi=None, dt
             return None
         base = proc_status('VmRSS')
     model = kernels.install(GPT(config).to(device))  # as the scripts train it, and as plan_memory counts
-    model.activation_checkpointing = activation_checkpointing
+    model.activation_checkpointing, model.jacobi_grad_passes = activation_checkpointing, grad_passes
     train(model, torch.optim.AdamW(model.parameters()), idx)
     if device_type == 'cuda':
         torch.cuda.synchronize()

@@ -66,6 +66,13 @@ def check_config(cfg):
     if not (len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r) and 0 <= r[0] <= r[1]):
         raise UserError(f"jacobi_train_range must be (lo, hi), two whole numbers with 0 <= lo <= hi, "
                         f"got {cfg.jacobi_train_range!r}")
+    G = cfg.jacobi_grad_passes
+    if isinstance(G, bool) or not isinstance(G, int) or G < 0:
+        raise UserError(f"jacobi_grad_passes must be a whole number >= 0 (0: every pass builds a graph; G: the last "
+                        f"G passes), got {G!r}")
+    if G and not cfg.n_thoughts and cfg.init_from == 'scratch':
+        raise UserError(f"jacobi_grad_passes={G} truncates PonderLM-2's Jacobi passes, and n_thoughts is 0: set "
+                        f"--n_thoughts=K, or drop jacobi_grad_passes")
     if not cfg.out_dir.strip():
         raise UserError("out_dir is empty: name a directory for the checkpoints, e.g. --out_dir=out")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
@@ -283,6 +290,9 @@ def build_model(cfg, train_batches, val_batches, meta):
         model, _, _ = load_init_from(cfg.init_from, cfg.out_dir, choices, **method_overrides(cfg))
         pretrained = cfg.init_from
         check_pause_token(cfg, data_vocab, model.config.vocab_size)  # (a row beyond it is refused on load)
+    if cfg.jacobi_grad_passes and not model.config.n_thoughts:
+        raise UserError(f"jacobi_grad_passes={cfg.jacobi_grad_passes} truncates PonderLM-2's Jacobi passes, and "
+                        f"{cfg.init_from}'s model is {model.config.method_label}: drop jacobi_grad_passes")
     if model.config.vocab_size < data_vocab:
         raise UserError(f"the data's vocabulary ({data_vocab} ids, {cfg.data_dir}/meta.json) is larger than the "
                         f"model's vocab_size {model.config.vocab_size}: raise vocab_size")
@@ -368,8 +378,8 @@ def check_pause_token(cfg, data_vocab, model_vocab):
 
 
 # what a resume may change, but then no longer goes on as the uninterrupted run would have
-EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'learning_rate', 'min_lr_ratio', 'weight_decay', 'beta1', 'beta2',
-                     'eps', 'grad_clip')
+EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'jacobi_grad_passes', 'learning_rate', 'min_lr_ratio',
+                     'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
 
 
 def resume_notes(saved, cfg):

@@ -29,7 +29,8 @@ def open_log(cfg, model, pretrained, train_batches, world_size, device, dtype, i
     def mfu(tokens_per_sec):  # of one device, at the mean R of training
         if not peak:
             peak.append(mfu_peak(device, dtype))
-        return estimate_mfu(model.config, tokens_per_sec / world_size, sum(cfg.jacobi_train_range) / 2, peak[0])
+        return estimate_mfu(model.config, tokens_per_sec / world_size, cfg.jacobi_train_range, peak[0],
+                            cfg.jacobi_grad_passes)
 
     log = RunLog(cfg.out_dir, cfg.log_interval, total_iters, warmup, iter_num,
                  resumed=cfg.init_from == 'resume', wandb=start_wandb(cfg), mfu=mfu,
@@ -59,11 +60,13 @@ def summary(cfg, model, pretrained, train_batches, world_size, device, dtype, it
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     source = f"{pretrained} (its architecture)" if pretrained else cfg.model or 'custom'
     lo, hi = cfg.jacobi_train_range
-    method = config.method_label + (f", R in {lo}..{hi} in training, {config.n_jacobi} in eval"
-                                    if config.n_thoughts else '')
+    G = cfg.jacobi_grad_passes
+    method = config.method_label + (f", R in {lo}..{hi} in training{f' (backward through the last {G})' if G else ''}"
+                                    f", {config.n_jacobi} in eval" if config.n_thoughts else '')
     plan = plan_memory(config, cfg.batch_size, cfg.block_size, n_jacobi=hi, dtype=dtype, parallelism=cfg.parallelism,
                        world_size=world_size, grad_accum=accum, activation_checkpointing=cfg.activation_checkpointing,
-                       gather_dtype=gather_dtype(cfg.parallelism, device, dtype), device_type=torch.device(device).type)
+                       gather_dtype=gather_dtype(cfg.parallelism, device, dtype), device_type=torch.device(device).type,
+                       grad_passes=G)
     return [
         f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {method}; "
         f"{human(model.get_num_params())} non-embedding params ({human(model.get_num_params(False))} total)",
@@ -75,7 +78,7 @@ def summary(cfg, model, pretrained, train_batches, world_size, device, dtype, it
         f"{human(total_iters * tokens_per_iter)} tokens), lr {cfg.learning_rate:g}, warmup {warmup}, "
         f"cosine to {cfg.learning_rate * cfg.min_lr_ratio:g} at {decay_end}"
         + (f"; resuming at {iter_num}" if iter_num else ''),
-        f"FLOPs/token: {flops_per_token(config, (lo + hi) / 2, training=True):.3g} training, "
+        f"FLOPs/token: {flops_per_token(config, (lo, hi), training=True, grad_passes=G):.3g} training, "
         f"{flops_per_token(config, config.n_jacobi, training=False):.3g} eval; device {device}, "
         f"{str(dtype).removeprefix('torch.')}, compile={cfg.compile}, parallelism: "
         f"{cfg.parallelism if torch.distributed.is_initialized() else 'none (one process)'}",

@@ -64,7 +64,7 @@ def figures(node, path=''):
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
-    proc = bench(*TINY, f'--methods={",".join(METHODS)}', f'--json={out}')
+    proc = bench(*TINY, f'--methods={",".join(METHODS)}', f'--json={out}', '--grad_passes=1')
     assert proc.returncode == 0, proc.stderr
     with open(out) as f:
         return proc.stdout, json.load(f)
@@ -103,6 +103,17 @@ def test_tables_have_a_row_per_method_and_the_columns(run):
     assert memory[0] == ['method', 'plan MiB', 'measured MiB', 'measured / plan', 'plan, checkpointing MiB',
                          'measured, checkpointing MiB', 'measured / plan']
     assert [row[0] for row in memory[1:]] == list(METHODS.values())
+    # truncated backpropagation: each PonderLM-2 method at G = 0 and 1, and the memory plans of two Pythias
+    truncated = table_rows(body, 'truncated backpropagation')
+    assert [row[:2] for row in truncated[1:]] == [['PonderLM-2 K=1', 'all (0)'], ['PonderLM-2 K=1', '1'],
+                                                  ['PonderLM-2 K=2', 'all (0)'], ['PonderLM-2 K=2', '1']]
+    for full, one in (truncated[1:3], truncated[3:5]):
+        assert float(one[4]) < float(full[4]) and full[3] == '1.00x'  # GFLOP/step: the backward of one pass less
+    plans = table_rows(body, 'memory plans with truncated backpropagation')
+    assert [row[:3] for row in plans[1:]] == [[m, b, g] for m, b in (('pythia-70m', '8 x 2048'),
+                                                                     ('pythia-1.4b', '1 x 2048'))
+                                              for g in ('all (0)', '1', '2')]
+    assert all(float(row[5].rstrip('x')) < 1 for row in plans[1:] if row[2] != 'all (0)')
 
 
 def test_json_has_every_figure_positive_and_finite(run):
@@ -115,7 +126,8 @@ def test_json_has_every_figure_positive_and_finite(run):
     for name, entry in data['methods'].items():
         assert entry['label'] == METHODS[name]
         assert set(entry) == {'label', 'train', 'decode', 'checkpoint', 'memory'} | ({'hf'} if name == 'vanilla'
-                                                                                     else set())
+                                                                                     else set()) \
+            | ({'grad_passes'} if name.startswith('ponderlm2') else set())
         assert set(entry['memory']) == {'plain', 'checkpointing'}
         assert entry['memory']['plain']['plan_mib'] > entry['memory']['checkpointing']['plan_mib']
         train = entry['train']
@@ -163,7 +175,8 @@ def test_json_echoes_the_config_under_its_keys(run):
     (['--peak_seconds=0'], 'peak_seconds must be > 0, got 0'),
     (['--preset=pythia-14m'], "unknown config key 'preset'"),  # renamed model=, as train.py says
     (['--dtype=float16'], 'needs CUDA'),
-    (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa, checkpoint, memory, hf, got'),
+    (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa, checkpoint, memory, hf or gG (G >= 1), got'),
+    (['--grad_passes=0,1'], "grad_passes must be whole numbers >= 1, comma-separated (e.g. 1,2), or '', got"),
 ])
 def test_mistakes_are_one_error_line_and_exit_2(args, message):
     proc = bench(*TINY, *args)

@@ -211,3 +211,27 @@ def test_cuda_check_compares_loss_and_every_gradient():
         other.layers[1].mlp.dense_4h_to_h.weight.mul_(1.01)
     off = cc.compare(reference, cc.loss_and_grads(other, idx, targets, cpu, torch.float32), cc.fp32_tolerance)
     assert not off['ok'] and off['grad_rel_error'] > cc.fp32_tolerance
+
+
+def test_the_truncation_table_sets_the_variants_beside_full_k1_on_the_test_split():
+    """Made-up result files: per run the test loss, the exact - Jacobi gap, the paired difference to K=1 per seed,
+    the cost and the change per Jacobi pass; no table without a truncated variant."""
+    repro = load_repro()
+
+    def result(name, seed, test_loss, exact=None, change=None):
+        passes = [dict(passes=r, loss=test_loss, change=c, distance_to_exact=None) for r, c in enumerate(change)] \
+            if change else []
+        return dict(name=name, seed=seed, label=name, test_loss=test_loss, test_loss_exact=exact, train_flops=1e12,
+                    seconds=120.0, test_jacobi_passes=passes)
+    k1 = [result('ponderlm2-k1', s, 3.0 + d, 3.0 + d + 1e-5, [None, 1e-2, 1e-3, 1e-4]) for s, d in ((1, 0), (2, .1))]
+    assert repro.truncation_table(k1 + [result('vanilla', 1, 3.2)]) == []
+    g1 = [result('ponderlm2-k1-g1', s, 3.01 + d, 3.01 + d + 3e-5, [None, 2e-2, 2e-3, 2e-4])
+          for s, d in ((1, 0), (2, .12))]
+    lines = repro.truncation_table(k1 + g1 + [result('vanilla', 1, 3.2)])
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]] for line in lines
+            if line.startswith('| ') and not line.startswith('| run')}
+    assert list(rows) == ['ponderlm2-k1', 'ponderlm2-k1-g1', 'vanilla']  # RUNS order
+    assert rows['ponderlm2-k1-g1'][:4] == ['2', '3.0700 (3.0100-3.1300)', '+0.00003 (+0.00003-+0.00003)',
+                                          '+0.0100, +0.0300']
+    assert rows['ponderlm2-k1'][5:] == ['2.0 (2.0-2.0)', '1.0e-02, 1.0e-03, 1.0e-04']
+    assert rows['vanilla'][2:4] == ['-', '+0.2000'] and rows['vanilla'][6] == '-'

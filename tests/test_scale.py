@@ -126,6 +126,21 @@ def test_compiled_blocks_match_eager_and_the_graphs_do_not_grow_with_R():
     for name in grads:
         torch.testing.assert_close(grads_c[name], grads[name], rtol=0, atol=1e-5, msg=name)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no '_orig_mod.' in checkpoints
+    # truncated backpropagation (jacobi_grad_passes): grad mode is in Dynamo's guards, so the passes without a graph
+    # add a graph per shape, once; the count stays under the recompile limit (beyond it a Block would run eager)
+    compiled.activation_checkpointing = False
+    before = counters['stats']['unique_graphs']
+    for G in (1, 2):
+        compiled.jacobi_grad_passes = eager.jacobi_grad_passes = G
+        for R in (2, 3, 1):  # R = 1 < G = 2: every pass over all slots with a graph, the stage without
+            loss_c, grads_c = loss_and_grads(compiled, x, y, R)
+            loss, grads = loss_and_grads(eager, x, y, R)
+            torch.testing.assert_close(loss_c, loss, rtol=0, atol=1e-5)
+            for name in grads:
+                torch.testing.assert_close(grads_c[name], grads[name], rtol=0, atol=1e-5, msg=name)
+    after = counters['stats']['unique_graphs']
+    assert after - before <= 2 and after <= torch._dynamo.config.recompile_limit, (before, after)
+    assert not counters['unimplemented'], dict(counters['unimplemented'])
     torch._dynamo.reset()
 
 
@@ -197,12 +212,14 @@ import json, sys, torch
 from model import GPTConfig
 from nanoponder.cost import measure_training_peak, plan_memory
 out = []
-for method, kw, batch_size, dtype, checkpointing, n_embd in json.loads(sys.argv[1]):
+for method, kw, batch_size, dtype, checkpointing, n_embd, grad_passes in json.loads(sys.argv[1]):
     config = GPTConfig(n_layer=2, n_head=4, n_embd=n_embd, vocab_size=512, block_size=128, **kw)
     dtype = getattr(torch, dtype)
-    measured = measure_training_peak(config, batch_size, dtype=dtype, activation_checkpointing=checkpointing)
-    plan = plan_memory(config, batch_size, dtype=dtype, activation_checkpointing=checkpointing, device_type='cpu')
-    out.append([method, str(dtype), checkpointing, measured, plan.total])
+    measured = measure_training_peak(config, batch_size, dtype=dtype, activation_checkpointing=checkpointing,
+                                     grad_passes=grad_passes)
+    plan = plan_memory(config, batch_size, dtype=dtype, activation_checkpointing=checkpointing, device_type='cpu',
+                       grad_passes=grad_passes)
+    out.append([f'{method} G={grad_passes}', str(dtype), checkpointing, measured, plan.total])
 print(json.dumps(out))
 '''
 
@@ -213,9 +230,10 @@ def test_memory_plan_matches_the_measured_peak_rss():
     is no tensor of ours (LayerNorm statistics, oneDNN's buffers for bf16 matmuls, page granularity); on this
     machine the measured/plan ratios are 0.85-1.11, the plan erring high for the multi-pass baselines. The runs are a fresh process whose malloc returns large freed blocks at
     once (MALLOC_MMAP_THRESHOLD_), so that the peak RSS is the peak of live memory."""
-    cases = [(method, kw, 4, 'float32', False, 128) for method, kw in EVERY_METHOD.items()]
-    cases += [('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'float32', True, 128),
-              ('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'bfloat16', False, 256)]
+    cases = [(method, kw, 4, 'float32', False, 128, 0) for method, kw in EVERY_METHOD.items()]
+    cases += [('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'float32', True, 128, 0),
+              ('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'bfloat16', False, 256, 0)]
+    cases += [('ponderlm2-k1', METHODS['ponderlm2-k1'], 4, 'float32', False, 128, G) for G in (1, 2)]
     env = {**ENV, 'MALLOC_MMAP_THRESHOLD_': '65536'}
     r = subprocess.run([sys.executable, '-c', MEASURE, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
