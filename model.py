@@ -52,7 +52,9 @@ class GPTConfig:
     n_loop: int = 0                 # Loop: K extra runs of the layer stack
     n_hidden: int = 0               # Hidden: N steps
     scale_embeds: bool = True       # see embed_scale
+    embed_scale_rule: str = 'official'  # see embed_scale: 'official', or one for all: sqrt2.5H | sqrtH | one | '4.0'
     weight_init: str = 'small'      # 'small' (the papers') or 'normal' (normal(0, 0.02), stock Pythia)
+    init_shrink_passes: int = 0     # 'small': output projections shrunk as for this many passes; 0 = passes
 
     def __post_init__(self):
         counts = {k: getattr(self, k) for k in METHOD_COUNTS}
@@ -69,6 +71,14 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.weight_init not in ('small', 'normal'):
             raise ValueError(f"weight_init must be 'small' or 'normal', got {self.weight_init!r}")
+        rule = self.embed_scale_rule
+        if rule not in ('official', *EMBED_SCALES) and not 0 < _number(rule) < math.inf:
+            raise ValueError(f"embed_scale_rule must be official, {', '.join(EMBED_SCALES)} or a number > 0, got "
+                             f"{rule!r}")
+        if rule != 'official' and not self.scale_embeds:
+            raise ValueError("scale_embeds=False is the official rule's 'one': set embed_scale_rule, not both")
+        if self.init_shrink_passes < 0:
+            raise ValueError(f"init_shrink_passes must be >= 0, got {self.init_shrink_passes}")
 
     @property
     def method(self):
@@ -90,7 +100,11 @@ class GPTConfig:
 
     @property
     def embed_scale(self):
-        """The input embeddings' factor, as each method's official code has it."""
+        """The input embeddings' factor: as each method's official code has it (embed_scale_rule 'official'; off
+        with scale_embeds=False but for Loop), or the rule's for every method."""
+        if self.embed_scale_rule != 'official':
+            rule = EMBED_SCALES.get(self.embed_scale_rule)
+            return rule(self.n_embd) if rule else _number(self.embed_scale_rule)
         if self.n_loop:
             return math.sqrt(2.5 * self.n_embd)
         if self.n_hidden or not self.scale_embeds:
@@ -111,6 +125,17 @@ class GPTConfig:
     def slots(self):
         """Positions per token in the sequence the trunk sees: K+1 with thoughts or pauses."""
         return self.n_thoughts + self.n_pause + 1
+
+
+# embed_scale_rule: one method's factor for all, of the width H
+EMBED_SCALES = {'sqrt2.5H': lambda H: math.sqrt(2.5 * H), 'sqrtH': math.sqrt, 'one': lambda H: 1.0}
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 # the count that chooses a method -> its short name and its name for people
@@ -248,7 +273,7 @@ class GPT(nn.Module):
             std = proj_std = 0.02
         else:  # the papers': sqrt(2/(5H)), output projections also shrunk by depth times passes per token
             std = math.sqrt(2 / (5 * cfg.n_embd))
-            proj_std = std / math.sqrt(2 * cfg.n_layer * cfg.passes)
+            proj_std = std / math.sqrt(2 * cfg.n_layer * (cfg.init_shrink_passes or cfg.passes))
         for name, module in self.named_modules():  # (LayerNorms keep their init: ones and zeros)
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 s = proj_std if name.endswith(('attention.dense', 'dense_4h_to_h')) else std

@@ -87,7 +87,9 @@ pause_token_id = 50288          # Pause: the embedding row of the pause vector, 
 n_loop = 0                      # Loop: K extra runs of the layer stack, same weights (0 = off)
 n_hidden = 0                    # hidden-state feedback: N steps (0 = off)
 scale_embeds = True             # scale the embeddings: sqrt(2.5 H) with thoughts, else sqrt(H) (Loop, Hidden: model.py)
+embed_scale_rule = 'official'   # or every method at one factor: 'sqrt2.5H', 'sqrtH', 'one', or a number: model.py
 weight_init = 'small'           # 'small' (the papers') or 'normal' (normal(0, 0.02), stock Pythia): model.py
+init_shrink_passes = 0          # 'small' init: output projections shrunk as for this many passes; 0 = the method's
 # AdamW
 learning_rate = 1e-3            # peak
 weight_decay = 0.01             # on matmul and embedding weights, not on biases and LayerNorms

@@ -24,7 +24,8 @@ out_root (out-repro) are found in the repository. Each run is `python train.py c
 experiments/repro_shakespeare.py <its overrides> --seed=S --out_dir=<out_root>/<name>-s<S>` with OMP_NUM_THREADS=1
 (two single-threaded runs share two cores better than one run with two threads), then eval.py on its checkpoint;
 logs in the run's folder. A run whose train_time.json exists is finished and reused (delete its folder to train it
-again). Each evaluated run writes its small result file, results_dir/<name>-s<S>.json (the final val and test
+again), and a run whose result file exists is skipped. Each evaluated run writes its small result file as soon as
+it is evaluated, results_dir/<name>-s<S>.json (the final val and test
 losses, the splits' sizes, the val-loss curve, the costs, the config); the table (results.md) and the plots
 val_loss_tokens.png, val_loss_flops.png and val_loss_inference_flops.png are rebuilt from every result file there,
 so a set of runs can be continued on another machine, or in another sitting, from the committed files. The files of
@@ -68,7 +69,10 @@ RUNS = {
     'pause-k1': ('pause-k1', ['--vocab_size=520', '--pause_token_id=519'], ''),  # a free embedding row for the pause
     'loop-k1': ('loop-k1', [], ''),
     'hidden-n1': ('hidden-n1', [], ''),
+    'hidden-scale': ('hidden-n1', ['--embed_scale_rule=sqrt2.5H'], "K=1's embedding scale"),
     'vanilla-2x': ('vanilla', ['--n_layer=12'], '2x non-embedding params'),
+    'vanilla-scale': ('vanilla', ['--embed_scale_rule=sqrt2.5H', '--init_shrink_passes=2'],
+                      "K=1's embedding scale and init"),
     'vanilla': ('vanilla', [], ''),
 }
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -80,6 +84,7 @@ data_dir = os.path.join(ROOT, 'data', 'shakespeare-bpe512')
 input = ''              # a local copy of Tiny Shakespeare, to prepare the data offline
 out_root = os.path.join(ROOT, 'out-repro')  # the run folders: checkpoints and logs
 results_dir = os.path.join(ROOT, 'experiments', 'results')  # one small file per finished run, the table, the plots
+family = os.path.join(ROOT, 'experiments', 'family.json')  # the pre-registered comparisons the report tests
 runs = ','.join(RUNS)
 seeds = '1337,1338,1339'
 jobs = 2
@@ -172,14 +177,16 @@ def last_error(log):
     return next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
 
 
-def eval_losses(out_dir, split='val'):
+def eval_losses(out_dir, split='val', checkpoint='ckpt.pt'):
     """The run's loss over the whole split, by eval.py: Jacobi thoughts at R=3 (the papers' number) and, for thought
     models, exact thoughts (one token at a time through the KV cache, as decoding computes them). Its eval json is
-    reused while it is newer than the checkpoint and the split's token file (data prepared again: evaluated again)."""
-    out = os.path.join(out_dir, 'eval' if split == 'val' else f'eval_{split}')
-    inputs = (os.path.join(out_dir, 'ckpt.pt'), os.path.join(data_dir, f'{split}.bin'))
+    reused while it is newer than the checkpoint and the split's token file (data prepared again: evaluated again).
+    checkpoint: best.pt scores the run's best val checkpoint instead (eval_<split>_best)."""
+    out = os.path.join(out_dir, ('eval' if split == 'val' else f'eval_{split}') + ('_best' if checkpoint == 'best.pt'
+                                                                                    else ''))
+    inputs = (os.path.join(out_dir, checkpoint), os.path.join(data_dir, f'{split}.bin'))
     if not os.path.exists(out + '.json') or os.path.getmtime(out + '.json') < max(map(os.path.getmtime, inputs)):
-        run_eval(out_dir, out, split)
+        run_eval(os.path.join(out_dir, checkpoint), out, split)
     with open(out + '.json') as f:
         rows = {row['name']: row['loss'] for row in json.load(f)['rows']}
     if 'exact' not in rows:  # no thoughts: one row
@@ -187,14 +194,14 @@ def eval_losses(out_dir, split='val'):
     return rows['R=3'], rows['exact']
 
 
-def run_eval(out_dir, out, split):
-    cmd = [sys.executable, EVAL, f'--init_from={os.path.join(out_dir, "ckpt.pt")}', '--max_jacobi=3', '--jacobi_tols=()',
+def run_eval(ckpt, out, split):
+    cmd = [sys.executable, EVAL, f'--init_from={ckpt}', '--max_jacobi=3', '--jacobi_tols=()',
            f'--out={out}', '--dtype=float32', '--batch_size=32', f'--split={split}']
     log_path = out + '.log'  # eval.log, eval_test.log: one per split
     with open(log_path, 'w') as log:
         r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     if r.returncode != 0:
-        raise failure(f"eval.py of {out_dir} failed (exit {r.returncode}): {last_error(log_path)}; see {log_path}")
+        raise failure(f"eval.py of {ckpt} failed (exit {r.returncode}): {last_error(log_path)}; see {log_path}")
 
 
 def val_curve(out_dir):
@@ -215,13 +222,15 @@ def evaluate(name, seed, out_dir, seconds):
     note = RUNS[name][2]
     jacobi, exact = eval_losses(out_dir)
     test_loss, test_loss_exact = eval_losses(out_dir, 'test')  # held out from every choice made on val
+    # a run that overfits (the FLOPs-matched vanilla): also its best val checkpoint, scored on test
+    best = eval_losses(out_dir, 'test', 'best.pt')[0] if name == 'vanilla-flops' else None
     with open(os.path.join(out_dir, 'eval_test.json')) as f:  # the thoughts' convergence, pass by pass
         passes = [{k: row.get(k) for k in ('passes', 'loss', 'change', 'distance_to_exact')}
                   for row in json.load(f)['rows'] if row['thoughts'] == 'jacobi']
     counts = read_meta(data_dir)['tokens']  # which val and test splits the losses are of
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
     return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
-                jacobi=jacobi, exact=exact, test_loss=test_loss, test_loss_exact=test_loss_exact,
+                jacobi=jacobi, exact=exact, test_loss=test_loss, test_loss_exact=test_loss_exact, test_loss_best=best,
                 val_tokens=counts['val'], test_tokens=counts['test'], test_jacobi_passes=passes, seconds=seconds,
                 params=params, iters=ckpt.iter_num, tokens=tokens,
                 train_flops=tokens * flops, flops_per_token=flops,
@@ -429,38 +438,128 @@ def table(results):
     return '\n'.join(lines)
 
 
+def loss_key(results):
+    """Which loss the comparisons read: the test split's where every result file has it, else (files made before
+    there were test splits) the val split's."""
+    return 'test_loss' if all(r.get('test_loss') is not None for r in results) else 'jacobi'
+
+
 def paired_differences(results, base):
-    """Each run's paired differences against base: their mean, sd over the seeds, and whether the mean stands out of
-    them (|mean| > 3 sd: the seeds agree on the sign by far more than they scatter)."""
-    label = {r['name']: r['label'] for r in results}
+    """Each run's paired differences against base, exploratory: per seed, their mean, the 95% t-interval and the
+    unadjusted two-sided paired-t p (the FLOPs-matched vanilla at its best val checkpoint, where it has one)."""
+    from nanoponder.stats import p_text, paired_test  # scipy: a dependency of the report only (requirements-dev)
+    key, label = loss_key(results), {r['name']: r['label'] for r in results}
     lines = []
     for name in by_run(results):
-        diffs = [d for _, d in paired(results, name, base)]
+        diffs = [d for _, d in paired(results, name, base, key)]
         if name == base or not diffs:
             continue
-        mean = sum(diffs) / len(diffs)
-        line = f"{label[name]} - {label[base]}: mean {mean:+.4f} (per seed {', '.join(f'{d:+.4f}' for d in diffs)})"
+        line = f"{label[name]} - {label[base]}: mean {np.mean(diffs):+.4f} (per seed " \
+               f"{', '.join(f'{d:+.4f}' for d in diffs)})"
         if len(diffs) > 1:
-            sd = float(np.std(diffs, ddof=1))
-            line += f", sd {sd:.4f}: " + ('stands out' if abs(mean) > 3 * sd else 'within 3 sd')
+            c = paired_test(diffs)
+            line += f", 95% CI [{c['low']:+.4f}, {c['high']:+.4f}], p {p_text(c['p'])} (unadjusted)"
         lines.append(line)
+        if name == 'vanilla-flops' and key == 'test_loss':
+            of = {r['seed']: r['test_loss'] for r in results if r['name'] == base}
+            best = [r['test_loss_best'] - of[r['seed']] for r in results if r['name'] == name and r['seed'] in of
+                    and r.get('test_loss_best') is not None]
+            if best:
+                lines.append(f"{label[name]}, its best val checkpoint - {label[base]}: mean {np.mean(best):+.4f} "
+                             f"(per seed {', '.join(f'{d:+.4f}' for d in best)})")
     return lines
 
 
+def read_family():
+    """The pre-registered confirmatory comparisons (family.json), checked."""
+    try:
+        with open(family) as f:
+            fam = json.load(f)
+        for c in fam['comparisons']:
+            if c['run'] not in RUNS or c['base'] not in RUNS or c['test'] not in ('two-sided', 'non-inferiority'):
+                raise ValueError(f"comparison {c.get('id')}: unknown run, base or test")
+        float(fam['margin']), float(fam['alpha']), float(fam['suggestive']), list(fam['seeds'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{family} is no family of comparisons ({one_line(e)}): restore it (git checkout)") from None
+    return fam
+
+
+def verdicts(results):
+    """The confirmatory family on the test split: per comparison its seeds, the mean difference, its 95%
+    t-interval, the paired-t p, Holm's adjusted p over the comparisons that have seeds, the sign-flip p, the words
+    the adjusted p earns, and the smallest difference the design detects. Empty when the results have no test
+    losses (made before test splits)."""
+    if loss_key(results) != 'test_loss':
+        return []
+    from nanoponder.stats import detectable, holm, p_text, paired_test, verdict
+    fam = read_family()
+    seeds = set(fam['seeds'])
+    rows = []
+    for c in fam['comparisons']:
+        diffs = [d for s, d in paired(results, c['run'], c['base'], 'test_loss') if s in seeds]
+        rows.append((c, paired_test(diffs, c['test'], fam['margin']) if len(diffs) > 1 else None, len(diffs)))
+    adjusted = iter(holm([t['p'] for _, t, _ in rows if t]))
+    lines = ['| id | run - base | seeds | mean | 95% CI | p | Holm p | sign-flip p | verdict | detects |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for c, t, n in rows:
+        what = f"{c['run']} - {c['base']}" + (f" (non-inferiority, margin {fam['margin']})"
+                                              if c['test'] == 'non-inferiority' else '')
+        if not t:
+            lines.append(f"| {c['id']} | {what} | {n} | - | - | - | - | - | not yet run | - |")
+            continue
+        p_adj = next(adjusted)
+        words = verdict(p_adj, c['test'], fam['alpha'], fam['suggestive'])
+        interim = '' if n >= len(seeds) else f" (interim: {n} of {len(seeds)} seeds)"
+        lines.append(f"| {c['id']} | {what} | {n} | {t['mean']:+.4f} | [{t['low']:+.4f}, {t['high']:+.4f}] "
+                     f"| {p_text(t['p'])} | {p_text(p_adj)} | {p_text(t['p_sign_flip'])} | {words}{interim} "
+                     f"| {detectable(t['sd'], n, fam['alpha'] / len(fam['comparisons'])):.4f} |")
+    return ['', 'The pre-registered comparisons (experiments/family.json), on the whole test split (Jacobi R=3 for '
+                'thought models): run - base per seed, the 95% t-interval unadjusted, Holm over the family; '
+                '"detects": the smallest difference found with 80% power at the Holm-worst level:', '', *lines]
+
+
 def plot_inference(results, files, name):
-    """Final val loss (whole split, Jacobi) against inference FLOPs per token: one point per run, the mean over the
-    seeds with the min-max as error bars. The plot to read first: what a token costs to generate, and what it buys."""
+    """Final loss (whole test split where the result files have it, else val; Jacobi R=3) against inference FLOPs
+    per token: a point per run at the mean over its seeds, with the 95% t-interval of that mean (3 or more seeds;
+    none for one), labels moved apart so that none covers another, the y-axis on the methods: a run far above them
+    (the overfit FLOPs-matched vanilla) is an arrow at the top edge with its value. The plot to read first."""
+    from scipy import stats as scipy_stats
+    key = loss_key(results)
+    points = []  # (x, mean, half-width of the interval, label)
+    for runs_ in by_run(results).values():
+        losses = np.array([r[key] for r in runs_])
+        half = scipy_stats.t.ppf(0.975, len(losses) - 1) * losses.std(ddof=1) / np.sqrt(len(losses)) \
+            if len(losses) > 2 else 0.0
+        points.append((runs_[0]['inference_flops_per_token'], losses.mean(), half,
+                       f"{runs_[0]['label']} ({len(runs_)})"))
+    means = sorted(m for _, m, _, _ in points)
+    core = [m for m in means if m <= np.median(means) + 4 * max(np.median(means) - means[0], 0.02)]
+    top = max(m + h for _, m, h, _ in points if m in core) + 0.01
+    bottom = min(m - h for _, m, h, _ in points if m in core) - 0.01
     with figure(files, name) as ax:
-        for runs_ in by_run(results).values():
-            x, losses = runs_[0]['inference_flops_per_token'], np.array([r['jacobi'] for r in runs_])
-            err = [[losses.mean() - losses.min()], [losses.max() - losses.mean()]]
-            bar = ax.errorbar([x], [losses.mean()], yerr=err, fmt='o', capsize=3)
-            ax.annotate(f"{runs_[0]['label']} ({len(runs_)})", (x, losses.mean()), textcoords='offset points',
-                        xytext=(6, 3), fontsize=7, color=bar[0].get_color())
+        placed = []  # label heights in data units, kept apart by at least gap
+        gap = (top - bottom) / 22
+        seen = {}  # runs at the same x (Loop, Hidden, 2x depth) are set side by side, a little apart
+        for x, mean, half, label in sorted(points, key=lambda p: p[1]):
+            seen[x] = seen.get(x, -1) + 1
+            x *= 1.04 ** seen[x]
+            if mean > top:  # off the axis: an arrow at the top edge, its value beside it
+                ax.annotate(f"{label}: {mean:.3f}", xy=(x, top), xytext=(x, top - 3 * gap), ha='center',
+                            fontsize=7, arrowprops=dict(arrowstyle='->', color='gray'), color='gray')
+                continue
+            bar = ax.errorbar([x], [mean], yerr=[[half], [half]] if half else None, fmt='o', capsize=3)
+            y = max([mean] + [p + gap for p in placed if abs(p - mean) < gap])
+            placed.append(y)
+            ax.annotate(label, (x, mean), xytext=(x * 1.06, y), textcoords='data', fontsize=7, va='center',
+                        color=bar[0].get_color(), arrowprops=dict(arrowstyle='-', color='lightgray', lw=0.5))
+        ax.set_ylim(bottom, top)
         ax.set_xscale('log')
+        lo, hi = min(x for x, *_ in points), max(x for x, *_ in points)
+        ax.set_xlim(lo / 1.3, hi * 2.2)  # room on the right for the labels
         ax.set_xlabel('inference FLOPs per token (exact decoding through the KV cache)')
-        ax.set_ylabel('final val loss (whole val split, R=3)')
-        ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk: mean and min-max over seeds')
+        split = 'test' if key == 'test_loss' else 'val'
+        ax.set_ylabel(f'final {split} loss (whole {split} split, R=3)')
+        ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk: mean and 95% interval over seeds', fontsize=9)
         ax.grid(alpha=0.3, which='both')
 
 
@@ -520,7 +619,9 @@ def write_report():
     results = load_results()
     check_output_dir(results_dir, '--results_dir')
     pairs = [f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base)]
-    md = '\n'.join([table(results), '', 'Paired differences of the val loss (Jacobi R=3, whole val split), per seed:',
+    split = 'test' if loss_key(results) == 'test_loss' else 'val'
+    md = '\n'.join([table(results), *verdicts(results), '',
+                    f'Paired differences of the {split} loss (Jacobi R=3, whole {split} split), per seed, exploratory:',
                     '', *pairs, *truncation_table(results)])
     files = {'results.md': (md + '\n').encode()}  # name -> its bytes: all built before any is written
     plot(results, files, 'val_loss_tokens.png', lambda tokens, r: tokens / 1e6,
@@ -547,11 +648,15 @@ def main():
         tasks = [(n, s) for n, s in tasks if os.path.exists(os.path.join(out_root, f'{n}-s{s}', 'train_time.json'))]
         if not tasks:
             raise UserError(f"trained_only=True but no run of {runs} x seeds {seeds} is trained in {out_root}")
+    done = [(n, s) for n, s in tasks if os.path.exists(os.path.join(results_dir, f'{n}-s{s}.json'))]
+    for name, seed in done:  # (check_results_dir found it of this budget)
+        print(f"{name} seed {seed}: its result file is in {results_dir}, skipping it (delete it to run it again)")
     t0 = time.time()
+
+    def run(task):  # each run's result file as soon as it is evaluated: commit them as they come
+        save_result(evaluate(*task, *train(*task)))
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the training subprocesses
-        trained = list(pool.map(lambda task: train(*task), tasks))
-        for result in pool.map(lambda t: evaluate(*t[0], *t[1]), zip(tasks, trained)):
-            save_result(result)
+        list(pool.map(run, [task for task in tasks if task not in done]))
     write_report()
     print(f"total wall time {(time.time() - t0) / 60:.1f} min")
 

@@ -62,7 +62,8 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
     the official spelling, and jacobi_train_range, the training run's R range, if given), model.safetensors (fp32,
     Hugging Face names) and, given tokenizer_path, its tokenizer.json with a tokenizer_config.json.
     A vanilla model is a stock GPT-NeoX: its embedding scale is folded into embed_in (and scale_embeds written
-    false), so stock transformers computes the same logits. Every other method also gets its code, so that
+    false), so stock transformers computes the same logits; a factor other than the method's official one
+    (embed_scale_rule) is folded in too, so the official code reads it right. Every other method also gets its code, so that
     transformers runs it as itself with trust_remote_code=True: modeling_nanoponder.py and model.py copied beside
     the weights, and config.json's model_type 'nanoponder' with an auto_map naming the classes (REMOTE_CODE); a
     model type transformers does not know makes it refuse to load the directory without trust_remote_code, rather
@@ -77,6 +78,10 @@ def save_pretrained(model, directory, tokenizer_path=None, eos_token='<|endoftex
         if eos_id is None:
             raise ValueError(f"tokenizer {tokenizer_path} has no {eos_token} token")
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    official = replace(config, embed_scale_rule='official', init_shrink_passes=0)  # what the official code reads
+    if config.embed_scale_rule != 'official':  # another factor than the official one: folded into the weights
+        sd['embed_in.weight'] = sd['embed_in.weight'] * (config.embed_scale / official.embed_scale)
+    config = official
     if config.method == 'vanilla' and config.scale_embeds:
         sd['embed_in.weight'] = sd['embed_in.weight'] * config.embed_scale
         config = replace(config, scale_embeds=False)

@@ -326,7 +326,8 @@ def scratch_config(cfg):
         elif key not in shape:
             raise UserError(f"model='' needs --{key}=... (> 0), or name a preset such as --model=pythia-70m")
     return make_config(**shape, vocab_size=cfg.vocab_size, scale_embeds=cfg.scale_embeds,
-                       weight_init=cfg.weight_init, **method_overrides(cfg))
+                       embed_scale_rule=str(cfg.embed_scale_rule), weight_init=cfg.weight_init,
+                       init_shrink_passes=cfg.init_shrink_passes, **method_overrides(cfg))
 
 
 def make_config(**kwargs):

@@ -57,8 +57,13 @@ def test_repro_runs_end_to_end_on_a_toy_budget(tmp_path):
     pngs = ('val_loss_tokens.png', 'val_loss_flops.png', 'val_loss_inference_flops.png')
     for png in pngs:
         assert (tmp_path / 'res' / png).stat().st_size > 0
+    # again: runs with a result file are skipped, a trained run without one is evaluated (its eval reused) again
+    kept = (tmp_path / 'res' / 'vanilla-s2.json').read_text()
+    (tmp_path / 'res' / 'vanilla-s2.json').unlink()
     r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.count('reusing it') == 8, r.stdout[-3000:]
+    assert r.returncode == 0 and r.stdout.count('skipping it') == 7 and r.stdout.count('reusing it') == 1, \
+        r.stdout[-3000:]
+    assert json.loads((tmp_path / 'res' / 'vanilla-s2.json').read_text()) == json.loads(kept)  # the same run
     # the run folders gone (a new machine): the report comes from the result files alone, the same table
     shutil.rmtree(tmp_path / 'out')
     for png in pngs:
@@ -235,3 +240,32 @@ def test_the_truncation_table_sets_the_variants_beside_full_k1_on_the_test_split
                                           '+0.0100, +0.0300']
     assert rows['ponderlm2-k1'][5:] == ['2.0 (2.0-2.0)', '1.0e-02, 1.0e-03, 1.0e-04']
     assert rows['vanilla'][2:4] == ['-', '+0.2000'] and rows['vanilla'][6] == '-'
+
+
+def test_the_verdicts_are_the_families_comparisons_on_test_with_holm_over_those_that_ran(tmp_path, monkeypatch):
+    """Made-up test losses: the family's comparisons paired by seed (seeds outside the family left out), Holm over
+    the comparisons that have seeds, the interim mark, the words from the adjusted p alone."""
+    from nanoponder.stats import holm, paired_test
+    repro = load_repro()
+    family = {'seeds': [1, 2, 3, 4], 'alpha': 0.05, 'suggestive': 0.2, 'margin': 0.01, 'comparisons': [
+        {'id': 'a', 'run': 'ponderlm2-k1', 'base': 'vanilla', 'test': 'two-sided'},
+        {'id': 't', 'run': 'ponderlm2-k1-g1', 'base': 'ponderlm2-k1', 'test': 'non-inferiority'},
+        {'id': 'b', 'run': 'ponderlm2-k1', 'base': 'vanilla-2x', 'test': 'two-sided'}]}
+    (tmp_path / 'family.json').write_text(json.dumps(family))
+    monkeypatch.setattr(repro, 'family', str(tmp_path / 'family.json'))
+    a = [-0.03, -0.04, -0.035, -0.02]
+    t = [0.002, -0.001, 0.003]  # seeds 1-3 only: interim
+    results = [dict(name='vanilla', seed=s, test_loss=3.0) for s in (1, 2, 3, 4, 9)]
+    results += [dict(name='ponderlm2-k1', seed=s, test_loss=3.0 + d) for s, d in zip((1, 2, 3, 4, 9), a + [5.0])]
+    results += [dict(name='ponderlm2-k1-g1', seed=s, test_loss=3.0 + a[s - 1] + d) for s, d in zip((1, 2, 3), t)]
+    lines = repro.verdicts(results)
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]] for line in lines
+            if line.startswith('| ') and not line.startswith('| id')}
+    ca, ct = paired_test(a), paired_test(t, 'non-inferiority', 0.01)
+    pa, pt = holm([ca['p'], ct['p']])
+    assert rows['a'][1:5] == ['4', f"{ca['mean']:+.4f}", f"[{ca['low']:+.4f}, {ca['high']:+.4f}]", f"{ca['p']:.1e}"]
+    assert rows['a'][5] == f"{pa:.1e}" and rows['a'][7] == ('holds' if pa < 0.05 else 'suggestive')
+    assert rows['t'][0].endswith('(non-inferiority, margin 0.01)') and rows['t'][5] == f"{pt:.1e}"
+    assert rows['t'][7].endswith('(interim: 3 of 4 seeds)')
+    assert rows['b'][1:] == ['0', '-', '-', '-', '-', '-', 'not yet run', '-']
+    assert repro.verdicts([dict(r, test_loss=None) for r in results]) == []  # val-only files: no verdicts

@@ -41,7 +41,11 @@ def tokenizer_json(tiny_tokenizer):
 
 @pytest.mark.parametrize('kw', [dict(), dict(n_thoughts=2, n_jacobi=4, jacobi_train_range=(1, 5)),
                                 dict(n_ponder=3, ponder_multiply=True), dict(scale_embeds=False),
-                                dict(n_pause=2, pause_token_id=299), dict(n_loop=2), dict(n_hidden=2)])
+                                dict(n_pause=2, pause_token_id=299), dict(n_loop=2), dict(n_hidden=2),
+                                # another factor than the official one, folded into embed_in (the CPU experiment's
+                                # controls vanilla-scale and hidden-scale, and a number)
+                                dict(embed_scale_rule='sqrt2.5H', init_shrink_passes=2),
+                                dict(n_hidden=1, embed_scale_rule='sqrt2.5H'), dict(n_ponder=2, embed_scale_rule='0.5')])
 def test_export_round_trips_through_from_pretrained(tmp_path, tokenizer_json, kw):
     train_range = kw.pop('jacobi_train_range', None)  # a setting of the training run, which the export records
     model = randomize(tiny(vocab_size=300, **kw), std=0.1)

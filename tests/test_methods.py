@@ -180,10 +180,11 @@ def test_cached_greedy_decoding_equals_reference(name):
 # -----------------------------------------------------------------------------
 # the init
 
-@pytest.mark.parametrize('name,passes', [('pause-k2', 1), ('loop-k2', 3), ('hidden-n2', 3)])
-def test_small_init_shrinks_output_projections_by_passes(name, passes):
+@pytest.mark.parametrize('name,passes,shrink', [('pause-k2', 1, 0), ('loop-k2', 3, 0), ('hidden-n2', 3, 0),
+                                                ('pause-k2', 2, 2)])  # init_shrink_passes: another method's shrink
+def test_small_init_shrinks_output_projections_by_passes(name, passes, shrink):
     H, L = 256, 2
-    shape = dict(block_size=8, vocab_size=V, n_layer=L, n_head=4, n_embd=H, **NEW[name])
+    shape = dict(block_size=8, vocab_size=V, n_layer=L, n_head=4, n_embd=H, init_shrink_passes=shrink, **NEW[name])
     torch.manual_seed(0)
     small, normal = GPT(GPTConfig(**shape)), GPT(GPTConfig(**shape, weight_init='normal'))
     sigma = math.sqrt(2 / (5 * H))
@@ -194,6 +195,32 @@ def test_small_init_shrinks_output_projections_by_passes(name, passes):
         assert small.layers[i].attention.query_key_value.weight.std().item() == pytest.approx(trunc * sigma, rel=0.05)
         for proj in (normal.layers[i].attention.dense, normal.layers[i].mlp.dense_4h_to_h):
             assert proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_embed_scale_rule_gives_every_method_one_factor():
+    """'official' is each method's own factor (the official files'); a rule gives every method the same one."""
+    H = TINY_MODEL['n_embd']
+    names = ('vanilla', 'ponderlm2-k1', 'ponderlm1-n2', 'pause-k2', 'loop-k2', 'hidden-n2')
+    official = [math.sqrt(H), math.sqrt(2.5 * H), math.sqrt(H), math.sqrt(H), math.sqrt(2.5 * H), 1.0]
+
+    def scale(name, **kw):
+        return GPTConfig(**TINY_MODEL, **method_fields(name), pause_token_id=PAUSE_ID, **kw).embed_scale
+    assert [scale(n) for n in names] == official
+    for rule, factor in (('sqrt2.5H', math.sqrt(2.5 * H)), ('sqrtH', math.sqrt(H)), ('one', 1.0), ('0.5', 0.5)):
+        assert [scale(n, embed_scale_rule=rule) for n in names] == [factor] * len(names), rule
+    # the forward reads it: vanilla at sqrt(2.5 H) is vanilla with its embeddings times sqrt(2.5)
+    model, scaled = tiny(), tiny(embed_scale_rule='sqrt2.5H')
+    with torch.no_grad():
+        scaled.embed_in.weight.copy_(model.embed_in.weight / math.sqrt(2.5))
+    idx = tokens((2, 6), 0)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+    for bad, match in ((dict(embed_scale_rule='sqrt3H'), 'embed_scale_rule must be'),
+                       (dict(embed_scale_rule='-1'), 'embed_scale_rule must be'),
+                       (dict(embed_scale_rule='one', scale_embeds=False), 'not both'),
+                       (dict(init_shrink_passes=-1), 'init_shrink_passes must be >= 0')):
+        with pytest.raises(ValueError, match=match):
+            GPTConfig(**TINY_MODEL, **bad)
 
 
 # -----------------------------------------------------------------------------
