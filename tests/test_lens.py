@@ -224,6 +224,18 @@ def test_eval_lens_on_vanilla_is_one_pass_and_a_note(lens_run):
     lens = json.loads((lens_run / 'vanilla' / 'eval.json').read_text())['lens']
     assert len(lens['passes']) == 1 and lens['fixed']['tokens'] == lens['broken']['tokens'] == 0
     assert '| token |' in r.stdout
+    # a text file: the frequency ranks come from the model's training data when it is known, else from the text
+    (lens_run / 'text.txt').write_text('the cat sat on a mat and the dog ran\n' * 3, encoding='utf-8')
+    hf = lens_run / 'k1' / 'no-data.pt'
+    ckpt = torch.load(lens_run / 'k1' / 'ckpt.pt', weights_only=False)
+    ckpt['config'] = {}  # a checkpoint that does not record its data
+    torch.save(ckpt, hf)
+    r = run('eval.py', f'--init_from={hf}', '--lens=True', f'--text={lens_run / "text.txt"}',
+            f'--tokenizer={lens_run / "data" / "tokenizer.json"}', '--max_jacobi=0', '--jacobi_tols=()',
+            f'--out={lens_run / "text"}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((lens_run / 'text.json').read_text())['lens']['frequency_source'] == \
+        'ranked by their counts in the scored text'
 
 
 @pytest.mark.parametrize('args, needles', [
