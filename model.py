@@ -100,8 +100,7 @@ class GPTConfig:
 
     @property
     def embed_scale(self):
-        """The input embeddings' factor: as each method's official code has it (embed_scale_rule 'official'; off
-        with scale_embeds=False but for Loop), or the rule's for every method."""
+        """The input embeddings' factor: each method's official one, or embed_scale_rule's for all."""
         if self.embed_scale_rule != 'official':
             rule = EMBED_SCALES.get(self.embed_scale_rule)
             return rule(self.n_embd) if rule else _number(self.embed_scale_rule)
@@ -291,7 +290,7 @@ class GPT(nn.Module):
 
     # --- the trunk f: the layer stack and the final LayerNorm ---
     activation_checkpointing = False  # recompute each Block in backward (a setting of the run)
-    jacobi_grad_passes = 0  # PonderLM-2 training: G >= 1 builds a graph in the last G passes only (a setting of the run)
+    jacobi_grad_passes = 0  # PonderLM-2: G >= 1 backpropagates through the last G passes only (a setting of the run)
 
     def trunk(self, x, pos, cache=None):
         """x (B, T, C) input vectors at position ids pos (T,) -> hidden states (B, T, C) after the final LN."""
@@ -334,8 +333,7 @@ class GPT(nn.Module):
 
     def next_token_states(self, idx, caches=None, n_jacobi=None, every_pass=False):
         """The hidden states (B, T, C) that predict each next token, by the method. With caches (new_caches), idx
-        comes after what they hold, PonderLM-2 token by token. every_pass: each pass's states (B, T, P, C), the
-        last of which predicts (see pass_states)."""
+        comes after what they hold, PonderLM-2 token by token. every_pass: (B, T, P, C), see pass_states."""
         cfg = self.config
         if cfg.n_thoughts:
             if caches:
@@ -357,9 +355,7 @@ class GPT(nn.Module):
         """PonderLM-2 in parallel (docs/design.md) -> each token's last slot's output (B, T, C): K thought stages,
         n_jacobi Jacobi passes over all (K+1)T slots (K(T-1) passes: exact), a final pass. cache: ends holding the
         last pass's keys and values. stop(r, thoughts (B, T, K, C), h (B, T, C)) after pass r: True returns h.
-        every_pass: the last pass's outputs at all K+1 slots (B, T, K+1, C) instead. With jacobi_grad_passes G >= 1
-        the gradient flows through the last G passes only (and the token embeddings): the earlier thoughts enter
-        them as constants (docs/design.md)."""
+        every_pass: all K+1 slots' (B, T, K+1, C). jacobi_grad_passes G >= 1: a graph in the last G passes only."""
         K, G, graph = self.config.n_thoughts, self.jacobi_grad_passes, torch.is_grad_enabled()
         e = self.embed(idx)  # (B, T, C)
         stages = [e]
@@ -415,8 +411,7 @@ class GPT(nn.Module):
 
     # --- the other methods ---
     def ponder(self, idx, caches=None, every_pass=False):
-        """PonderLM and Hidden: N times, add to the input what the last pass gives -> its hidden states (B, T, C)
-        (every_pass: each step's, (B, T, N+1, C))."""
+        """PonderLM and Hidden: N times, add to the input what the last pass gives -> its hidden states (B, T, C)."""
         cfg = self.config
         N, s = cfg.n_ponder or cfg.n_hidden, cfg.embed_scale
         pos = self.positions(idx.size(1), caches, idx.device)
@@ -431,16 +426,14 @@ class GPT(nn.Module):
             c = c + (h if cfg.n_hidden else F.softmax(self.embed_out(h), dim=-1) @ self.embed_in.weight * s)
 
     def pause(self, idx, cache=None, every_pass=False):
-        """Pause: K pause embeddings after each token, at its position, in one pass; the last pause predicts
-        (every_pass: the outputs at all K+1 slots, (B, T, K+1, C))."""
+        """Pause: K pause embeddings after each token, at its position, in one pass; the last pause predicts."""
         e = self.embed(idx)  # (B, T, C)
         p = self.embed(torch.full_like(idx, self.config.pause_token_id))  # (B, T, C)
         h = self.run_stages([e] + [p] * self.config.n_pause, cache)  # (B, T, K+1, C)
         return h if every_pass else h[:, :, -1]
 
     def loop(self, idx, caches=None, every_pass=False):
-        """Loop: the layer stack K+1 times with the same weights, the final LayerNorm once; a cache per run.
-        every_pass: the residual stream after each run through the final LayerNorm (B, T, K+1, C), the logit lens."""
+        """Loop: the layer stack K+1 times with the same weights, the final LayerNorm once; a cache per run."""
         pos = self.positions(idx.size(1), caches, idx.device)
         x = self.embed(idx)  # (B, T, C)
         xs = []
@@ -531,10 +524,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
 
 @torch.no_grad()
 def pass_states(model, idx, n_jacobi=None):
-    """Every readout of each token (B, T, P, C), through the final LayerNorm, the last of which predicts the next
-    token: PonderLM-2's K+1 slots (the token slot's output is the first thought), Pause's K+1 slots, each of the N+1
-    steps of PonderLM and Hidden, Loop's residual stream after each of its K+1 runs; vanilla's one. Exact thoughts
-    (as decoding computes them), or n_jacobi Jacobi passes."""
+    """Each token's P readouts (B, T, P, C), the last of which predicts (docs/evaluation.md, the lens); Loop's
+    are its runs through the final LayerNorm (the logit lens). Exact thoughts, or n_jacobi Jacobi passes."""
     if model.config.n_thoughts and n_jacobi is None:
         return model.next_token_states(idx, model.new_caches(idx.size(0), idx.size(1), idx.device), every_pass=True)
     return model.next_token_states(idx, n_jacobi=n_jacobi, every_pass=True)
