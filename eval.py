@@ -293,9 +293,11 @@ def check_options():
     if task_dir and not os.path.isdir(task_dir):
         raise UserError(f"task_dir {task_dir!r} is not a directory: it names a folder of lm-eval task YAMLs")
     check_thought_mode(thoughts)
-    for key, value in (('n_jacobi', n_jacobi), ('jacobi_tol', jacobi_tol)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise UserError(f"{key} must be a number >= 0 (or None), got {value!r}")
+    if n_jacobi is not None and (isinstance(n_jacobi, bool) or not isinstance(n_jacobi, int) or n_jacobi < 0):
+        raise UserError(f"n_jacobi must be a whole number >= 0 (or None), got {n_jacobi!r}")
+    if jacobi_tol is not None and (isinstance(jacobi_tol, bool) or not isinstance(jacobi_tol, (int, float))
+                                   or not jacobi_tol >= 0):
+        raise UserError(f"jacobi_tol must be a number >= 0 (or None), got {jacobi_tol!r}")
     if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 for t in jacobi_tols):
         raise UserError(f"jacobi_tols must be numbers >= 0, e.g. (1e-2,1e-3), got {jacobi_tols!r}")
     if split not in ('train', 'val', 'test'):
@@ -309,9 +311,10 @@ def check_options():
         raise UserError(f"lens must be True or False, got {lens!r}")
     if tasks and lens:
         raise UserError("--lens reads a text's loss (the loss mode): drop --tasks, or --lens")
-    if not tasks and (jacobi_tol is not None or not lens and (thoughts != 'exact' or n_jacobi is not None)):
-        print("note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores (and thoughts, n_jacobi the lens); "
-              "the loss mode reports every way (max_jacobi, jacobi_tols, exact)", file=sys.stderr)
+    if not tasks and (jacobi_tol is not None or (thoughts == 'exact' or not lens) and n_jacobi is not None
+                      or not lens and thoughts != 'exact'):
+        print("note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores (and --thoughts=jacobi with n_jacobi "
+              "the lens); the loss mode reports every way (max_jacobi, jacobi_tols, exact)", file=sys.stderr)
 
 
 def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
@@ -347,6 +350,9 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
                   f"compare it with", file=sys.stderr)
         if cfg.n_thoughts and thoughts == 'jacobi':
             lens_jacobi = cfg.n_jacobi if n_jacobi is None else n_jacobi
+        elif thoughts == 'jacobi':
+            print(f"note: --thoughts=jacobi: a {cfg.method_label} model has no thoughts, its lens reads its passes as "
+                  f"they are", file=sys.stderr)
     totals = evaluate_loss(model, ids, windows, ctx, device_name, batch_size, max_r, tols,
                            cfg.n_thoughts > 0 and (exact or lens and lens_jacobi is None), lens_totals, lens_jacobi)
     rows = loss_rows(totals, n_targets, n_bytes, max_r, tols)

@@ -77,8 +77,9 @@ class GPTConfig:
                              f"{rule!r}")
         if rule != 'official' and not self.scale_embeds:
             raise ValueError("scale_embeds=False is the official rule's 'one': set embed_scale_rule, not both")
-        if self.init_shrink_passes < 0:
-            raise ValueError(f"init_shrink_passes must be >= 0, got {self.init_shrink_passes}")
+        if self.init_shrink_passes < 0 or self.init_shrink_passes and self.weight_init != 'small':
+            raise ValueError(f"init_shrink_passes must be >= 0 and set only with weight_init='small' (the shrink is "
+                             f"its), got {self.init_shrink_passes} with {self.weight_init!r}")
 
     @property
     def method(self):

@@ -2,7 +2,8 @@
 The GPU check, prepared to run in one go on one CUDA GPU (about 10 minutes on an H100/H200-class one, by estimate:
 it has not run on a GPU yet):
 1. the loss and the gradients of one batch on CUDA against the CPU's, from the same weights: in fp32 (TF32 off, so
-   only the order of the sums differs) and under bf16 autocast (how training runs);
+   only the order of the sums differs) and under bf16 autocast (how training runs); and the loss with truncated
+   backpropagation (jacobi_grad_passes=1) against the full one on CUDA in fp32: the same forward;
 2. bench.py on CUDA for each model at block_size 2048: vanilla and PonderLM-2 K=1 under bf16, the training step
    eager and with compiled Blocks, MFU against the GPU's datasheet peak, and the memory plan next to the measured
    peak.
@@ -49,11 +50,12 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 
-def loss_and_grads(gpt, idx, targets, dev, dtype):
+def loss_and_grads(gpt, idx, targets, dev, dtype, grad_passes=0):
     """The loss of one batch on dev under dtype autocast and every parameter's gradient (name -> fp32 CPU tensor),
-    from a copy of gpt's weights there (gpt itself stays on the CPU)."""
+    from a copy of gpt's weights there (gpt itself stays on the CPU); grad_passes: the model's jacobi_grad_passes."""
     model = kernels.install(GPT(gpt.config).to(dev))  # as training runs it
     model.load_state_dict(gpt.state_dict())
+    model.jacobi_grad_passes = grad_passes
     # torch.autocast itself, not runtime.autocast, which also turns TF32 on for CUDA (check_loss decides that)
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         _, loss = model(idx.to(dev), targets.to(dev))
@@ -93,6 +95,15 @@ def check_loss(dev):
         print(f"{dev.type} {name}: loss {r['loss']:.6f}, relative difference {r['loss_rel_diff']:.2e}; gradients' "
               f"relative error up to {r['grad_rel_error']:.2e} ({r['worst_grad']}): {'ok' if r['ok'] else 'OFF'} "
               f"(tolerance {tolerance:g})")
+    # truncated backpropagation changes the gradient, never the forward: its loss against full backprop's, on dev
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    full = loss_and_grads(gpt, idx, targets, dev, torch.float32)[0]
+    truncated = loss_and_grads(gpt, idx, targets, dev, torch.float32, grad_passes=1)[0]
+    d = abs(truncated - full) / abs(full)
+    out['truncated'] = {'loss': truncated, 'full_loss': full, 'loss_rel_diff': d, 'ok': d <= fp32_tolerance}
+    print(f"{dev.type} fp32, jacobi_grad_passes=1: loss {truncated:.6f} against {full:.6f} with full backprop, "
+          f"relative difference {d:.2e}: {'ok' if d <= fp32_tolerance else 'OFF'}")
     return out
 
 
@@ -133,6 +144,9 @@ def summary(loss, benches):
         r = loss[name]
         lines.append(f"- {name}: {r['loss']:.6f}, relative difference {r['loss_rel_diff']:.1e}, gradients' relative "
                      f"error up to {r['grad_rel_error']:.1e}: {'ok' if r['ok'] else 'OFF'} (tolerance {r['tolerance']:g})")
+    r = loss['truncated']
+    lines.append(f"- fp32, jacobi_grad_passes=1 against full backprop: relative difference {r['loss_rel_diff']:.1e}: "
+                 f"{'ok' if r['ok'] else 'OFF'}")
     lines += ['', '| model | method | tokens/s | MFU | of matmul peak | compiled tokens/s | compile speedup | '
               'peak MiB | plan MiB |', '|---|---|---|---|---|---|---|---|---|']
     for model_name, bench in benches.items():
@@ -196,7 +210,7 @@ def main():
         f.write(table + '\n')
     print(table)
     print(f"{time.perf_counter() - t0:.0f} s in all; figures in {out_dir}")
-    bad = [k for k in ('fp32', 'bf16') if not loss[k]['ok']] + [n for n, (_, ok) in runs.items() if not ok]
+    bad = [k for k in ('fp32', 'bf16', 'truncated') if not loss[k]['ok']] + [n for n, (_, ok) in runs.items() if not ok]
     if bad:
         raise failure(f"off or failed: {', '.join(bad)} (see {out_dir})")
 

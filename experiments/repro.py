@@ -424,17 +424,28 @@ def truncation_table(results):
 
 
 def table(results):
+    """A row per run: its costs, the final losses (val; and test, where the result files have it), mean (min-max)
+    over the seeds, and the paired differences to K=1 per seed on the loss the comparisons read (loss_key)."""
+    key = loss_key(results)
+    test = key == 'test_loss'
     lines = ['| run | seeds | non-emb params | tokens | training FLOPs | inference FLOPs / token | KV cache / token '
-             '| val loss (Jacobi R=3) | val loss (exact) | - PonderLM-2 K=1, per seed | train time (min) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
+             '| val loss (Jacobi R=3) | val loss (exact) |' + (' test loss (Jacobi R=3) | test loss (exact) |' if test
+                                                                else '')
+             + f" - PonderLM-2 K=1 ({'test' if test else 'val'}), per seed | train time (min) |",
+             '|---' * (13 if test else 11) + '|']
+
+    def losses(runs_, jacobi, exact):
+        return (f"{spread([r[jacobi] for r in runs_], '{:.4f}')} | "
+                + (spread([r[exact] for r in runs_], '{:.4f}') if runs_[0][exact] is not None else '-'))
     for name, runs_ in by_run(results).items():
         r0 = runs_[0]
-        exact = spread([r['exact'] for r in runs_], '{:.4f}') if r0['exact'] is not None else '-'
-        diffs = ', '.join(f"{d:+.3f}" for _, d in paired(results, name, 'ponderlm2-k1') if name != 'ponderlm2-k1')
+        diffs = ', '.join(f"{d:+.3f}" for _, d in paired(results, name, 'ponderlm2-k1', key)
+                          if name != 'ponderlm2-k1')
         lines.append(f"| {r0['label']} | {len(runs_)} | {r0['params'] / 1e6:.2f}M | {r0['tokens'] / 1e6:.2f}M "
                      f"| {r0['train_flops']:.2e} | {r0['inference_flops_per_token'] / 1e6:.1f}M "
-                     f"| {r0['kv_bytes_per_token'] / 1024:.0f} KiB | {spread([r['jacobi'] for r in runs_], '{:.4f}')} "
-                     f"| {exact} | {diffs} | {spread([r['seconds'] / 60 for r in runs_], '{:.1f}')} |")
+                     f"| {r0['kv_bytes_per_token'] / 1024:.0f} KiB | {losses(runs_, 'jacobi', 'exact')} | "
+                     + (f"{losses(runs_, 'test_loss', 'test_loss_exact')} | " if test else '')
+                     + f"{diffs} | {spread([r['seconds'] / 60 for r in runs_], '{:.1f}')} |")
     return '\n'.join(lines)
 
 
@@ -444,23 +455,32 @@ def loss_key(results):
     return 'test_loss' if all(r.get('test_loss') is not None for r in results) else 'jacobi'
 
 
-def paired_differences(results, base):
-    """Each run's paired differences against base, exploratory: per seed, their mean, the 95% t-interval and the
-    unadjusted two-sided paired-t p (the FLOPs-matched vanilla at its best val checkpoint, where it has one)."""
-    from nanoponder.stats import p_text, paired_test  # scipy: a dependency of the report only (requirements-dev)
+def paired_differences(results, bases=('ponderlm2-k1', 'vanilla')):
+    """Every run's paired differences against each base, exploratory: per seed, their mean, the 95% t-interval,
+    the two-sided paired-t p unadjusted, Holm's over the comparisons listed (for reference: the pre-registered
+    family is in verdicts) and the sign-flip p; a pair listed once (vanilla - K=1, not K=1 - vanilla too); the
+    FLOPs-matched vanilla at its best val checkpoint too, where it has one."""
+    from nanoponder.stats import holm, p_text, paired_test  # scipy: a dependency of the report only
     key, label = loss_key(results), {r['name']: r['label'] for r in results}
+    listed, tests = [], []
+    for base in bases:
+        for name in by_run(results):
+            diffs = [d for _, d in paired(results, name, base, key)]
+            if name == base or not diffs or (base, name) in [(n, b) for n, b, _ in listed]:
+                continue
+            listed.append((name, base, diffs))
+            tests.append(paired_test(diffs) if len(diffs) > 1 else None)
+    adjusted = iter(holm([t['p'] for t in tests if t]))
     lines = []
-    for name in by_run(results):
-        diffs = [d for _, d in paired(results, name, base, key)]
-        if name == base or not diffs:
-            continue
+    for (name, base, diffs), c in zip(listed, tests):
         line = f"{label[name]} - {label[base]}: mean {np.mean(diffs):+.4f} (per seed " \
                f"{', '.join(f'{d:+.4f}' for d in diffs)})"
-        if len(diffs) > 1:
-            c = paired_test(diffs)
-            line += f", 95% CI [{c['low']:+.4f}, {c['high']:+.4f}], p {p_text(c['p'])} (unadjusted)"
+        if c:
+            line += (f", 95% CI [{c['low']:+.4f}, {c['high']:+.4f}], p {p_text(c['p'])} unadjusted, Holm "
+                     f"{p_text(next(adjusted))} over the {sum(t is not None for t in tests)} listed, sign-flip "
+                     f"{p_text(c['p_sign_flip'])}")
         lines.append(line)
-        if name == 'vanilla-flops' and key == 'test_loss':
+        if name == 'vanilla-flops' and key == 'test_loss' and base == 'ponderlm2-k1':
             of = {r['seed']: r['test_loss'] for r in results if r['name'] == base}
             best = [r['test_loss_best'] - of[r['seed']] for r in results if r['name'] == name and r['seed'] in of
                     and r.get('test_loss_best') is not None]
@@ -498,21 +518,24 @@ def verdicts(results):
     for c in fam['comparisons']:
         diffs = [d for s, d in paired(results, c['run'], c['base'], 'test_loss') if s in seeds]
         rows.append((c, paired_test(diffs, c['test'], fam['margin']) if len(diffs) > 1 else None, len(diffs)))
-    adjusted = iter(holm([t['p'] for _, t, _ in rows if t]))
+    # Holm over the whole family, a comparison without a test counting p = 1: interim p-values are never lower
+    # than the pre-registered family of eight would give
+    adjusted = iter(holm([t['p'] if t else 1.0 for _, t, _ in rows]))
     lines = ['| id | run - base | seeds | mean | 95% CI | p | Holm p | sign-flip p | verdict | detects |',
              '|---|---|---|---|---|---|---|---|---|---|']
     for c, t, n in rows:
         what = f"{c['run']} - {c['base']}" + (f" (non-inferiority, margin {fam['margin']})"
                                               if c['test'] == 'non-inferiority' else '')
-        if not t:
-            lines.append(f"| {c['id']} | {what} | {n} | - | - | - | - | - | not yet run | - |")
-            continue
         p_adj = next(adjusted)
+        if not t:
+            lines.append(f"| {c['id']} | {what} | {n} | - | - | - | - | - | "
+                         f"{'not yet run' if n == 0 else f'{n} seed: no test'} | - |")
+            continue
         words = verdict(p_adj, c['test'], fam['alpha'], fam['suggestive'])
         interim = '' if n >= len(seeds) else f" (interim: {n} of {len(seeds)} seeds)"
         lines.append(f"| {c['id']} | {what} | {n} | {t['mean']:+.4f} | [{t['low']:+.4f}, {t['high']:+.4f}] "
                      f"| {p_text(t['p'])} | {p_text(p_adj)} | {p_text(t['p_sign_flip'])} | {words}{interim} "
-                     f"| {detectable(t['sd'], n, fam['alpha'] / len(fam['comparisons'])):.4f} |")
+                     f"| {detectable(t['sd'], n, fam['alpha'] / len(fam['comparisons']), test=c['test']):.4f} |")
     return ['', 'The pre-registered comparisons (experiments/family.json), on the whole test split (Jacobi R=3 for '
                 'thought models): run - base per seed, the 95% t-interval unadjusted, Holm over the family; '
                 '"detects": the smallest difference found with 80% power at the Holm-worst level:', '', *lines]
@@ -539,20 +562,22 @@ def plot_inference(results, files, name):
     with figure(files, name) as ax:
         placed = []  # label heights in data units, kept apart by at least gap
         gap = (top - bottom) / 22
-        seen = {}  # runs at the same x (Loop, Hidden, 2x depth) are set side by side, a little apart
+        seen = {}  # runs at the same x (Loop, Hidden, 2x depth) are set side by side, 1% apart
         for x, mean, half, label in sorted(points, key=lambda p: p[1]):
             seen[x] = seen.get(x, -1) + 1
-            x *= 1.04 ** seen[x]
+            x *= 1.01 ** seen[x]
             if mean > top:  # off the axis: an arrow at the top edge, its value beside it
                 ax.annotate(f"{label}: {mean:.3f}", xy=(x, top), xytext=(x, top - 3 * gap), ha='center',
                             fontsize=7, arrowprops=dict(arrowstyle='->', color='gray'), color='gray')
                 continue
             bar = ax.errorbar([x], [mean], yerr=[[half], [half]] if half else None, fmt='o', capsize=3)
-            y = max([mean] + [p + gap for p in placed if abs(p - mean) < gap])
+            y = mean
+            while any(abs(p - y) < gap for p in placed):  # up past every label already placed near it
+                y = max(p for p in placed if abs(p - y) < gap) + gap
             placed.append(y)
             ax.annotate(label, (x, mean), xytext=(x * 1.06, y), textcoords='data', fontsize=7, va='center',
                         color=bar[0].get_color(), arrowprops=dict(arrowstyle='-', color='lightgray', lw=0.5))
-        ax.set_ylim(bottom, top)
+        ax.set_ylim(bottom, max([top] + [y + gap for y in placed]))
         ax.set_xscale('log')
         lo, hi = min(x for x, *_ in points), max(x for x, *_ in points)
         ax.set_xlim(lo / 1.3, hi * 2.2)  # room on the right for the labels
@@ -618,7 +643,7 @@ def write_report():
     is checked, and results_dir found writable, before anything is printed or written."""
     results = load_results()
     check_output_dir(results_dir, '--results_dir')
-    pairs = [f'- {line}' for base in ('ponderlm2-k1', 'vanilla') for line in paired_differences(results, base)]
+    pairs = [f'- {line}' for line in paired_differences(results)]
     split = 'test' if loss_key(results) == 'test_loss' else 'val'
     md = '\n'.join([table(results), *verdicts(results), '',
                     f'Paired differences of the {split} loss (Jacobi R=3, whole {split} split), per seed, exploratory:',

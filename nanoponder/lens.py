@@ -8,6 +8,7 @@ statistics over a text (eval.py --lens=True), a picture (PATH_lens.png), and one
     totals.add(model.embed_out, pass_states(model, x), y)   # per batch; y (B, T) the targets, -1 = not scored
     report = totals.report('exact thoughts', 'ranked by ...'); print(lens_table(report))
 """
+import hashlib
 import os
 import sys
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoponder.data import read_meta, read_tokens
-from nanoponder.runtime import UserError, write_result
+from nanoponder.runtime import UserError, atomic_write, write_result
 from nanoponder.tokenizer import checkpoint_data_dir, tokenizer_mismatch
 
 CHUNK = 1 << 24  # logits held at once: tokens x vocabulary
@@ -63,9 +64,11 @@ def frequency_buckets(counts):
     rank = np.empty(len(counts), dtype=np.int64)
     rank[order] = np.arange(1, len(counts) + 1)
     bucket = np.floor(np.log10(np.maximum(rank - 1, 1))).astype(np.int64)  # ranks 1-10 -> 0, 11-100 -> 1, ...
-    labels = [f"ranks {10 ** b + 1 if b else 1:,}-{min(10 ** (b + 1), len(counts)):,}"
-              for b in range(int(bucket.max()) + 1)]
     unseen = counts == 0
+    seen = max(1, int((~unseen).sum()))
+    bucket[~unseen] = np.minimum(bucket[~unseen], int(np.floor(np.log10(max(seen - 1, 1)))))
+    labels = [f"ranks {10 ** b + 1 if b else 1:,}-{min(10 ** (b + 1), seen):,}"
+              for b in range(int(bucket[~unseen].max(initial=0)) + 1)]
     if unseen.any():
         bucket[unseen] = len(labels)
         labels.append('never seen')
@@ -73,10 +76,29 @@ def frequency_buckets(counts):
 
 
 def token_counts(ids, vocab_size, step=1 << 26):
-    """How often each id occurs in ids (a token file may not fit in memory: read in steps) -> (vocab_size,)."""
+    """How often each id occurs in ids (a token file may not fit in memory: read in steps) -> (vocab_size,). A
+    token file's counts are kept in $XDG_CACHE_HOME/nanoponder/token_counts (MiniPile's take a minute to count)."""
+    path = getattr(ids, 'filename', None)  # a np.memmap of a token file
+    cache = None
+    if path:
+        st = os.stat(path)
+        key = hashlib.sha1(f"{os.path.realpath(path)} {st.st_size} {st.st_mtime_ns} {vocab_size}".encode())
+        cache = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'nanoponder',
+                             'token_counts', key.hexdigest() + '.npy')
+        try:
+            return np.load(cache)
+        except (OSError, ValueError):
+            pass
     counts = np.zeros(vocab_size, dtype=np.int64)
     for i in range(0, len(ids), step):
         counts += np.bincount(np.asarray(ids[i:i + step], dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    if cache:
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with atomic_write(cache) as f:
+                np.save(f, counts)
+        except OSError:  # a cache that cannot be written is skipped
+            pass
     return counts
 
 

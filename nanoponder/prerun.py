@@ -66,6 +66,10 @@ def check_config(cfg):
     if not (len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r) and 0 <= r[0] <= r[1]):
         raise UserError(f"jacobi_train_range must be (lo, hi), two whole numbers with 0 <= lo <= hi, "
                         f"got {cfg.jacobi_train_range!r}")
+    if cfg.init_from not in ('scratch', 'resume') and (str(cfg.embed_scale_rule) != 'official'
+                                                       or cfg.init_shrink_passes):
+        raise UserError(f"embed_scale_rule and init_shrink_passes set up a new model's embeddings and init; "
+                        f"{cfg.init_from}'s weights were trained with their own: drop them")
     G = cfg.jacobi_grad_passes
     if isinstance(G, bool) or not isinstance(G, int) or G < 0:
         raise UserError(f"jacobi_grad_passes must be a whole number >= 0 (0: every pass builds a graph; G: the last "

@@ -58,11 +58,13 @@ def holm(pvalues):
     return adjusted
 
 
-def detectable(sd, n, alpha, power=0.8):
-    """The smallest true mean difference a paired t-test over n seeds finds with this power at level alpha
-    (two-sided), given the differences' sd: (t_{1-alpha/2} + t_{power}) sd / sqrt(n)."""
+def detectable(sd, n, alpha, power=0.8, test='two-sided'):
+    """The smallest true mean difference (for non-inferiority: distance below the margin) that a paired t-test over
+    n seeds finds with this power at level alpha, given the differences' sd: (t_{1-alpha/2} + t_{power}) sd /
+    sqrt(n), t_{1-alpha} one-sided; the usual central-t approximation of the noncentral t."""
     df = n - 1
-    return (scipy_stats.t.ppf(1 - alpha / 2, df) + scipy_stats.t.ppf(power, df)) * sd / math.sqrt(n)
+    level = 1 - alpha / 2 if test == 'two-sided' else 1 - alpha
+    return (scipy_stats.t.ppf(level, df) + scipy_stats.t.ppf(power, df)) * sd / math.sqrt(n)
 
 
 def verdict(p_adjusted, test='two-sided', alpha=0.05, suggestive=0.2):

@@ -211,6 +211,9 @@ def test_cuda_check_compares_loss_and_every_gradient():
     bf16 = cc.compare(reference, cc.loss_and_grads(gpt, idx, targets, cpu, torch.bfloat16), cc.bf16_tolerance)
     assert bf16['ok'] and 0 < bf16['grad_rel_error'] < cc.bf16_tolerance
     assert bf16['grad_rel_error'] > cc.fp32_tolerance  # bf16 is no fp32: the fp32 tolerance tells them apart
+    # truncated backpropagation: the same loss, another gradient (what the CUDA check compares is the loss)
+    truncated = cc.loss_and_grads(gpt, idx, targets, cpu, torch.float32, grad_passes=1)
+    assert truncated[0] == reference[0] and not cc.compare(reference, truncated, cc.fp32_tolerance)['ok']
     other = tiny('ponderlm2-k1', n_jacobi=2)
     with torch.no_grad():
         other.layers[1].mlp.dense_4h_to_h.weight.mul_(1.01)
@@ -242,10 +245,10 @@ def test_the_truncation_table_sets_the_variants_beside_full_k1_on_the_test_split
     assert rows['vanilla'][2:4] == ['-', '+0.2000'] and rows['vanilla'][6] == '-'
 
 
-def test_the_verdicts_are_the_families_comparisons_on_test_with_holm_over_those_that_ran(tmp_path, monkeypatch):
+def test_the_verdicts_are_the_families_comparisons_on_test_with_holm_over_the_whole_family(tmp_path, monkeypatch):
     """Made-up test losses: the family's comparisons paired by seed (seeds outside the family left out), Holm over
-    the comparisons that have seeds, the interim mark, the words from the adjusted p alone."""
-    from nanoponder.stats import holm, paired_test
+    the whole family (a comparison without seeds counting p = 1), the interim mark, the words from the adjusted p."""
+    from nanoponder.stats import paired_test
     repro = load_repro()
     family = {'seeds': [1, 2, 3, 4], 'alpha': 0.05, 'suggestive': 0.2, 'margin': 0.01, 'comparisons': [
         {'id': 'a', 'run': 'ponderlm2-k1', 'base': 'vanilla', 'test': 'two-sided'},
@@ -262,10 +265,12 @@ def test_the_verdicts_are_the_families_comparisons_on_test_with_holm_over_those_
     rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]] for line in lines
             if line.startswith('| ') and not line.startswith('| id')}
     ca, ct = paired_test(a), paired_test(t, 'non-inferiority', 0.01)
-    pa, pt = holm([ca['p'], ct['p']])
+    assert ca['p'] < ct['p'] < 0.02  # (0.0053 and 0.0093)
+    # Holm over the family of three, b (no seeds) counting p = 1: a first (x3), then t (x2), then b (x1)
+    pa, pt = 3 * ca['p'], max(3 * ca['p'], 2 * ct['p'])
     assert rows['a'][1:5] == ['4', f"{ca['mean']:+.4f}", f"[{ca['low']:+.4f}, {ca['high']:+.4f}]", f"{ca['p']:.1e}"]
-    assert rows['a'][5] == f"{pa:.1e}" and rows['a'][7] == ('holds' if pa < 0.05 else 'suggestive')
+    assert rows['a'][5:8] == [f"{pa:.1e}", f"{ca['p_sign_flip']:.1e}", 'holds']
     assert rows['t'][0].endswith('(non-inferiority, margin 0.01)') and rows['t'][5] == f"{pt:.1e}"
-    assert rows['t'][7].endswith('(interim: 3 of 4 seeds)')
+    assert rows['t'][7] == 'non-inferior (interim: 3 of 4 seeds)'
     assert rows['b'][1:] == ['0', '-', '-', '-', '-', '-', 'not yet run', '-']
     assert repro.verdicts([dict(r, test_loss=None) for r in results]) == []  # val-only files: no verdicts

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 from nanoponder.cost import flops_per_token
-from helpers import TINY_MODEL, assert_one_error, make_data, randomize_matrices, run_train, tiny
+from helpers import TINY_MODEL, assert_one_error, make_data, metrics, randomize_matrices, run_train, tiny
 
 T = 9
 
@@ -117,7 +117,10 @@ def test_the_flops_of_a_training_step_are_torchs_count(G):
 
 @pytest.mark.parametrize('args, needles', [
     (['--jacobi_grad_passes=-1'], ['jacobi_grad_passes must be a whole number >= 0', 'got -1']),
-    (['--jacobi_grad_passes=1', '--n_thoughts=0'], ['jacobi_grad_passes=1 truncates', 'n_thoughts is 0'])])
+    (['--jacobi_grad_passes=1', '--n_thoughts=0'], ['jacobi_grad_passes=1 truncates', 'n_thoughts is 0']),
+    # (the embedding controls of the CPU experiment: a pretrained model keeps its own)
+    (['--init_from=EleutherAI/pythia-14m', '--embed_scale_rule=sqrt2.5H'], ['embed_scale_rule and init_shrink_passes',
+                                                                            'drop them'])])
 def test_bad_grad_passes_are_one_error_line_before_any_work(tmp_path, args, needles):
     r = run_train(tmp_path, '--max_iters=2', *args, check=False)
     assert_one_error(r, 2, *needles)
@@ -132,6 +135,11 @@ def test_a_vanilla_checkpoint_resumed_with_grad_passes_is_refused_and_g_is_recor
     assert_one_error(r, 2, 'jacobi_grad_passes=1 truncates', 'vanilla')
     r = run_train(tmp_path, '--max_iters=2', '--eval_interval=2', '--jacobi_grad_passes=1', out='g1')
     assert 'backward through the last 1' in r.stdout
+    # train.py gives G to the model: the first step's loss is the full run's, the second (after a truncated
+    # gradient) is not
+    run_train(tmp_path, '--max_iters=2', '--eval_interval=2', out='g0')
+    (first, second), (first_full, second_full) = (metrics(tmp_path / out)[0] for out in ('g1', 'g0'))
+    assert first == first_full and second != second_full
     ckpt = torch.load(tmp_path / 'g1' / 'ckpt.pt', map_location='cpu', weights_only=True)
     assert ckpt['config']['jacobi_grad_passes'] == 1
     r = run_train(tmp_path, '--max_iters=3', '--eval_interval=3', '--init_from=resume', out='g1')

@@ -166,9 +166,11 @@ def test_fixed_broken_nll_and_kl_on_a_hand_made_case():
 def test_frequency_buckets_rank_decades_and_the_unseen():
     counts = token_counts(np.array([5] * 30 + list(range(20)) + [3] * 10), 120)  # id 5 first, 3 second, ...
     bucket, labels = frequency_buckets(counts)
-    assert labels == ['ranks 1-10', 'ranks 11-100', 'ranks 101-120', 'never seen']
-    assert bucket[5] == bucket[3] == 0 and (counts[bucket == 3] == 0).all() and (bucket[counts == 0] == 3).all()
+    assert labels == ['ranks 1-10', 'ranks 11-20', 'never seen']  # 20 ids seen: the last decade ends at 20
+    assert bucket[5] == bucket[3] == 0 and (bucket[counts == 0] == 2).all() and (counts[bucket == 2] == 0).all()
     assert sorted(np.bincount(bucket[counts > 0])) == [10, 10]  # the 20 seen ids: 10 in each of the first decades
+    bucket, labels = frequency_buckets(np.arange(512, 0, -1))  # every id seen
+    assert labels == ['ranks 1-10', 'ranks 11-100', 'ranks 101-512'] and list(np.bincount(bucket)) == [10, 90, 412]
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +217,14 @@ def test_eval_lens_writes_its_table_keys_and_picture(lens_run):
             '--max_jacobi=0', '--jacobi_tols=()', '--thoughts=jacobi', '--n_jacobi=2', f'--out={lens_run / "j"}')
     assert r.returncode == 0 and 'note:' not in r.stderr, r.stderr[-2000:]
     assert json.loads((lens_run / 'j.json').read_text())['lens']['thoughts'] == 'Jacobi thoughts, R=2'
+    # sliding windows: the context tokens of a window are not scored, by the loss or by the lens
+    r = run('eval.py', f'--init_from={lens_run / "k1" / "ckpt.pt"}', '--lens=True', '--stride=6', '--max_windows=3',
+            '--max_jacobi=0', '--jacobi_tols=()', f'--out={lens_run / "strided"}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((lens_run / 'strided.json').read_text())
+    assert report['tokens'] == report['lens']['tokens'] == 16 + 2 * 6  # the first window's 16, then 6 each
+    exact = {row['name']: row['loss'] for row in report['rows']}['exact']
+    assert report['lens']['passes'][-1]['nll'] == pytest.approx(exact, rel=1e-6)
 
 
 def test_eval_lens_on_vanilla_is_one_pass_and_a_note(lens_run):

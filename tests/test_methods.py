@@ -218,7 +218,8 @@ def test_embed_scale_rule_gives_every_method_one_factor():
     for bad, match in ((dict(embed_scale_rule='sqrt3H'), 'embed_scale_rule must be'),
                        (dict(embed_scale_rule='-1'), 'embed_scale_rule must be'),
                        (dict(embed_scale_rule='one', scale_embeds=False), 'not both'),
-                       (dict(init_shrink_passes=-1), 'init_shrink_passes must be >= 0')):
+                       (dict(init_shrink_passes=-1), 'init_shrink_passes must be >= 0'),
+                       (dict(init_shrink_passes=2, weight_init='normal'), "only with weight_init='small'")):
         with pytest.raises(ValueError, match=match):
             GPTConfig(**TINY_MODEL, **bad)
 
