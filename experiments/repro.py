@@ -572,8 +572,8 @@ def plot_inference(results, files, name):
                 continue
             bar = ax.errorbar([x], [mean], yerr=[[half], [half]] if half else None, fmt='o', capsize=3)
             y = mean
-            while any(abs(p - y) < gap for p in placed):  # up past every label already placed near it
-                y = max(p for p in placed if abs(p - y) < gap) + gap
+            while any(abs(p - y) < 0.999 * gap for p in placed):  # up past every label already placed near it
+                y = max(p for p in placed if abs(p - y) < 0.999 * gap) + gap  # (0.999: p + gap - p may round below)
             placed.append(y)
             ax.annotate(label, (x, mean), xytext=(x * 1.06, y), textcoords='data', fontsize=7, va='center',
                         color=bar[0].get_color(), arrowprops=dict(arrowstyle='-', color='lightgray', lw=0.5))

@@ -53,7 +53,8 @@ def test_repro_runs_end_to_end_on_a_toy_budget(tmp_path):
     assert [x['seed'] for x in by.values()] == [1, 2] * 4 and len(k1['curve']) == 3  # iterations 0, 1, 2
     table = (tmp_path / 'res' / 'results.md').read_text()
     assert 'PonderLM-2 K=1' in table and 'training FLOPs of K=1' in table and 'Pause K=1' in table
-    assert 'Pause K=1 - PonderLM-2 K=1: mean' in table and 'PonderLM-2 K=1 - vanilla: mean' in table
+    assert 'Pause K=1 - PonderLM-2 K=1: mean' in table and 'Pause K=1 - vanilla: mean' in table
+    assert 'vanilla - PonderLM-2 K=1: mean' in table and 'PonderLM-2 K=1 - vanilla: mean' not in table  # once
     pngs = ('val_loss_tokens.png', 'val_loss_flops.png', 'val_loss_inference_flops.png')
     for png in pngs:
         assert (tmp_path / 'res' / png).stat().st_size > 0
