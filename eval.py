@@ -29,7 +29,6 @@ import importlib
 import math
 import os
 import sys
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -38,15 +37,16 @@ from model import pass_states, settled
 from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from, resolve_init_from
 from nanoponder.cost import kv_cache_bytes_per_token, kv_cache_slots
-from nanoponder.batches import sliding_windows, utf8_bytes, window_batches, window_counts
-from nanoponder.data import read_meta, read_tokens
+from nanoponder.batches import (data_stream, sliding_windows, text_stream, utf8_bytes, window_batches,
+                                window_counts)
+from nanoponder.data import read_meta
+from nanoponder.adaptive import adaptive_table, score_thresholds
 from nanoponder.lens import LensTotals, lens_table, plot_lens, target_buckets
 from nanoponder.methods import check_thought_mode
 from nanoponder.report import loss_table, plot_jacobi
 from nanoponder.runtime import (NUMPY_SEEDS, TORCH_SEEDS, UserError, autocast, check_output_file, check_seed,
-                                one_line, resolve_device, resolve_dtype, run_cli, write_json)
-from nanoponder.tokenizer import (checkpoint_data_dir, data_dir_tokenizer, model_tokenizer, safe_decode,
-                                  tokenizer_mismatch)
+                                resolve_device, resolve_dtype, run_cli, write_json)
+from nanoponder.tokenizer import checkpoint_data_dir, model_tokenizer, safe_decode, tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
 # config: plain globals, overridden by config files and --key=value (configurator.py)
@@ -68,6 +68,7 @@ max_jacobi = 8          # the loss and the convergence after R = 0..max_jacobi J
 jacobi_tols = (1e-2, 1e-3, 1e-4)  # adaptive Jacobi at each of these tolerances: the passes taken and the loss
 exact = True            # also the exact thoughts, one token at a time through the KV cache (slower)
 lens = False            # also every pass's readout through the head (exact thoughts; --thoughts=jacobi: n_jacobi)
+think_thresholds = ()   # PonderLM-2: also the loss of adaptive thoughts at each, e.g. (1,0.9,0.6,0) (a row each)
 # downstream tasks (lm-evaluation-harness)
 tasks = ''              # comma-separated task names: switches to downstream mode
 num_fewshot = 0         # examples shown before each task question
@@ -106,30 +107,6 @@ def results_path(init_from, ckpt_file, out, split='val'):
 
 # -----------------------------------------------------------------------------
 # the text: one stream of token ids, windows over it, and its bytes
-
-def text_stream(path, tok):
-    """A raw text file as token ids: the EOS token (context for the first token, as a new document starts in
-    training) and then the text."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            content = f.read()
-    except FileNotFoundError:
-        raise UserError(f"text file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} as UTF-8 text: {one_line(e)}") from None
-    ids = tok.encode(content)
-    if not ids:
-        raise UserError(f"{path} is empty: nothing to score")
-    return np.array([tok.eos_id] + ids, dtype=np.int64)
-
-
-def data_stream(data_dir, split):
-    """A prepared split as token ids (documents each followed by EOS, as training reads them) and its tokenizer."""
-    ids = read_tokens(data_dir, split, read_meta(data_dir))
-    if len(ids) < 2:
-        raise UserError(f"{data_dir}/{split}.bin has {len(ids)} tokens: nothing to score")
-    return ids, data_dir_tokenizer(data_dir)
-
 
 def nats(logits, y):
     """Summed cross-entropy (natural log) of the scored targets y (B, T) under logits (B, T, V), a float."""
@@ -309,6 +286,8 @@ def check_options():
     check_seed(seed, seeds=NUMPY_SEEDS if tasks else TORCH_SEEDS)
     if lens not in (True, False):
         raise UserError(f"lens must be True or False, got {lens!r}")
+    if not all(type(t) in (int, float) and 0 <= t <= 1 for t in think_thresholds):
+        raise UserError(f"think_thresholds must be numbers in [0, 1], e.g. (1,0.9,0.6,0), got {think_thresholds!r}")
     if tasks and lens:
         raise UserError("--lens reads a text's loss (the loss mode): drop --tasks, or --lens")
     if not tasks and (jacobi_tol is not None or (thoughts == 'exact' or not lens) and n_jacobi is not None
@@ -356,16 +335,25 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
     totals = evaluate_loss(model, ids, windows, ctx, device_name, batch_size, max_r, tols,
                            cfg.n_thoughts > 0 and (exact or lens and lens_jacobi is None), lens_totals, lens_jacobi)
     rows = loss_rows(totals, n_targets, n_bytes, max_r, tols)
+    adaptive = []
+    if think_thresholds and cfg.n_thoughts:  # decoding's adaptive rule, token by token through the cache
+        with ctx:
+            adaptive = score_thresholds(model, lambda: window_batches(ids, windows, batch_size, device_name),
+                                        think_thresholds)
+    elif think_thresholds:
+        print(f"note: think_thresholds: a {cfg.method_label} model has no thoughts to skip", file=sys.stderr)
     kv = kv_cache_bytes_per_token(cfg, torch.finfo(compute_dtype).bits // 8)
     print(f"{name}: {cfg.method_label}; {source}: {n_targets:,} tokens ({n_bytes:,} bytes) in {len(windows)} "
           f"windows of {block}, stride {step}")
     print(f"KV cache: {kv:,} bytes per token in {str(compute_dtype).removeprefix('torch.')} "
           f"({kv_cache_slots(cfg)}x vanilla)")
     print(loss_table(rows))
+    if adaptive:
+        print(adaptive_table(adaptive))
     report = {'model': name, 'method': cfg.method, 'config': {k: v for k, v in vars(cfg).items()},
               'data': source, 'block_size': block, 'stride': step, 'windows': len(windows), 'tokens': n_targets,
               'bytes': n_bytes, 'kv_cache_bytes_per_token': kv, 'dtype': str(compute_dtype).removeprefix('torch.'),
-              'rows': rows}
+              'rows': rows, **({'adaptive': adaptive} if adaptive else {})}
     if lens_totals is not None:
         what = ('exact thoughts' if lens_jacobi is None else f'Jacobi thoughts, R={lens_jacobi}') if cfg.n_thoughts \
             else cfg.method_label

@@ -163,6 +163,7 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k, self.v = (torch.empty(shape, device=device, dtype=dtype) for _ in range(2))
         self.pos = 0
+        self.skipped = self.stopped = 0  # adaptive thoughts: slots that reused keys, tokens that stopped early
 
     def append(self, layer, k, v):
         """Write k, v (B, nh, T, hs) after the filled slots; return all keys and values so far."""
@@ -172,6 +173,13 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reuse_last(self, rows):
+        """rows (B,) bool: their last slot written takes the keys and values of the slot before it (no host sync)."""
+        p, keep = self.pos - 1, rows[None, :, None, None]
+        self.k[:, :, :, p] = torch.where(keep, self.k[:, :, :, p - 1], self.k[:, :, :, p])
+        self.v[:, :, :, p] = torch.where(keep, self.v[:, :, :, p - 1], self.v[:, :, :, p])
+        self.skipped = self.skipped + rows.sum()
 
 
 def causal_attention(q, k, v, past=0):
@@ -292,6 +300,7 @@ class GPT(nn.Module):
     # --- the trunk f: the layer stack and the final LayerNorm ---
     activation_checkpointing = False  # recompute each Block in backward (a setting of the run)
     jacobi_grad_passes = 0  # PonderLM-2: G >= 1 backpropagates through the last G passes only (a setting of the run)
+    think_threshold = 1.0  # decoding: a token stops thinking once a readout is surer than this (1: never)
 
     def trunk(self, x, pos, cache=None):
         """x (B, T, C) input vectors at position ids pos (T,) -> hidden states (B, T, C) after the final LN."""
@@ -394,13 +403,26 @@ class GPT(nn.Module):
         K = self.config.n_thoughts
         if not K:  # the other methods' passes are causal over the tokens: the dispatcher's one call is exact
             return self.next_token_states(idx, caches), None
-        hs, thoughts = [], []
+        hs, thoughts, tau = [], [], self.think_threshold
         for t in range(T):
             pos = self.positions(1, caches, idx.device)
             h = self.trunk(self.embed(idx[:, t:t + 1]), pos, caches[0])  # (B, 1, C)
+            done = torch.zeros(B, 1, 1, dtype=torch.bool, device=idx.device)
             for _ in range(K):  # each thought is the previous slot's output
                 thoughts.append(h)
-                h = self.trunk(h, pos, caches[0])
+                if tau < 1:  # adaptive: a row sure of its next token skips its other thoughts (docs/design.md)
+                    sure = F.softmax(self.embed_out(h).float(), dim=-1).amax(dim=-1, keepdim=True) > tau
+                    caches[0].stopped = caches[0].stopped + (sure & ~done).sum()
+                    done = done | sure
+                if tau < 1 and h.device.type == 'cpu' and bool(done.all()):  # no row thinks: no pass (on a GPU
+                    caches[0].pos += 1  # the rows all run, the skipping ones discarded: no host sync per step)
+                    caches[0].reuse_last(done.view(B))
+                    continue
+                h_next = self.trunk(h, pos, caches[0])
+                if tau < 1:  # a skipped slot keeps the last computed slot's keys and values, and its output
+                    caches[0].reuse_last(done.view(B))
+                    h_next = torch.where(done, h, h_next)
+                h = h_next
             hs.append(h)
         return torch.cat(hs, dim=1), torch.cat(thoughts, dim=1).view(B, T, K, -1)
 
@@ -464,7 +486,7 @@ def prefill(model, idx, max_len, n_jacobi=None, stop=None, exact=False):
     """A prompt (B, T) into new caches for max_len tokens -> (the state that predicts the next token (B, C),
     caches); its thoughts by think (n_jacobi passes, or until stop), or exact."""
     caches = model.new_caches(idx.size(0), max_len, idx.device)
-    if model.config.n_thoughts and not exact:
+    if model.config.n_thoughts and not exact and model.think_threshold >= 1:  # (adaptive: token by token)
         if n_jacobi is None:
             n_jacobi = model.config.n_jacobi if stop is None else model.exact_passes(idx.size(1))
         h = model.think(idx, n_jacobi, caches[0], stop)
@@ -484,6 +506,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         raise ValueError("generate needs at least one prompt token (e.g. the EOS token)")
     if T > L:
         raise ValueError(f"the prompt ({T} tokens) is longer than block_size {L}: keep its last {L} tokens")
+    if not use_cache and model.think_threshold < 1 and model.config.n_thoughts:
+        raise ValueError("adaptive thoughts (think_threshold < 1) decode through the KV cache: use_cache=True")
     window = idx  # (B, <= L): the tokens the next logits come from
     if use_cache:
         h, caches = prefill(model, idx, min(T + max_new_tokens, L), n_jacobi, stop, exact)

@@ -6,6 +6,7 @@ Sample from a trained model: a checkpoint of train.py, or a Hugging Face GPT-Neo
     python sample.py --init_from=zeng123/PonderLM-2-Pythia-1.4b --start="The capital of France is" --temperature=0
     python sample.py --init_from=EleutherAI/pythia-160m --start=FILE:prompt.txt --top_k=0 --top_p=0.9
     python sample.py --out_dir=out-shakespeare-ponder --jacobi_tol=1e-3   # prompt passes until thoughts settle
+    python sample.py --out_dir=out-shakespeare-ponder --think_threshold=0.9   # think only where unsure
     python sample.py --num_samples=5 > samples.txt                # stdout holds the samples and nothing else
     python sample.py --out_dir=out-shakespeare-ponder --lens=True 2> lens.txt   # each pass's guess per token
 
@@ -51,6 +52,8 @@ n_jacobi = None         # PonderLM-2: Jacobi passes over the prompt; None = the 
 jacobi_tol = None       # PonderLM-2: instead, passes until the prompt's thoughts change by at most this (relative);
                         # 0 = exact. The passes taken go to stderr
 lens = False            # after each sample, each pass's top-1 per new token, on stderr (see above)
+think_threshold = 1.0   # PonderLM-2: a token stops thinking once a readout's top probability exceeds this (the
+                        # prompt then goes token by token); 1 = always think (docs/evaluation.md, adaptive thoughts)
 # -----------------------------------------------------------------------------
 _config_echo = 'stderr'  # configurator.py echoes the keys set on stderr: stdout is the samples, nothing else
 
@@ -68,6 +71,13 @@ def check_options():
         raise UserError(f"stream must be True, False or None (auto), got {stream!r}")
     if lens not in (True, False):
         raise UserError(f"lens must be True or False, got {lens!r}")
+    if not 0 <= think_threshold <= 1:  # (nan fails it too)
+        raise UserError(f"think_threshold={think_threshold} is out of range: it must be in [0, 1] (1 = always think)")
+    if think_threshold < 1 and not use_cache:
+        raise UserError("think_threshold < 1 decodes through the KV cache: drop --use_cache=False")
+    if think_threshold < 1 and (jacobi_tol is not None or n_jacobi is not None):
+        print("note: with think_threshold < 1 the prompt goes token by token through the cache: n_jacobi and "
+              "jacobi_tol are not used", file=sys.stderr)
     if n_jacobi is not None and (not isinstance(n_jacobi, int) or isinstance(n_jacobi, bool) or n_jacobi < 0):
         raise UserError(f"n_jacobi must be an integer >= 0 (or None for the model's own), got {n_jacobi!r}")
     if jacobi_tol is not None and (type(jacobi_tol) not in (int, float) or jacobi_tol < 0):
@@ -146,6 +156,9 @@ def main():
     model, ckpt, source = load_init_from(init_from, out_dir, patch_method=patch_method)
     tok = model_tokenizer(source, ckpt, tokenizer, model.config.vocab_size)
     prompt = encode_prompt(tok, read_prompt(), model.config)
+    model.think_threshold = float(think_threshold)
+    if think_threshold < 1 and not model.config.n_thoughts:
+        print(f"note: think_threshold: a {model.config.method_label} model has no thoughts to skip", file=sys.stderr)
     if lens and len(pass_names(model.config)) == 1:
         print(f"note: a {model.config.method_label} model reads each token once: the lens shows one pass",
               file=sys.stderr)

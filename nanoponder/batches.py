@@ -1,6 +1,6 @@
 """
 Batches cut from a prepared data directory: the training and validation batches of packed blocks, and the windows
-that score every token of a stream of ids once.
+that score every token of a stream of ids once (a prepared split's or a text file's, for eval.py).
 
     from nanoponder.batches import open_blocks, TrainBatches
     train_blocks, val_blocks, meta = open_blocks('data/shakespeare-bpe512', block_size=128, device='cpu')
@@ -10,8 +10,9 @@ import os
 import numpy as np
 import torch
 
-from nanoponder.data import TOKEN_DTYPE, read_meta, split_path
-from nanoponder.runtime import UserError
+from nanoponder.data import TOKEN_DTYPE, read_meta, read_tokens, split_path
+from nanoponder.runtime import UserError, one_line
+from nanoponder.tokenizer import data_dir_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -152,3 +153,27 @@ def window_counts(windows):
     for s, e, _ in windows:
         counts[e - s] = counts.get(e - s, 0) + 1
     return counts
+
+
+def text_stream(path, tok):
+    """A raw text file as token ids: the EOS token (context for the first token, as a new document starts in
+    training) and then the text."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            content = f.read()
+    except FileNotFoundError:
+        raise UserError(f"text file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} as UTF-8 text: {one_line(e)}") from None
+    ids = tok.encode(content)
+    if not ids:
+        raise UserError(f"{path} is empty: nothing to score")
+    return np.array([tok.eos_id] + ids, dtype=np.int64)
+
+
+def data_stream(data_dir, split):
+    """A prepared split as token ids (documents each followed by EOS, as training reads them) and its tokenizer."""
+    ids = read_tokens(data_dir, split, read_meta(data_dir))
+    if len(ids) < 2:
+        raise UserError(f"{data_dir}/{split}.bin has {len(ids)} tokens: nothing to score")
+    return ids, data_dir_tokenizer(data_dir)

@@ -99,6 +99,16 @@ def inference_flops_per_token(config, position=None):
     return config.n_caches * one_pass + head + 2 * config.n_ponder * head
 
 
+def adaptive_flops_per_token(config, skipped, stopped, position=None):
+    """inference_flops_per_token with adaptive thoughts: per token, `skipped` thought slots not computed (their keys
+    and values copied) and `stopped` (0..1) whether it stopped early; each check made is one more vocabulary
+    projection (a token that stops at its j-th check made j: K - skipped + stopped checks). The trunk's cost is
+    spread evenly over the K+1 slots (attention differs a little between them)."""
+    K, head = config.n_thoughts, 2 * config.n_embd * config.vocab_size
+    full = inference_flops_per_token(config, position)
+    return head + (full - head) * (K + 1 - skipped) / (K + 1) + (K - skipped + stopped) * head
+
+
 def device_peak_flops():
     """The bf16 peak FLOP/s of the current CUDA device, from PEAK_TFLOPS; None when unknown (e.g. a CPU)."""
     if not torch.cuda.is_available():
