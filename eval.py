@@ -366,7 +366,7 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
                             f"{name}: {cfg.method_label}, {source}")
         if plotted:
             written.append(plotted)
-    if cfg.n_thoughts:
+    if cfg.n_thoughts and max_r > 0:  # (no plot of a single pass)
         try:
             plotted = plot_jacobi(rows, path + '_jacobi.png', f"{name}: {cfg.method_label}, {source}")
         except UserError as e:  # the JSON is written: say so, and that a plot left in place is an older one's
