@@ -9,6 +9,7 @@ works alone, offline, the way the released PonderLM-2 checkpoint is used:
     out = model.generate(**tok('ROMEO:', return_tensors='pt'), max_new_tokens=64, do_sample=False)
     model(input_ids, labels=input_ids).loss                    # the loss of nanoPonder's model, Jacobi thoughts
     AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, thoughts='exact')   # or exact thoughts
+    AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, think_threshold=0.9)  # adaptive thoughts
 
 The model is model.GPT itself, built from config.json. Without a cache, forward is GPT's: PonderLM-2's thoughts
 with num_jacobi_iterations Jacobi passes (the n_jacobi argument overrides it), or one token at a time with
@@ -37,13 +38,16 @@ COUNT_FIELDS = {'ours': 'n_thoughts', 'pause': 'n_pause', 'loop': 'n_loop', 'pon
 class NanoPonderConfig(PretrainedConfig):
     """config.json of an export: GPT-NeoX's keys and the method's, in the official PonderLM code's spelling, and
     thoughts, how forward computes PonderLM-2's thoughts without a cache: 'jacobi' (num_jacobi_iterations passes,
-    as the papers score) or 'exact' (one token at a time, as decoding computes them)."""
+    as the papers score) or 'exact' (one token at a time, as decoding computes them); think_threshold, the adaptive
+    rule of the cached decoding (and of thoughts='exact'; 1 = always think), GPT.think_threshold."""
     model_type = 'nanoponder'
 
-    def __init__(self, thoughts='jacobi', **kwargs):
+    def __init__(self, thoughts='jacobi', think_threshold=1.0, **kwargs):
         if thoughts not in ('jacobi', 'exact'):
             raise ValueError(f"thoughts must be 'jacobi' or 'exact', got {thoughts!r}")
-        self.thoughts = thoughts
+        if not 0 <= think_threshold <= 1:
+            raise ValueError(f"think_threshold must be in [0, 1], got {think_threshold!r}")
+        self.thoughts, self.think_threshold = thoughts, think_threshold
         super().__init__(**kwargs)
 
     def gpt_config(self):
@@ -93,6 +97,7 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.gpt_neox = GPT(config.gpt_config())
+        self.gpt_neox.think_threshold = float(getattr(config, 'think_threshold', 1.0))
         # the head is registered at the top level, where GPT-NeoX files keep it (embed_out.weight), and stays GPT's
         # attribute for GPT's methods (set past nn.Module's registration, which would name it twice)
         head = self.gpt_neox._modules.pop('embed_out')
@@ -141,7 +146,7 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
                                  f"{gpt.config.block_size}: generate fewer new tokens, or shorten the prompt")
             if cache is None:  # the prompt: model.prefill's computation, keeping every position's hidden state
                 cache = ThoughtCache(gpt.new_caches(B, gpt.config.block_size, input_ids.device), gpt.config.slots)
-                if gpt.config.n_thoughts and not exact:
+                if gpt.config.n_thoughts and not exact and gpt.think_threshold >= 1:
                     h = gpt.think(input_ids, gpt.config.n_jacobi if n_jacobi is None else n_jacobi, cache.caches[0])
                 else:
                     h, _ = gpt.sequential(input_ids, cache.caches)
@@ -165,6 +170,9 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             input_ids = input_ids[:, cache.get_seq_length():]
         elif not use_cache and self.gpt_neox.config.n_thoughts:
+            if self.gpt_neox.think_threshold < 1:
+                raise ValueError("think_threshold < 1 (adaptive thoughts) decodes through the cache: generate with "
+                                 "use_cache=True")
             n_jacobi = self.gpt_neox.exact_passes(input_ids.size(1))
         return dict(input_ids=input_ids, cache=cache, attention_mask=attention_mask, use_cache=use_cache,
                     n_jacobi=n_jacobi)

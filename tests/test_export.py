@@ -364,3 +364,12 @@ def test_sample_py_greedy_text_is_transformers_generate(tokenizer_json, tmp_path
                         '--device=cpu'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.rstrip('\n') == tok.decode(out[0])
+    # adaptive thoughts (think_threshold, a config value from_pretrained overrides): generate is model.generate
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True,
+                                                           think_threshold=0.3).eval()
+    model.think_threshold = 0.3
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=20, do_sample=False)
+        assert torch.equal(out, model.generate(ids, 20, temperature=0))
+        with pytest.raises(ValueError, match='use_cache=True'):
+            hf.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
