@@ -288,8 +288,8 @@ def check_options():
         raise UserError(f"lens must be True or False, got {lens!r}")
     if not all(type(t) in (int, float) and 0 <= t <= 1 for t in think_thresholds):
         raise UserError(f"think_thresholds must be numbers in [0, 1], e.g. (1,0.9,0.6,0), got {think_thresholds!r}")
-    if tasks and lens:
-        raise UserError("--lens reads a text's loss (the loss mode): drop --tasks, or --lens")
+    if tasks and (lens or think_thresholds):
+        raise UserError("--lens and --think_thresholds read a text's loss (the loss mode): drop --tasks, or them")
     if not tasks and (jacobi_tol is not None or (thoughts == 'exact' or not lens) and n_jacobi is not None
                       or not lens and thoughts != 'exact'):
         print("note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores (and --thoughts=jacobi with n_jacobi "

@@ -73,8 +73,6 @@ def check_options():
         raise UserError(f"lens must be True or False, got {lens!r}")
     if not 0 <= think_threshold <= 1:  # (nan fails it too)
         raise UserError(f"think_threshold={think_threshold} is out of range: it must be in [0, 1] (1 = always think)")
-    if think_threshold < 1 and not use_cache:
-        raise UserError("think_threshold < 1 decodes through the KV cache: drop --use_cache=False")
     if think_threshold < 1 and (jacobi_tol is not None or n_jacobi is not None):
         print("note: with think_threshold < 1 the prompt goes token by token through the cache: n_jacobi and "
               "jacobi_tol are not used", file=sys.stderr)
@@ -159,6 +157,8 @@ def main():
     model.think_threshold = float(think_threshold)
     if think_threshold < 1 and not model.config.n_thoughts:
         print(f"note: think_threshold: a {model.config.method_label} model has no thoughts to skip", file=sys.stderr)
+    elif think_threshold < 1 and not use_cache:
+        raise UserError("think_threshold < 1 decodes through the KV cache: drop --use_cache=False")
     if lens and len(pass_names(model.config)) == 1:
         print(f"note: a {model.config.method_label} model reads each token once: the lens shows one pass",
               file=sys.stderr)

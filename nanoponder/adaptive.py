@@ -18,7 +18,7 @@ from nanoponder.cost import adaptive_flops_per_token, inference_flops_per_token
 @torch.no_grad()
 def score_thresholds(model, batches, thresholds):
     """batches(): a fresh iterator of (x, y) windows (y: -1 = context, not scored). -> a row per threshold."""
-    cfg, rows = model.config, []
+    cfg, rows, before = model.config, [], model.think_threshold
     try:
         for tau in thresholds:
             model.think_threshold = float(tau)
@@ -37,7 +37,7 @@ def score_thresholds(model, batches, thresholds):
                              flops_per_token=adaptive_flops_per_token(cfg, skipped / tokens, stopped / tokens)
                              if tau < 1 else inference_flops_per_token(cfg)))  # (1: no check is made)
     finally:
-        model.think_threshold = 1.0
+        model.think_threshold = before
     return rows
 
 

@@ -67,6 +67,14 @@ class NanoPonderConfig(PretrainedConfig):
             **({} if getattr(self, 'pause_token_id', None) is None else {'pause_token_id': self.pause_token_id}))
 
 
+def adaptive_threshold(config):
+    """config.think_threshold (which from_pretrained's keyword sets after __init__), checked."""
+    tau = getattr(config, 'think_threshold', 1.0)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
+        raise ValueError(f"think_threshold must be a number in [0, 1] (1 = always think), got {tau!r}")
+    return float(tau)
+
+
 class ThoughtCache:
     """The KV caches of one generated batch (GPT.new_caches, room for max_position_embeddings tokens and their
     slots), handed from one forward to the next through generate."""
@@ -97,7 +105,6 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.gpt_neox = GPT(config.gpt_config())
-        self.gpt_neox.think_threshold = float(getattr(config, 'think_threshold', 1.0))
         # the head is registered at the top level, where GPT-NeoX files keep it (embed_out.weight), and stays GPT's
         # attribute for GPT's methods (set past nn.Module's registration, which would name it twice)
         head = self.gpt_neox._modules.pop('embed_out')
@@ -126,6 +133,7 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
         """input_ids (B, T) -> logits (B, T, V), loss given labels (B, T) (shifted here, -100 ignored), and the
         cache with use_cache=True (or a cache given: then input_ids come after what it holds)."""
         gpt = self.gpt_neox
+        gpt.think_threshold = adaptive_threshold(self.config)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported by nanoPonder's models (attention_mask has zeros): "
                              "pass sequences of one length, or one sequence at a time")
@@ -134,6 +142,9 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
         B, T = input_ids.size()
         exact = n_jacobi is None and self.config.thoughts == 'exact'
         if cache is None and not use_cache:
+            if gpt.think_threshold < 1 and gpt.config.n_thoughts and not exact:
+                raise ValueError("think_threshold < 1 (adaptive thoughts) applies to decoding through the cache and "
+                                 "to thoughts='exact'; the parallel Jacobi forward thinks every thought")
             if exact and gpt.config.n_thoughts:
                 h, _ = gpt.sequential(input_ids, gpt.new_caches(B, T, input_ids.device))
                 logits = self.embed_out(h)
@@ -170,7 +181,7 @@ class NanoPonderForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             input_ids = input_ids[:, cache.get_seq_length():]
         elif not use_cache and self.gpt_neox.config.n_thoughts:
-            if self.gpt_neox.think_threshold < 1:
+            if adaptive_threshold(self.config) < 1:
                 raise ValueError("think_threshold < 1 (adaptive thoughts) decodes through the cache: generate with "
                                  "use_cache=True")
             n_jacobi = self.gpt_neox.exact_passes(input_ids.size(1))

@@ -23,7 +23,7 @@ def branching_reference(model, idx, tau):
     was surer than tau; a skipped slot gets a copy of the last computed slot's keys and values (by hand). -> the
     predicting states (B, T, C), the caches' keys (B rows), and how many slots were skipped."""
     K = model.config.n_thoughts
-    hs, keys, skipped = [], [], 0
+    hs, keys, skipped, stopped = [], [], 0, 0
     for row in idx:
         cache = model.new_caches(1, idx.size(1), idx.device)[0]
         out = []
@@ -35,6 +35,7 @@ def branching_reference(model, idx, tau):
                     break
                 h = model.trunk(h, pos, cache)
             computed = cache.pos - t * (K + 1)  # this token's slots computed so far
+            stopped += computed < K + 1
             for _ in range(K + 1 - computed):  # the skipped slots: the last computed one's keys and values
                 cache.k[:, :, :, cache.pos] = cache.k[:, :, :, cache.pos - 1]
                 cache.v[:, :, :, cache.pos] = cache.v[:, :, :, cache.pos - 1]
@@ -42,8 +43,15 @@ def branching_reference(model, idx, tau):
                 skipped += 1
             out.append(h)
         hs.append(torch.cat(out, dim=1))
-        keys.append(cache.k[:, 0, :, :cache.pos])
-    return torch.cat(hs), torch.stack(keys, dim=1), skipped
+        keys.append(torch.cat((cache.k[:, 0, :, :cache.pos], cache.v[:, 0, :, :cache.pos]), dim=-1))
+    return torch.cat(hs), torch.stack(keys, dim=1), skipped, stopped
+
+
+def exact_states(model, idx):
+    tau, model.think_threshold = model.think_threshold, 1.0
+    states = pass_states(model, idx)[:, :, -1]
+    model.think_threshold = tau
+    return states
 
 
 def run(model, idx):
@@ -64,29 +72,30 @@ def test_the_rule_is_the_branching_reference_at_every_threshold(K):
         for tau in taus:
             model.think_threshold = tau
             h, cache = run(model, idx)
-            ref_h, ref_k, ref_skipped = branching_reference(model, idx, tau)
+            ref_h, ref_kv, ref_skipped, ref_stopped = branching_reference(model, idx, tau)
             torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(cache.k[:, :, :, :cache.pos], ref_k, atol=1e-5, rtol=1e-5)
-            assert int(cache.skipped) == ref_skipped
-            skips.append(ref_skipped)
+            kv = torch.cat((cache.k[:, :, :, :cache.pos], cache.v[:, :, :, :cache.pos]), dim=-1)
+            torch.testing.assert_close(kv, ref_kv, atol=1e-5, rtol=1e-5)
+            assert (int(cache.skipped), int(cache.stopped)) == (ref_skipped, ref_stopped)
+            skips.append((ref_skipped, ref_stopped))
     total = K * idx.numel()
-    assert skips[0] == total and skips[-1] == 0 and total > skips[1] > skips[2] > 0, skips  # the test can tell
+    assert skips[0][0] == total and skips[-1][0] == 0 and total > skips[1][0] > skips[2][0] > 0, skips  # it can tell
+    if K == 2:  # some token stops after its first thought (skips one slot, not two)
+        assert any(2 * stopped - skipped > 0 for skipped, stopped in skips[1:3]), skips
 
 
 def test_threshold_one_is_todays_decoding_and_zero_reads_the_token_slot():
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     model = model_of(1)
     with torch.no_grad():
-        today = torch.cat([t for t, _ in generate_stream(model, idx[:, :4], 6, temperature=0)], dim=1)
-        logits_today = model.sequential_logits(idx)
-        model.think_threshold = 1.0  # set explicitly: no check at all
-        again = torch.cat([t for t, _ in generate_stream(model, idx[:, :4], 6, temperature=0)], dim=1)
-        assert torch.equal(again, today)
-        assert torch.equal(model.sequential_logits(idx), logits_today)
+        # tau = 1 is today's decoding: the parallel forward with every thought exact, an independent computation
+        exact = model(idx, n_jacobi=model.exact_passes(idx.size(1)))[0]
+        torch.testing.assert_close(model.sequential_logits(idx), exact, atol=1e-5, rtol=1e-5)
+        first = pass_states(model, idx)[:, :1, 0]  # the thinking model's token-slot readout of the first token
         model.think_threshold = 0.0  # every token predicts from its token slot
-        states = pass_states(model, idx)  # (the exact, thinking model's readouts; the first is the token slot)
         h, cache = run(model, idx)
-        torch.testing.assert_close(h[:, :1], states[:, :1, 0], atol=1e-5, rtol=1e-5)  # the first token: the same
+        torch.testing.assert_close(h[:, :1], first, atol=1e-5, rtol=1e-5)  # (later tokens see copied keys)
+        assert (h[:, 1:] - exact_states(model, idx)[:, 1:]).abs().max() > 1e-3  # which differ: the test can tell
         assert int(cache.skipped) == int(cache.stopped) == idx.numel()
         with pytest.raises(ValueError, match='use_cache=True'):
             next(generate_stream(model, idx[:, :4], 2, use_cache=False))
@@ -120,6 +129,9 @@ def test_eval_scores_each_threshold_and_sample_takes_one(tmp_path, tiny_tokenize
     assert one['loss'] == pytest.approx(exact, rel=1e-6) and one['skipped'] == 0
     assert one['flops_per_token'] == inference_flops_per_token(model.config)
     assert zero['skipped'] == 1 and zero['flops_per_token'] == adaptive_flops_per_token(model.config, 1, 1)
+    head = 2 * 32 * 300  # tau = 0: one slot's trunk (half of the two slots'), the check and the prediction
+    assert zero['flops_per_token'] == pytest.approx((one['flops_per_token'] - head) / 2 + 2 * head, rel=0.02)
+    assert 0 <= half['skipped'] <= 1 and zero['loss'] != one['loss']
     assert '| think_threshold | thought slots skipped |' in r.stdout
     args = ['--max_new_tokens=5', '--start=the cat', '--temperature=0', '--dtype=float32']
     plain, at_one = run('sample.py', *args), run('sample.py', *args, '--think_threshold=1.0')

@@ -371,5 +371,11 @@ def test_sample_py_greedy_text_is_transformers_generate(tokenizer_json, tmp_path
     with torch.no_grad():
         out = hf.generate(ids, max_new_tokens=20, do_sample=False)
         assert torch.equal(out, model.generate(ids, 20, temperature=0))
+        model.think_threshold = 1.0
+        assert not torch.equal(out, model.generate(ids, 20, temperature=0))  # tau 0.3 skips and changes the text
+        hf.config.think_threshold = 1.5  # (from_pretrained sets it after the config's own check)
+        with pytest.raises(ValueError, match='think_threshold must be a number in'):
+            hf.generate(ids, max_new_tokens=2, do_sample=False)
+        hf.config.think_threshold = 0.3
         with pytest.raises(ValueError, match='use_cache=True'):
             hf.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
