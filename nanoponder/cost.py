@@ -25,7 +25,7 @@ import torch
 
 from model import GPT, METHOD_COUNTS
 from nanoponder import kernels
-from nanoponder.runtime import atomic_write, autocast, human_bytes
+from nanoponder.runtime import atomic_write, autocast, cache_path, human_bytes
 
 # dense bf16 peak TFLOP/s, looked up by a substring of torch.cuda.get_device_name()
 PEAK_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'A10G': 125, 'A6000': 155, 'L40S': 362, 'L4': 121,
@@ -169,8 +169,7 @@ def matmul_peak(device='cpu', dtype=torch.float32):
         name = cpu_name()
     key = f"{platform.node()} | {name} | {device.type} | {str(dtype).removeprefix('torch.')} | " \
           f"{torch.get_num_threads()} threads | torch {torch.__version__}"
-    path = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'nanoponder',
-                        'matmul_peak.json')
+    path = cache_path('matmul_peak.json')
     try:
         with open(path) as f:
             known = json.load(f)

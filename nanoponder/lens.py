@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoponder.data import read_meta, read_tokens
-from nanoponder.runtime import UserError, atomic_write, write_result
+from nanoponder.runtime import UserError, atomic_write, cache_path, write_result
 from nanoponder.tokenizer import checkpoint_data_dir, tokenizer_mismatch
 
 CHUNK = 1 << 24  # logits held at once: tokens x vocabulary
@@ -83,8 +83,7 @@ def token_counts(ids, vocab_size, step=1 << 26):
     if path:
         st = os.stat(path)
         key = hashlib.sha1(f"{os.path.realpath(path)} {st.st_size} {st.st_mtime_ns} {vocab_size}".encode())
-        cache = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'nanoponder',
-                             'token_counts', key.hexdigest() + '.npy')
+        cache = cache_path('token_counts', key.hexdigest() + '.npy')
         try:
             return np.load(cache)
         except (OSError, ValueError):

@@ -235,6 +235,11 @@ def temp_file(path, mode='wb'):
         raise
 
 
+def cache_path(*names):
+    """A path in nanoPonder's cache of measured figures: $XDG_CACHE_HOME/nanoponder/... (~/.cache by default)."""
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'nanoponder', *names)
+
+
 @contextmanager
 def atomic_write(path, mode='wb'):
     """Write path through its temp file (temp_file), renamed over path once complete: a reader (or a crash midway)
