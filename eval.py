@@ -30,14 +30,13 @@ import math
 import os
 import sys
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import pass_states, settled
 from nanoponder import kernels
 from nanoponder.checkpoint import load_init_from, resolve_init_from
 from nanoponder.cost import kv_cache_bytes_per_token, kv_cache_slots
-from nanoponder.batches import (data_stream, sliding_windows, text_stream, utf8_bytes, window_batches,
+from nanoponder.batches import (data_stream, nats, sliding_windows, text_stream, utf8_bytes, window_batches,
                                 window_counts)
 from nanoponder.data import read_meta
 from nanoponder.adaptive import adaptive_table, score_thresholds
@@ -107,11 +106,6 @@ def results_path(init_from, ckpt_file, out, split='val'):
 
 # -----------------------------------------------------------------------------
 # the text: one stream of token ids, windows over it, and its bytes
-
-def nats(logits, y):
-    """Summed cross-entropy (natural log) of the scored targets y (B, T) under logits (B, T, V), a float."""
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum').item()
-
 
 # -----------------------------------------------------------------------------
 # loss and convergence

@@ -10,8 +10,8 @@ per τ: the share of thought slots skipped, the loss, the FLOPs per token (cost.
 import math
 
 import torch
-import torch.nn.functional as F
 
+from nanoponder.batches import nats
 from nanoponder.cost import adaptive_flops_per_token, inference_flops_per_token
 
 
@@ -22,16 +22,15 @@ def score_thresholds(model, batches, thresholds):
     try:
         for tau in thresholds:
             model.think_threshold = float(tau)
-            nats = n = tokens = skipped = stopped = 0
+            total = n = tokens = skipped = stopped = 0
             for x, y in batches():
                 caches = model.new_caches(x.size(0), x.size(1), x.device)
                 h, _ = model.sequential(x, caches)
-                logits = model.embed_out(h).float()
-                nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum').item()
+                total += nats(model.embed_out(h), y)
                 n += int((y >= 0).sum())
                 tokens += x.numel()
                 skipped, stopped = skipped + int(caches[0].skipped), stopped + int(caches[0].stopped)
-            loss = nats / n
+            loss = total / n
             rows.append(dict(threshold=float(tau), loss=loss, ppl=math.exp(min(loss, 700)),
                              skipped=skipped / (cfg.n_thoughts * tokens),
                              flops_per_token=adaptive_flops_per_token(cfg, skipped / tokens, stopped / tokens)

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nanoponder.data import TOKEN_DTYPE, read_meta, read_tokens, split_path
 from nanoponder.runtime import UserError, one_line
@@ -146,6 +147,11 @@ def window_batches(ids, windows, batch_size, device):
             for row, (s, _, first) in enumerate(group[i:i + batch_size]):
                 y[row, :first - s - 1] = -1  # targets before `first` were scored by an earlier window
             yield x, y
+
+
+def nats(logits, y):
+    """Summed cross-entropy (natural log) of the scored targets y (B, T) under logits (B, T, V), a float."""
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum').item()
 
 
 def window_counts(windows):
