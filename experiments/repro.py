@@ -179,19 +179,29 @@ def last_error(log):
 
 def eval_losses(out_dir, split='val', checkpoint='ckpt.pt'):
     """The run's loss over the whole split, by eval.py: Jacobi thoughts at R=3 (the papers' number) and, for thought
-    models, exact thoughts (one token at a time through the KV cache, as decoding computes them). Its eval json is
-    reused while it is newer than the checkpoint and the split's token file (data prepared again: evaluated again).
-    checkpoint: best.pt scores the run's best val checkpoint instead (eval_<split>_best)."""
+    models, exact thoughts (one token at a time through the KV cache, as decoding computes them)."""
+    return losses_of(eval_rows(out_dir, split, checkpoint))
+
+
+def losses_of(rows):
+    """eval.py's rows -> (the loss at R=3, or the one row's without thoughts; the exact thoughts' loss or None)."""
+    loss = {row['name']: row['loss'] for row in rows}
+    if 'exact' not in loss:  # no thoughts: one row
+        return next(iter(loss.values())), None
+    return loss['R=3'], loss['exact']
+
+
+def eval_rows(out_dir, split='val', checkpoint='ckpt.pt'):
+    """eval.py's rows of the run over the whole split (R = 0..3, and exact thoughts). Its eval json is reused while
+    it is newer than the checkpoint and the split's token file (data prepared again: evaluated again). checkpoint:
+    best.pt scores the run's best val checkpoint instead (eval_<split>_best)."""
     out = os.path.join(out_dir, ('eval' if split == 'val' else f'eval_{split}') + ('_best' if checkpoint == 'best.pt'
                                                                                     else ''))
     inputs = (os.path.join(out_dir, checkpoint), os.path.join(data_dir, f'{split}.bin'))
     if not os.path.exists(out + '.json') or os.path.getmtime(out + '.json') < max(map(os.path.getmtime, inputs)):
         run_eval(os.path.join(out_dir, checkpoint), out, split)
     with open(out + '.json') as f:
-        rows = {row['name']: row['loss'] for row in json.load(f)['rows']}
-    if 'exact' not in rows:  # no thoughts: one row
-        return next(iter(rows.values())), None
-    return rows['R=3'], rows['exact']
+        return json.load(f)['rows']
 
 
 def run_eval(ckpt, out, split):
@@ -221,12 +231,12 @@ def evaluate(name, seed, out_dir, seconds):
     params = shapes.get_num_params()
     note = RUNS[name][2]
     jacobi, exact = eval_losses(out_dir)
-    test_loss, test_loss_exact = eval_losses(out_dir, 'test')  # held out from every choice made on val
+    test_rows = eval_rows(out_dir, 'test')  # held out from every choice made on val
+    test_loss, test_loss_exact = losses_of(test_rows)
+    passes = [{k: row.get(k) for k in ('passes', 'loss', 'change', 'distance_to_exact')}  # the thoughts'
+              for row in test_rows if row['thoughts'] == 'jacobi']                         # convergence per pass
     # a run that overfits (the FLOPs-matched vanilla): also its best val checkpoint, scored on test
     best = eval_losses(out_dir, 'test', 'best.pt')[0] if name == 'vanilla-flops' else None
-    with open(os.path.join(out_dir, 'eval_test.json')) as f:  # the thoughts' convergence, pass by pass
-        passes = [{k: row.get(k) for k in ('passes', 'loss', 'change', 'distance_to_exact')}
-                  for row in json.load(f)['rows'] if row['thoughts'] == 'jacobi']
     counts = read_meta(data_dir)['tokens']  # which val and test splits the losses are of
     tokens = ckpt.iter_num * ckpt.config['batch_size'] * ckpt.config['gradient_accumulation_steps'] * cfg.block_size
     return dict(name=name, label=cfg.method_label + (f", {note}" if note else ''), method=cfg.method, seed=seed,
