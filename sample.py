@@ -111,7 +111,8 @@ def encode_prompt(tok, text, config):
 
 def generate_one(model, prompt, tok, ctx, device_type):
     """Generate one sample after the prompt ids and print it (streamed, or at the end) -> (new ids, seconds)."""
-    idx = torch.tensor([prompt or [tok.eos_id]], dtype=torch.long, device=model.embed_in.weight.device)
+    context = prompt or [tok.eos_id]  # no prompt: generation starts from the EOS token
+    idx = torch.tensor([context], dtype=torch.long, device=model.embed_in.weight.device)
     decode = lambda ids: safe_decode(tok, ids)  # noqa: E731
     streaming = num_samples == 1 if stream is None else stream  # by default a single sample streams
     printer = TextStream(decode, prompt) if streaming else None
@@ -140,7 +141,7 @@ def generate_one(model, prompt, tok, ctx, device_type):
         print(decode(prompt + new))
     if lens:
         with ctx:
-            lines = sample_lines(model, (prompt or [tok.eos_id]) + new, len(prompt or [tok.eos_id]), decode)
+            lines = sample_lines(model, context + new, len(context), decode)
         print('\n'.join(lines), file=sys.stderr, flush=True)
     return new, seconds
 
