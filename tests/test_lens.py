@@ -19,6 +19,7 @@ from model import GPTConfig, pass_states
 from nanoponder.lens import LensTotals, frequency_buckets, pass_names, token_counts
 from helpers import ENV, ROOT, TINY_MODEL, assert_one_error, randomize_matrices, tiny, write_checkpoint
 from test_methods import PAUSE_ID, stack
+from test_thoughts import sequential_thought_slots
 
 METHODS = {'vanilla': {}, 'ponderlm2-k1': dict(n_thoughts=1), 'ponderlm2-k2': dict(n_thoughts=2),
            'ponderlm1-n2': dict(n_ponder=2), 'hidden-n2': dict(n_hidden=2), 'loop-k2': dict(n_loop=2),
@@ -35,23 +36,6 @@ def ids(T=7, seed=0):
 
 # -----------------------------------------------------------------------------
 # the readouts against each method's definition
-
-def thought_slots_reference(model, idx):
-    """PonderLM-2 one slot at a time, no cache, no Jacobi: feed e_t, then K times the last output, all at position
-    t, recomputing the whole slot sequence for every slot. -> every slot's output (B, T, K+1, C)."""
-    K = model.config.n_thoughts
-    slots, positions, out = [], [], []
-    for t in range(idx.size(1)):
-        slots.append(model.embed_in(idx[:, t]) * math.sqrt(2.5 * model.config.n_embd))
-        positions.append(t)
-        for _ in range(K + 1):
-            h = model.trunk(torch.stack(slots, dim=1), torch.tensor(positions))[:, -1]  # (B, C)
-            out.append(h)
-            if len(out) % (K + 1):
-                slots.append(h)
-                positions.append(t)
-    return torch.stack(out, dim=1).view(idx.size(0), idx.size(1), K + 1, -1)
-
 
 def loop_runs_reference(model, idx):
     """Loop's readout after run j: the layer stack j+1 times from the embeddings, then the final LayerNorm."""
@@ -92,7 +76,7 @@ def feedback_steps_reference(model, idx):
     return torch.stack(steps, dim=2)
 
 
-REFERENCES = {'ponderlm2': thought_slots_reference, 'loop': loop_runs_reference, 'pause': pause_slots_reference,
+REFERENCES = {'ponderlm2': sequential_thought_slots, 'loop': loop_runs_reference, 'pause': pause_slots_reference,
               'ponderlm1': feedback_steps_reference, 'hidden': feedback_steps_reference}
 
 

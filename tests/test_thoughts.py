@@ -22,22 +22,27 @@ BLOCK = 64  # the context of the tiny models here, tiny(block_size=BLOCK)
 # -----------------------------------------------------------------------------
 # the definition: the parallel Jacobi form against the sequential one
 
-def sequential_thought_logits(model, idx):
+def sequential_thought_slots(model, idx):
     """The definition, one slot at a time: feed e_t, then K times feed back the last output, all at position t.
-    No cache, no Jacobi: the whole slot sequence so far is recomputed for every slot. Returns (B, T, V)."""
+    No cache, no Jacobi: the whole slot sequence so far is recomputed for every slot. Returns every slot's output
+    (B, T, K+1, C): the token slot's (the first thought), ..., the last thought slot's, which predicts."""
     K = model.config.n_thoughts
-    slots, positions, logits = [], [], []
+    slots, positions, outputs = [], [], []
     for t in range(idx.size(1)):
         slots.append(model.embed_in(idx[:, t]) * math.sqrt(2.5 * model.config.n_embd))
         positions.append(t)
-        for _ in range(K + 1):
+        for j in range(K + 1):
             h = model.trunk(torch.stack(slots, dim=1), torch.tensor(positions))[:, -1]  # (B, C)
-            if len(slots) % (K + 1) == 0:  # the token's last thought was fed: h predicts the next token
-                break
-            slots.append(h)
-            positions.append(t)
-        logits.append(model.embed_out(h))
-    return torch.stack(logits, dim=1)
+            outputs.append(h)
+            if j < K:  # fed back as the next thought, at the same position
+                slots.append(h)
+                positions.append(t)
+    return torch.stack(outputs, dim=1).view(idx.size(0), idx.size(1), K + 1, -1)
+
+
+def sequential_thought_logits(model, idx):
+    """The definition's logits (B, T, V): each token's last slot's output through the head."""
+    return model.embed_out(sequential_thought_slots(model, idx)[:, :, -1])
 
 
 @pytest.mark.parametrize('K', [1, 2])
