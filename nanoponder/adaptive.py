@@ -1,5 +1,5 @@
 """
-Adaptive thoughts, scored (eval.py --think_thresholds=...): the loss of decoding with the model's think_threshold
+Adaptive thoughts, scored over a text: the loss of decoding with the model's think_threshold
 rule (model.GPT.sequential: a token stops thinking once a readout's top probability exceeds τ, a skipped slot
 reusing the last computed slot's keys and values), teacher-forced through the KV cache as decoding runs it, one row
 per τ: the share of thought slots skipped, the loss, the FLOPs per token (cost.adaptive_flops_per_token).

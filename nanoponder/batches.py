@@ -1,6 +1,6 @@
 """
 Batches cut from a prepared data directory: the training and validation batches of packed blocks, and the windows
-that score every token of a stream of ids once (a prepared split's or a text file's, for eval.py).
+that score every token of a stream of ids once (a prepared split's or a text file's).
 
     from nanoponder.batches import open_blocks, TrainBatches
     train_blocks, val_blocks, meta = open_blocks('data/shakespeare-bpe512', block_size=128, device='cpu')

@@ -1,8 +1,8 @@
 """
 The lens: every pass of every method read through the LM head, per token (docs/evaluation.md, "The lens").
 model.pass_states gives each token's P readouts (B, T, P, C), the last of which predicts; here they become
-statistics over a text (eval.py --lens=True), a picture (PATH_lens.png), and one line per sampled token
-(sample.py --lens=True). The early readouts get no loss in training: they are an untrained logit lens.
+statistics over a text, a picture of one stretch, and one line per sampled token. The early readouts get no
+loss in training: they are an untrained logit lens.
 
     totals = LensTotals(model.config, *target_buckets(V, ckpt, ids)[:2])
     totals.add(model.embed_out, pass_states(model, x), y)   # per batch; y (B, T) the targets, -1 = not scored

@@ -1,5 +1,5 @@
 """
-Paired comparisons over seeds, for experiments/repro.py's report: the mean difference with its 95% t-interval, the
+Paired comparisons over seeds, for an experiment's report: the mean difference with its 95% t-interval, the
 paired-t p (two-sided, or one-sided against a non-inferiority margin), Holm's adjustment over a family, an exact
 sign-flip permutation p, the smallest difference a design detects, and the words a p earns.
 
