@@ -202,12 +202,14 @@ class Attention(nn.Module):
         self.dense = nn.Linear(config.n_embd, config.n_embd)
         self.attend = causal_attention  # a seam: nanoponder/kernels.py installs faster kernels here
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, kv_index=None):
         B, T, C = x.size()
         # HF's fused layout is per head: the 3C output rows are grouped [head, (q, k, v), head_size]
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_size)
         apply_rotary_(qkv[:, :, :, :2], cos, sin)  # q and k at once, with cos, sin (T, 1, 1, rot)
         q, k, v = qkv.transpose(1, 2).unbind(dim=3)  # each (B, nh, T, hs)
+        if kv_index is not None:  # (B, T): the slot whose keys and values each one shows (thought dropout)
+            k, v = (t.gather(2, kv_index[:, None, :, None].expand_as(t)) for t in (k, v))
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
@@ -235,8 +237,8 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        attn = self.attention(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, kv_index=None):
+        attn = self.attention(self.input_layernorm(x), cos, sin, cache, layer, kv_index)
         if self.parallel_residual:
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         x = x + attn
@@ -299,14 +301,14 @@ class GPT(nn.Module):
 
     # --- the trunk f: the layer stack and the final LayerNorm ---
     activation_checkpointing = False  # recompute each Block in backward (a setting of the run)
-    jacobi_grad_passes = 0  # PonderLM-2: G >= 1 backpropagates through the last G passes only (a setting of the run)
+    jacobi_grad_passes = 0  # PonderLM-2: G >= 1 backpropagates through the last G passes only
     think_threshold = 1.0  # decoding: a token stops thinking once a readout is surer than this (1: never)
 
-    def trunk(self, x, pos, cache=None):
+    def trunk(self, x, pos, cache=None, kv_index=None):
         """x (B, T, C) input vectors at position ids pos (T,) -> hidden states (B, T, C) after the final LN."""
-        return self.final_layer_norm(self.blocks(x, pos, cache))
+        return self.final_layer_norm(self.blocks(x, pos, cache, kv_index))
 
-    def blocks(self, x, pos, cache=None):
+    def blocks(self, x, pos, cache=None, kv_index=None):
         """The layer stack alone -> the residual stream (B, T, C); each layer appends its keys and values to a cache."""
         cos, sin = (t[pos].to(x.dtype)[:, None, None] for t in (self.rope_cos, self.rope_sin))  # (T, 1, 1, rot)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
@@ -314,9 +316,9 @@ class GPT(nn.Module):
             if cache is not None:
                 x = block(x, cos, sin, cache, i)
             elif recompute:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, kv_index=kv_index, use_reentrant=False)
             else:  # no layer index: a compiled Block would specialize on it
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, kv_index=kv_index)
         if cache is not None:
             cache.pos += x.size(1)
         return x
@@ -330,18 +332,18 @@ class GPT(nn.Module):
         return torch.arange(start, start + n_tokens, device=device)
 
     # --- forward ---
-    def forward(self, idx, targets=None, n_jacobi=None):
-        """idx (B, T) -> logits (B, T, V), and the loss if targets (B, T) are given (-1 = ignore).
-        n_jacobi: PonderLM-2's Jacobi passes R (default config.n_jacobi)."""
+    def forward(self, idx, targets=None, n_jacobi=None, kept=None):
+        """idx (B, T) -> logits (B, T, V), and the loss if targets (B, T) are given (-1 = ignore). PonderLM-2:
+        n_jacobi (default config.n_jacobi) and kept, see think."""
         if idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size {self.config.block_size}")
-        logits = self.embed_out(self.next_token_states(idx, n_jacobi=n_jacobi))  # (B, T, V)
+        logits = self.embed_out(self.next_token_states(idx, n_jacobi=n_jacobi, kept=kept))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = self.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def next_token_states(self, idx, caches=None, n_jacobi=None, every_pass=False):
+    def next_token_states(self, idx, caches=None, n_jacobi=None, every_pass=False, kept=None):
         """The hidden states (B, T, C) that predict each next token, by the method. With caches (new_caches), idx
         comes after what they hold, PonderLM-2 token by token. every_pass: (B, T, P, C), see pass_states."""
         cfg = self.config
@@ -349,7 +351,7 @@ class GPT(nn.Module):
             if caches:
                 h, thoughts = self.sequential(idx, caches)
                 return torch.cat((thoughts, h[:, :, None]), dim=2) if every_pass else h
-            return self.think(idx, cfg.n_jacobi if n_jacobi is None else n_jacobi, every_pass=every_pass)
+            return self.think(idx, cfg.n_jacobi if n_jacobi is None else n_jacobi, every_pass=every_pass, kept=kept)
         if cfg.n_ponder or cfg.n_hidden:
             return self.ponder(idx, caches, every_pass)
         if cfg.n_pause:
@@ -361,36 +363,42 @@ class GPT(nn.Module):
         return h[:, :, None] if every_pass else h
 
     # --- PonderLM-2 ---
-    def think(self, idx, n_jacobi, cache=None, stop=None, every_pass=False):
-        """PonderLM-2 in parallel (docs/design.md) -> each token's last slot's output (B, T, C): K thought stages,
-        n_jacobi Jacobi passes over all (K+1)T slots (K(T-1) passes: exact), a final pass. cache: ends holding the
-        last pass's keys and values. stop(r, thoughts (B, T, K, C), h (B, T, C)) after pass r: True returns h.
-        every_pass: all K+1 slots' (B, T, K+1, C). jacobi_grad_passes G >= 1: a graph in the last G passes only."""
+    def think(self, idx, n_jacobi, cache=None, stop=None, every_pass=False, kept=None):
+        """PonderLM-2 in parallel (docs/design.md): K thought stages, n_jacobi Jacobi passes over all (K+1)T slots,
+        a final pass -> each token's predicting state (B, T, C); every_pass: all slots' (B, T, K+1, C). cache: ends
+        with the last pass's keys and values; stop(r, thoughts, h) True after pass r: return now; kept (B, T): the
+        thoughts each token computes (thought dropout)."""
         K, G, graph = self.config.n_thoughts, self.jacobi_grad_passes, torch.is_grad_enabled()
         e = self.embed(idx)  # (B, T, C)
         stages = [e]
         with torch.set_grad_enabled(graph and not G):
             for _ in range(K):  # S stages in, S outputs out: thought stages 1..S
-                h = self.run_stages(stages)  # (B, T, S, C)
+                h = self.run_stages(stages, kept=kept)  # (B, T, S, C)
                 stages = [e] + list(h.unbind(dim=2))
         start = cache.pos if cache is not None else 0
         for r in range(n_jacobi + 1):
             if cache is not None:  # each pass rewrites the same slots
                 cache.pos = start
             with torch.set_grad_enabled(graph and (not G or r > n_jacobi - G)):
-                h = self.run_stages(stages, cache)  # (B, T, K+1, C)
+                h = self.run_stages(stages, cache, kept)  # (B, T, K+1, C)
             stopped = stop is not None and stop(r, torch.stack(stages[1:], dim=2), h[:, :, K])
             if stopped or r == n_jacobi:
-                return h if every_pass else h[:, :, K]
+                if kept is None or every_pass:
+                    return h if every_pass else h[:, :, K]
+                return h.take_along_dim(kept[..., None, None], dim=2)[:, :, 0]  # each token's last slot computed
             stages = [e] + list(h[:, :, :K].unbind(dim=2))  # the Jacobi step: thought j+1 <- output at slot j
 
-    def run_stages(self, stages, cache=None):
+    def run_stages(self, stages, cache=None, kept=None):
         """S stages (B, T, C) interleaved token-major, e_1 z_1^1 .. e_2 z_2^1 .., each slot at its token's
         position, through f once -> (B, T, S, C)."""
         (B, T, C), S = stages[0].size(), len(stages)
         x = torch.stack(stages, dim=2).view(B, T * S, C)
         pos = self.positions(T, cache and [cache], x.device).repeat_interleave(S)
-        return self.trunk(x, pos, cache).view(B, T, S, C)
+        kv_index = None
+        if kept is not None:  # (B, T * S): a token's slot s shows the keys and values of its slot min(s, kept)
+            slot = torch.minimum(torch.arange(S, device=x.device), kept[..., None])  # (B, T, S)
+            kv_index = (slot + S * torch.arange(T, device=x.device)[:, None]).view(B, T * S)
+        return self.trunk(x, pos, cache, kv_index).view(B, T, S, C)
 
     def exact_passes(self, n_tokens):
         """The Jacobi passes after which every thought of n_tokens tokens is exact: K(T-1)."""
@@ -414,8 +422,8 @@ class GPT(nn.Module):
                     sure = F.softmax(self.embed_out(h).float(), dim=-1).amax(dim=-1, keepdim=True) > tau
                     caches[0].stopped = caches[0].stopped + (sure & ~done).sum()
                     done = done | sure
-                if tau < 1 and h.device.type == 'cpu' and bool(done.all()):  # no row thinks: no pass (on a GPU
-                    caches[0].pos += 1  # the rows all run, the skipping ones discarded: no host sync per step)
+                if tau < 1 and h.device.type == 'cpu' and bool(done.all()):  # no row thinks: no pass (a host check: CPU only)
+                    caches[0].pos += 1
                     caches[0].reuse_last(done.view(B))
                     continue
                 h_next = self.trunk(h, pos, caches[0])

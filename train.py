@@ -80,6 +80,7 @@ n_thoughts = 1                  # PonderLM-2: K latent thoughts per token (0 = o
 n_jacobi = 3                    # PonderLM-2: Jacobi passes in evaluation
 jacobi_train_range = (2, 4)     # PonderLM-2: R drawn uniformly from lo..hi per training iteration
 jacobi_grad_passes = 0          # PonderLM-2: backpropagate through the last G of the R+1 passes only; 0 = all
+thought_dropout = 0.0           # PonderLM-2: at each thought a token stops thinking with this probability (docs/design.md)
 n_ponder = 0                    # PonderLM: pondering steps (0 = off)
 ponder_multiply = False         # PonderLM: multiply the first input embeddings by n_ponder
 n_pause = 0                     # Pause: K pause slots after every token (0 = off)
@@ -143,6 +144,15 @@ def jacobi_passes(seed, iteration, lo, hi):
     (seed, iteration), so every rank and a resumed run draw the same R."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(iteration))
     return int(torch.randint(lo, hi + 1, (), generator=g).item())
+
+
+def thought_pattern(seed, iteration, micro_batch, shape, K, p):
+    """Thought dropout: the thoughts (B, T) = shape each token of a micro-batch computes, 0..K, stopping at each
+    with probability p. A pure function of (seed, iteration, micro_batch = micro_step * world_size + rank, the
+    batch's index in the iteration), so that a resume and any number of processes draw the same."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(iteration)) * 1_000_003 + int(micro_batch) + 1)
+    go_on = torch.rand((*shape, K), generator=g) >= p  # (B, T, K)
+    return go_on.long().cumprod(dim=-1).sum(dim=-1)  # the thoughts before the first stop
 
 
 def make_optimizer(model, cfg, fused):
@@ -262,8 +272,12 @@ def main():
                 loss_sum = torch.zeros((), device=device)
                 for micro_step in range(accum):
                     set_gradient_sync(net, micro_step == accum - 1)  # reduce only in the last backward
+                    kept = None
+                    if R is not None and cfg.thought_dropout:
+                        kept = thought_pattern(cfg.seed, iter_num, micro_step * world_size + rank, X.shape,
+                                               model.config.n_thoughts, cfg.thought_dropout).to(X.device)
                     with ctx:
-                        loss = net(X, Y, n_jacobi=R)[1] / accum  # the gradient of the iteration's mean loss
+                        loss = net(X, Y, n_jacobi=R, kept=kept)[1] / accum  # the gradient of the iteration's mean loss
                     if micro_step + 1 < accum:  # read ahead while the accelerator works
                         X, Y = train_batches.get(epoch, position, micro_step + 1)
                     else:

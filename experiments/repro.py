@@ -65,6 +65,7 @@ RUNS = {
     'ponderlm2-k1': ('ponderlm2-k1', [], ''),
     'ponderlm2-k1-g2': ('ponderlm2-k1', ['--jacobi_grad_passes=2'], 'backward through the last 2 passes'),
     'ponderlm2-k1-g1': ('ponderlm2-k1', ['--jacobi_grad_passes=1'], 'backward through the last pass'),
+    'ponderlm2-k1-td': ('ponderlm2-k1', ['--thought_dropout=0.3'], 'thought dropout 0.3'),
     'ponderlm1-n3': ('ponderlm1-n3', [], ''),
     'pause-k1': ('pause-k1', ['--vocab_size=520', '--pause_token_id=519'], ''),  # a free embedding row for the pause
     'loop-k1': ('loop-k1', [], ''),

@@ -77,6 +77,9 @@ def check_config(cfg):
     if G and not cfg.n_thoughts and cfg.init_from == 'scratch':
         raise UserError(f"jacobi_grad_passes={G} truncates PonderLM-2's Jacobi passes, and n_thoughts is 0: set "
                         f"--n_thoughts=K, or drop jacobi_grad_passes")
+    if not (isinstance(cfg.thought_dropout, (int, float)) and 0 <= cfg.thought_dropout < 1):  # (nan fails too)
+        raise UserError(f"thought_dropout must be a probability in [0, 1) (0: every token thinks), got "
+                        f"{cfg.thought_dropout!r}")
     if not cfg.out_dir.strip():
         raise UserError("out_dir is empty: name a directory for the checkpoints, e.g. --out_dir=out")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
@@ -303,6 +306,9 @@ def build_model(cfg, train_batches, val_batches, meta):
     check_token_ids((train_batches.blocks, val_batches.blocks), model.config.vocab_size, cfg.data_dir, meta)
     tokenizer = tokenizer_record(cfg.data_dir, meta)
     notes = (resume_notes(ckpt.config or {}, cfg) if ckpt is not None else []) + other_data_notes(cfg, meta)
+    if cfg.thought_dropout and not model.config.n_thoughts:
+        notes.append(f"note: thought_dropout={cfg.thought_dropout:g}: a {model.config.method_label} model has no "
+                     f"thoughts to skip; it trains as it would without")
     if tokenizer['json'] is None and tokenizer['name'] != 'gpt2':  # gpt2: its name is all
         notes.append(f"note: the tokenizer of {cfg.data_dir} cannot be loaded (meta.json's tokenizer: "
                      f"{tokenizer['name']}, no tokenizer.json), so the checkpoints carry none: sample.py, eval.py "
@@ -383,8 +389,8 @@ def check_pause_token(cfg, data_vocab, model_vocab):
 
 
 # what a resume may change, but then no longer goes on as the uninterrupted run would have
-EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'jacobi_grad_passes', 'learning_rate', 'min_lr_ratio',
-                     'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
+EXACT_RESUME_KEYS = ('seed', 'jacobi_train_range', 'jacobi_grad_passes', 'thought_dropout', 'learning_rate',
+                     'min_lr_ratio', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip')
 
 
 def resume_notes(saved, cfg):

@@ -61,8 +61,10 @@ def summary(cfg, model, pretrained, train_batches, world_size, device, dtype, it
     source = f"{pretrained} (its architecture)" if pretrained else cfg.model or 'custom'
     lo, hi = cfg.jacobi_train_range
     G = cfg.jacobi_grad_passes
+    p = cfg.thought_dropout
     method = config.method_label + (f", R in {lo}..{hi} in training{f' (backward through the last {G})' if G else ''}"
-                                    f", {config.n_jacobi} in eval" if config.n_thoughts else '')
+                                    f"{f', thought dropout {p:g}' if p else ''}, {config.n_jacobi} in eval"
+                                    if config.n_thoughts else '')
     plan = plan_memory(config, cfg.batch_size, cfg.block_size, n_jacobi=hi, dtype=dtype, parallelism=cfg.parallelism,
                        world_size=world_size, grad_accum=accum, activation_checkpointing=cfg.activation_checkpointing,
                        gather_dtype=gather_dtype(cfg.parallelism, device, dtype), device_type=torch.device(device).type,

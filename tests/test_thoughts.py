@@ -189,8 +189,8 @@ def test_gradients_flow_through_stage_building(monkeypatch):
     run_stages = model.run_stages
     calls = []
 
-    def detach_first_pass(stages, cache=None):  # the stage-building pass is the first call
-        out = run_stages(stages, cache)
+    def detach_first_pass(stages, cache=None, kept=None):  # the stage-building pass is the first call
+        out = run_stages(stages, cache, kept)
         calls.append(1)
         return out.detach() if len(calls) == 1 else out
 

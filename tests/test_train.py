@@ -127,8 +127,9 @@ def test_a_checkpoint_of_format_2_resumes_exactly(full_and_half, tmp_path):
 
 def test_ddp_matches_one_process(tmp_path):
     # the same global batch (2 sequences x 2 micro-batches) as 1 process x 2 accumulation steps
-    # and as 2 processes x 1; the Jacobi draws R must agree across the ranks too
-    args = ['--max_iters=3', '--eval_interval=3', '--batch_size=2', '--gradient_accumulation_steps=2']
+    # and as 2 processes x 1; the Jacobi draws R and the thought-dropout patterns must agree across the ranks too
+    args = ['--max_iters=3', '--eval_interval=3', '--batch_size=2', '--gradient_accumulation_steps=2',
+            '--thought_dropout=0.3']
     run_train(tmp_path, *args, out='one')
     r = run_train(tmp_path, *args, nproc=2, out='two')
     assert 'FutureWarning' not in r.stderr, r.stderr[-2000:]  # (DDP's deprecated broadcast_buffers, on every rank)
