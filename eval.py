@@ -67,7 +67,7 @@ max_jacobi = 8          # the loss and the convergence after R = 0..max_jacobi J
 jacobi_tols = (1e-2, 1e-3, 1e-4)  # adaptive Jacobi at each of these tolerances: the passes taken and the loss
 exact = True            # also the exact thoughts, one token at a time through the KV cache (slower)
 lens = False            # also every pass's readout through the head (exact thoughts; --thoughts=jacobi: n_jacobi)
-think_thresholds = ()   # PonderLM-2: also the loss of adaptive thoughts at each, e.g. (1,0.9,0.6,0) (a row each)
+think_thresholds = ()   # PonderLM-2: the loss of adaptive thoughts at each, e.g. (1,0.9,0.6,0); --tasks: one, (0.9,)
 # downstream tasks (lm-evaluation-harness)
 tasks = ''              # comma-separated task names: switches to downstream mode
 num_fewshot = 0         # examples shown before each task question
@@ -282,8 +282,12 @@ def check_options():
         raise UserError(f"lens must be True or False, got {lens!r}")
     if not all(type(t) in (int, float) and 0 <= t <= 1 for t in think_thresholds):
         raise UserError(f"think_thresholds must be numbers in [0, 1], e.g. (1,0.9,0.6,0), got {think_thresholds!r}")
-    if tasks and (lens or think_thresholds):
-        raise UserError("--lens and --think_thresholds read a text's loss (the loss mode): drop --tasks, or them")
+    if tasks and (lens or len(think_thresholds) > 1):
+        raise UserError("--lens and a sweep of --think_thresholds read a text's loss (the loss mode): drop --tasks, "
+                        "or them (--tasks takes one threshold, e.g. --think_thresholds=(0.9,))")
+    if tasks and think_thresholds and think_thresholds[0] < 1 and thoughts != 'exact':
+        raise UserError("--think_thresholds stops thoughts token by token, as decoding does; --thoughts=jacobi "
+                        "cannot: drop one")
     if not tasks and (jacobi_tol is not None or (thoughts == 'exact' or not lens) and n_jacobi is not None
                       or not lens and thoughts != 'exact'):
         print("note: thoughts, n_jacobi and jacobi_tol choose how --tasks scores (and --thoughts=jacobi with n_jacobi "
@@ -334,8 +338,6 @@ def run_loss(model, tok, ckpt, device_name, compute_dtype, path, name):
         with ctx:
             adaptive = score_thresholds(model, lambda: window_batches(ids, windows, batch_size, device_name),
                                         think_thresholds)
-    elif think_thresholds:
-        print(f"note: think_thresholds: a {cfg.method_label} model has no thoughts to skip", file=sys.stderr)
     kv = kv_cache_bytes_per_token(cfg, torch.finfo(compute_dtype).bits // 8)
     print(f"{name}: {cfg.method_label}; {source}: {n_targets:,} tokens ({n_bytes:,} bytes) in {len(windows)} "
           f"windows of {block}, stride {step}")
@@ -385,11 +387,14 @@ def main():
     tok = model_tokenizer(source, ckpt, tokenizer, model.config.vocab_size)
     name = ckpt_file or init_from
     kernels.install(model)  # faster attention and loss where they suit (nanoponder/kernels.py)
+    if think_thresholds and not model.config.n_thoughts:
+        print(f"note: think_thresholds: a {model.config.method_label} model has no thoughts to skip", file=sys.stderr)
     if tasks:
         return lm_eval_adapter().run_tasks(
             model, tok, name, path, [t.strip() for t in tasks.split(',') if t.strip()], num_fewshot, limit, task_dir,
             seed, thoughts=thoughts, n_jacobi=n_jacobi, jacobi_tol=jacobi_tol, batch_size=batch_size,
-            max_gen_toks=max_gen_toks, device=device_name, dtype=dtype)
+            max_gen_toks=max_gen_toks, device=device_name, dtype=dtype,
+            think_threshold=think_thresholds[0] if think_thresholds else None)
     model.to(device_name).eval()
     run_loss(model, tok, ckpt, device_name, compute_dtype, path, name)
 

@@ -3,8 +3,10 @@ A nanoPonder model as an lm-evaluation-harness 0.4 model: NanoPonderLM, register
 with batched loglikelihood (through TemplateLM's tokenization of context and continuation, as lm-eval's own 'hf'
 model), loglikelihood_rolling and generate_until. A PonderLM-2 model scores with exact thoughts (thoughts='exact':
 the thoughts that decoding computes) or with Jacobi passes (thoughts='jacobi': n_jacobi parallel passes, or
-adaptively to jacobi_tol, as the papers score), and generates with model.generate_stream. run_tasks runs a list of
-tasks end to end: a table on stdout and a JSON report.
+adaptively to jacobi_tol, as the papers score), and generates with model.generate_stream. With exact thoughts it
+honours adaptive thoughts (think_threshold τ < 1, or the model's own): scoring and generating stop a token's thoughts
+as decoding does; Jacobi passes have no such rule and refuse τ < 1. run_tasks runs a list of tasks end to end: a
+table on stdout and a JSON report.
 
     import lm_eval
     from nanoponder.lm_eval_adapter import NanoPonderLM
@@ -62,16 +64,24 @@ def sampling(settings):
 @register_model('nanoponder')
 class NanoPonderLM(TemplateLM):
     """model and tokenizer (a GPT and its tokenizer), or init_from (and a tokenizer override): any --init_from
-    value. batch_size: requests per forward ('auto' is not supported: 8)."""
+    value. batch_size: requests per forward ('auto' is not supported: 8). think_threshold: set on the model (None:
+    the model's own)."""
 
     def __init__(self, model=None, tokenizer=None, init_from=None, thoughts='exact', n_jacobi=None, jacobi_tol=None,
-                 batch_size=8, max_gen_toks=256, device='cpu', dtype='float32', **unused):
+                 batch_size=8, max_gen_toks=256, device='cpu', dtype='float32', think_threshold=None, **unused):
         super().__init__()
         if model is None:  # loaded here as the scripts load it, with their kernels (a model given is used as it is)
             model, ckpt, source = load_init_from(init_from, 'out')
             tokenizer = model_tokenizer(source, ckpt, tokenizer or '', model.config.vocab_size)
             kernels.install(model)
         check_thought_mode(thoughts)
+        if think_threshold is not None:
+            if not 0 <= float(think_threshold) <= 1:
+                raise UserError(f"think_threshold must be in [0, 1] (1 = always think), got {think_threshold}")
+            model.think_threshold = float(think_threshold)
+        if model.think_threshold < 1 and model.config.n_thoughts and thoughts != 'exact':
+            raise UserError(f"think_threshold {model.think_threshold:g} stops thoughts token by token, as decoding "
+                            f"does; Jacobi passes cannot: use thoughts='exact'")
         self._device = resolve_device(str(device))
         device_type = torch.device(self._device).type
         self.ctx = autocast(device_type, resolve_dtype(dtype, device_type))
@@ -205,7 +215,8 @@ class NanoPonderLM(TemplateLM):
         if not self.model.config.n_thoughts:
             return 'none (no thoughts)'
         if self.thoughts == 'exact':
-            return 'exact (sequential, KV cache)'
+            tau = self.model.think_threshold
+            return 'exact (sequential, KV cache)' + (f', think_threshold {tau:g}' if tau < 1 else '')
         if self.jacobi_tol is not None:
             return f'jacobi, adaptive to tol {self.jacobi_tol:g}'
         return f'jacobi, {self.model.config.n_jacobi if self.n_jacobi is None else self.n_jacobi} passes'

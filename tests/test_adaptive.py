@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model import generate_stream, pass_states
+from nanoponder.adaptive import skip_decisions
 from helpers import randomize_matrices, tiny
 
 
@@ -77,6 +78,9 @@ def test_the_rule_is_the_branching_reference_at_every_threshold(K):
             kv = torch.cat((cache.k[:, :, :, :cache.pos], cache.v[:, :, :, :cache.pos]), dim=-1)
             torch.testing.assert_close(kv, ref_kv, atol=1e-5, rtol=1e-5)
             assert (int(cache.skipped), int(cache.stopped)) == (ref_skipped, ref_stopped)
+            decisions = skip_decisions(cache, idx.size(1), K + 1)  # (B, T, K): read back from the keys
+            assert decisions.shape == (3, 10, K) and int(decisions.sum()) == ref_skipped
+            assert not (decisions[:, :, :-1] & ~decisions[:, :, 1:]).any()  # a token that stops skips the rest
             skips.append((ref_skipped, ref_stopped))
     total = K * idx.numel()
     assert skips[0][0] == total and skips[-1][0] == 0 and total > skips[1][0] > skips[2][0] > 0, skips  # it can tell
@@ -132,7 +136,9 @@ def test_eval_scores_each_threshold_and_sample_takes_one(tmp_path, tiny_tokenize
     head = 2 * 32 * 300  # tau = 0: one slot's trunk (half of the two slots'), the check and the prediction
     assert zero['flops_per_token'] == pytest.approx((one['flops_per_token'] - head) / 2 + 2 * head, rel=0.02)
     assert 0 <= half['skipped'] <= 1 and zero['loss'] != one['loss']
-    assert '| think_threshold | thought slots skipped |' in r.stdout
+    assert '| think_threshold | thought slots skipped |' in r.stdout and '| tokens/s (batch 1) | flips |' in r.stdout
+    for row in (one, half, zero):  # batch 1 over the first window's tokens: its decisions against the batched ones
+        assert row['tokens_per_second'] > 0 and 0 <= row['flip_rate'] <= 1 and row['flip_decisions'] == 16
     args = ['--max_new_tokens=5', '--start=the cat', '--temperature=0', '--dtype=float32']
     plain, at_one = run('sample.py', *args), run('sample.py', *args, '--think_threshold=1.0')
     assert plain.returncode == at_one.returncode == 0 and plain.stdout == at_one.stdout

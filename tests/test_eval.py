@@ -182,7 +182,8 @@ def run_main(monkeypatch, **config):
     (dict(thoughts='magic'), 'thoughts must be'), (dict(jacobi_tols=(-1,)), 'jacobi_tols'),
     (dict(stride=-1), 'stride must be >= 0, got -1'),
     (dict(n_jacobi=2.5), 'n_jacobi must be a whole number >= 0'),  # was a TypeError traceback in think
-    (dict(tasks='piqa', think_thresholds=(0.5,)), 'think_thresholds read a text'),  # lm-eval scores every thought
+    (dict(tasks='piqa', think_thresholds=(0.5, 0.9)), 'a sweep of --think_thresholds read a text'),  # one τ only
+    (dict(tasks='piqa', think_thresholds=(0.5,), thoughts='jacobi'), '--thoughts=jacobi cannot'),
     (dict(think_thresholds=(1, 1.5)), 'think_thresholds must be numbers in \\[0, 1\\]'),
     (dict(tasks=','), "tasks=',' names no task"),  # was lm-eval's ValueError after 25 s of loading
     (dict(seed=2 ** 64), 'seed must be a whole number in'),  # was torch's "Overflow when unpacking long long"

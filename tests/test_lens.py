@@ -234,7 +234,7 @@ def test_eval_lens_on_vanilla_is_one_pass_and_a_note(lens_run):
 
 @pytest.mark.parametrize('args, needles', [
     (['--lens=maybe'], ['--lens=maybe', 'lens must be']),
-    (['--lens=True', '--tasks=piqa'], ['--lens and --think_thresholds read a text', 'drop --tasks'])])
+    (['--lens=True', '--tasks=piqa'], ['--lens and a sweep of --think_thresholds read a text', 'drop --tasks'])])
 def test_bad_lens_options_are_one_error_line(lens_run, args, needles):
     r = run('eval.py', f'--init_from={lens_run / "k1" / "ckpt.pt"}', f'--out={lens_run / "bad"}', *args)
     assert_one_error(r, 2, *needles)

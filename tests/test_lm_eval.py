@@ -207,6 +207,27 @@ def test_lm_eval_adapter_scores_thought_models_exactly_or_with_jacobi(tok):
     assert max(abs(e[0] - j[0]) for e, j in zip(exact, jacobi)) > 1e-3  # the two ways differ: both are checked
 
 
+def test_lm_eval_adapter_honours_adaptive_thoughts_with_exact_thoughts_only(tok):
+    pytest.importorskip('lm_eval')
+    model = randomize(tiny(n_thoughts=1, vocab_size=300), std=0.5)
+    requests = [instance('loglikelihood', p) for p in PAIRS]
+    lm = ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, batch_size=2, think_threshold=0.0)
+    assert lm.scoring() == 'exact (sequential, KV cache), think_threshold 0'
+    adaptive = lm.loglikelihood(requests)
+    prompt = torch.tensor([tok.encode('the cat')])
+    generated = lm.generate_until([instance('generate_until', ('the cat', {'until': ['never seen'],
+                                                                          'max_gen_toks': 4}))])
+    assert generated[0] == tok.decode(model.generate(prompt, 4, temperature=0)[0, prompt.size(1):].tolist())
+    for (context, continuation), (logprob, _) in zip(PAIRS, adaptive):  # the rule as decoding applies it
+        assert logprob == pytest.approx(reference_logprob(tok, context, continuation, model.sequential_logits),
+                                        abs=1e-4)
+    model.think_threshold = 1.0
+    always = ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, batch_size=2).loglikelihood(requests)
+    assert max(abs(a[0] - b[0]) for a, b in zip(adaptive, always)) > 1e-3  # the threshold changed the scores
+    with pytest.raises(ev.UserError, match="Jacobi passes cannot: use thoughts='exact'"):
+        ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, thoughts='jacobi', think_threshold=0.5)
+
+
 @pytest.mark.parametrize('kw', [dict(n_pause=2, pause_token_id=299), dict(n_loop=1), dict(n_hidden=2)])
 def test_lm_eval_adapter_scores_a_baseline_in_one_forward_per_batch(tok, kw):
     """No thoughts: the parallel forward is exact, right-padded batches included (Pause's slots after the padding
