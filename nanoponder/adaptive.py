@@ -3,8 +3,8 @@ Adaptive thoughts, scored over a text: the loss of decoding with the model's thi
 rule (model.GPT.sequential: a token stops thinking once a readout's top probability exceeds τ, a skipped slot
 reusing the last computed slot's keys and values), teacher-forced through the KV cache as decoding runs it, one row
 per τ: the share of thought slots skipped, the loss, the FLOPs per token (cost.adaptive_flops_per_token), and the
-speed of decoding at batch 1 (the first window's first tokens, token by token, timed) with the share of its skip
-decisions that differ from the batched evaluation's on the same tokens (rounding near τ can flip one).
+speed of decoding at batch 1 (the first batch's windows one at a time, token by token, timed) with the share of
+its skip decisions that differ from the batched evaluation's on the same tokens (rounding near τ can flip one).
 
     rows = score_thresholds(model, lambda: window_batches(...), (1.0, 0.9, 0.6, 0.0))
     print(adaptive_table(rows))
@@ -19,9 +19,8 @@ from nanoponder.cost import adaptive_flops_per_token, inference_flops_per_token
 
 
 @torch.no_grad()
-def score_thresholds(model, batches, thresholds, speed_tokens=256):
-    """batches(): a fresh iterator of (x, y) windows (y: -1 = context, not scored). -> a row per threshold.
-    speed_tokens: how many of the first window's tokens decode at batch 1 for the speed and the flip rate."""
+def score_thresholds(model, batches, thresholds):
+    """batches(): a fresh iterator of (x, y) windows (y: -1 = context, not scored). -> a row per threshold."""
     cfg, rows, before = model.config, [], model.think_threshold
     try:
         for tau in thresholds:
@@ -32,9 +31,8 @@ def score_thresholds(model, batches, thresholds, speed_tokens=256):
                 h, _ = model.sequential(x, caches)
                 total += nats(model.embed_out(h), y)
                 n += int((y >= 0).sum())
-                if not tokens:  # the first window: its first row's decisions, for the flip rate
-                    first = x[:1, :speed_tokens]
-                    batched = skip_decisions(caches[0], first.size(1), cfg.slots)[0]
+                if not tokens:  # the first batch: its decisions, for the flip rate
+                    first, batched = x, skip_decisions(caches[0], x.size(1), cfg.slots)
                 tokens += x.numel()
                 skipped, stopped = skipped + int(caches[0].skipped), stopped + int(caches[0].stopped)
             loss = total / n
@@ -59,20 +57,22 @@ def skip_decisions(cache, n_tokens, slots):
 
 
 def decode_at_batch_one(model, x, batched):
-    """x (1, n) decoded token by token through a KV cache as sample.py does, after a warm-up -> (tokens per
-    second, the share of its skip decisions that differ from batched (n, K), the batched evaluation's)."""
-    model.sequential(x[:, :8], model.new_caches(1, 8, x.device))  # warm-up (first calls allocate)
-    caches = model.new_caches(1, x.size(1), x.device)
+    """Each row of x (B, n) decoded alone, token by token through a KV cache as sample.py does, after a warm-up
+    -> (tokens per second, the share of the skip decisions that differ from batched (B, n, K), the batched run's)."""
+    model.sequential(x[:1, :8], model.new_caches(1, 8, x.device))  # warm-up (first calls allocate)
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for t in range(x.size(1)):
-        h, _ = model.sequential(x[:, t:t + 1], caches)
-        model.embed_out(h)  # the logits a decoder samples from
-    sync()
-    seconds = time.perf_counter() - start
-    flips = (skip_decisions(caches[0], x.size(1), model.config.slots)[0] != batched).float().mean().item()
-    return x.size(1) / seconds, flips
+    seconds, flips = 0.0, 0
+    for row, decided in zip(x, batched):
+        caches = model.new_caches(1, x.size(1), x.device)
+        sync()
+        start = time.perf_counter()
+        for t in range(x.size(1)):
+            h, _ = model.sequential(row[None, t:t + 1], caches)
+            model.embed_out(h)  # the logits a decoder samples from
+        sync()
+        seconds += time.perf_counter() - start
+        flips += int((skip_decisions(caches[0], x.size(1), model.config.slots)[0] != decided).sum())
+    return x.numel() / seconds, flips / batched.numel()
 
 
 def adaptive_table(rows):

@@ -138,7 +138,7 @@ def test_eval_scores_each_threshold_and_sample_takes_one(tmp_path, tiny_tokenize
     assert 0 <= half['skipped'] <= 1 and zero['loss'] != one['loss']
     assert '| think_threshold | thought slots skipped |' in r.stdout and '| tokens/s (batch 1) | flips |' in r.stdout
     for row in (one, half, zero):  # batch 1 over the first window's tokens: its decisions against the batched ones
-        assert row['tokens_per_second'] > 0 and 0 <= row['flip_rate'] <= 1 and row['flip_decisions'] == 16
+        assert row['tokens_per_second'] > 0 and 0 <= row['flip_rate'] <= 1 and row['flip_decisions'] == 2 * 16
     args = ['--max_new_tokens=5', '--start=the cat', '--temperature=0', '--dtype=float32']
     plain, at_one = run('sample.py', *args), run('sample.py', *args, '--think_threshold=1.0')
     assert plain.returncode == at_one.returncode == 0 and plain.stdout == at_one.stdout

@@ -275,3 +275,26 @@ def test_the_verdicts_are_the_families_comparisons_on_test_with_holm_over_the_wh
     assert rows['t'][7] == 'non-inferior (interim: 3 of 4 seeds)'
     assert rows['b'][1:] == ['0', '-', '-', '-', '-', '-', 'not yet run', '-']
     assert repro.verdicts([dict(r, test_loss=None) for r in results]) == []  # val-only files: no verdicts
+
+
+def test_the_adaptive_curve_reads_crossings_and_the_pythia_break_even():
+    spec = importlib.util.spec_from_file_location('adaptive_curve', ROOT / 'experiments' / 'adaptive_curve.py')
+    ac = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ac)
+    from model import GPTConfig
+    from nanoponder.cost import inference_flops_per_token
+    curve = [(5.0, 3.00), (4.0, 3.10), (3.0, 3.30)]  # (FLOPs, loss) of a sweep, in any order
+    assert ac.reach(curve, 3.05) == pytest.approx(4.5)  # halfway between 4 and 5
+    assert ac.reach(curve, 3.40) == 3.0 and ac.reach(curve, 2.9) is None
+    assert ac.at(curve, 3.5) == pytest.approx(3.20) and ac.at(curve, 6.0) is None
+    for shape in ('pythia-70m', 'pythia-1.4b'):  # K=1: the check pays once the share skipped passes 2 head / rest
+        config = GPTConfig.preset(shape, n_thoughts=1)
+        head = 2 * config.n_embd * config.vocab_size
+        closed = 2 * head / (inference_flops_per_token(config) - head)
+        assert ac.break_even(config) == pytest.approx(closed, rel=1e-9)
+    rows = [dict(threshold=t, skipped=s, stopped=s, loss=l, flops_per_token=f * 1e6, tokens_per_second=100.0,
+                 flip_rate=0.0, flip_decisions=64) for t, s, l, f in ((1, 0, 3.0, 5.0), (0, 1, 3.3, 3.0))]
+    text = ac.tables({'k1': ({'tokens': 1000, 'adaptive': rows}, 12.0)},
+                     [dict(label='vanilla', loss=3.2, flops=2.5e6)])
+    assert '| 0 | 100.0% | 3.3000 | 3.00M | 100 | 0.00% of 64 |' in text
+    assert 'the curve reaches its loss from 3.67M FLOPs' in text and 'its FLOPs are outside the curve' in text

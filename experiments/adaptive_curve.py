@@ -1,0 +1,190 @@
+"""
+Adaptive thoughts, measured (docs/experiments.md): the loss against inference FLOPs per token of PonderLM-2 runs of
+experiments/repro.py decoding with a sweep of think_threshold τ (eval.py --think_thresholds on the whole test split,
+token by token through the KV cache, as decoding runs), with other runs (vanilla, 2x depth) as points; where each
+curve reaches each point's loss; and the FLOPs the measured skip shares would give at the Pythia shapes.
+
+    python experiments/adaptive_curve.py        # K=1 and K=1 trained with thought dropout 0.3, seed 1337
+    python experiments/adaptive_curve.py --runs=ponderlm2-k2 --thresholds="(1,0.6,0)" --out=out-adaptive
+
+Each run's sweep is `python eval.py --init_from=<out_root>/<run>-s<seed>/ckpt.pt --split=test --max_jacobi=0
+--jacobi_tols=() --exact=False --think_thresholds=<thresholds> --out=<out>/<run>-s<seed>` with OMP_NUM_THREADS=1
+(its report <run>-s<seed>.json is reused when it exists: delete it to measure again); the points' test losses and
+FLOPs come from results_dir's result files. Writes <out>/adaptive.md (the tables) and <out>/adaptive.png.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
+from model import GPTConfig  # noqa: E402
+from nanoponder.cost import adaptive_flops_per_token, cpu_name, inference_flops_per_token  # noqa: E402
+from nanoponder.runtime import UserError, atomic_write, check_output_dir, run_cli, write_json  # noqa: E402
+
+runs = 'ponderlm2-k1,ponderlm2-k1-td'  # PonderLM-2 runs (repro.py names), each swept over the thresholds
+points = 'vanilla,vanilla-2x'          # runs drawn as points, from results_dir
+seed = 1337
+thresholds = (1, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2, 0)
+out_root = os.path.join(ROOT, 'out-repro')  # the run folders (their ckpt.pt)
+results_dir = os.path.join(ROOT, 'experiments', 'results_v2')  # the result files of the points
+out = os.path.join(ROOT, 'experiments', 'adaptive')  # the sweeps' reports, adaptive.md, adaptive.png
+SHAPES = ('pythia-70m', 'pythia-410m', 'pythia-1.4b')  # the FLOPs at these shapes, from the measured shares
+
+
+def sweep(name):
+    """The run's eval.py report (its 'adaptive' rows), made now unless out holds it; -> (report, seconds or None)."""
+    path = os.path.join(out, f'{name}-s{seed}')
+    if os.path.exists(path + '.json'):
+        with open(path + '.json') as f:
+            return json.load(f), None
+    ckpt = os.path.join(out_root, f'{name}-s{seed}', 'ckpt.pt')
+    cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), f'--init_from={ckpt}', '--split=test', '--max_jacobi=0',
+           '--jacobi_tols=()', '--exact=False', f"--think_thresholds=({','.join(map(str, thresholds))},)",
+           f'--out={path}']
+    print(f"{name}: {' '.join(cmd[1:])}")
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if r.returncode != 0:
+        raise UserError(f"eval.py failed on {ckpt}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    seconds = time.time() - t0
+    if os.path.exists(path + '_jacobi.png'):  # (the R=0 plot this sweep does not need)
+        os.remove(path + '_jacobi.png')
+    with open(path + '.json') as f:
+        report = json.load(f)
+    report['wall_seconds'] = seconds
+    write_json(path + '.json', report)
+    return report, seconds
+
+
+def point(name):
+    path = os.path.join(results_dir, f'{name}-s{seed}.json')
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: run `python experiments/repro.py --runs={name} --seeds={seed}`")
+    with open(path) as f:
+        r = json.load(f)
+    return dict(label=r['label'], loss=r.get('test_loss_exact') or r['test_loss'],
+                flops=r['inference_flops_per_token'])
+
+
+def reach(curve, loss):
+    """The fewest FLOPs at which the curve [(flops, loss)], read piecewise linearly, has at most `loss`; None."""
+    best = None
+    pts = sorted(curve)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + [pts[-1]]):
+        if y0 <= loss:
+            best = x0 if best is None else min(best, x0)
+        elif y1 <= loss < y0:
+            best = x0 + (x1 - x0) * (y0 - loss) / (y0 - y1) if best is None else best
+    return best
+
+
+def at(curve, flops):
+    """The curve's loss at `flops`, read piecewise linearly; None outside it."""
+    pts = sorted(curve)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= flops <= x1:
+            return y0 + (y1 - y0) * (flops - x0) / (x1 - x0) if x1 > x0 else min(y0, y1)
+    return None
+
+
+def break_even(config):
+    """K=1: the share of thoughts a model must skip for the check (one head product per token) to pay."""
+    full = inference_flops_per_token(config)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if adaptive_flops_per_token(config, mid, mid) > full else (lo, mid)
+    return hi if adaptive_flops_per_token(config, 1, 1) <= full else None
+
+
+def tables(reports, pts):
+    lines = [f"Machine: {cpu_name()}; eval.py in float32, one thread; seed {seed}; the whole test split.", '']
+    for name, (report, seconds) in reports.items():
+        rows = report['adaptive']
+        took = f", {seconds:.0f} s wall" if seconds else (f", {report['wall_seconds']:.0f} s wall"
+                                                          if 'wall_seconds' in report else '')
+        lines += [f"### {name}-s{seed} ({report['tokens']:,} test tokens{took})", '',
+                  '| τ | thoughts skipped | test loss | FLOPs / token | tokens/s (batch 1) | flips |',
+                  '|---|---|---|---|---|---|']
+        lines += [f"| {r['threshold']:g} | {r['skipped']:.1%} | {r['loss']:.4f} | {r['flops_per_token'] / 1e6:.2f}M | "
+                  f"{r['tokens_per_second']:.0f} | {r['flip_rate']:.2%} of {r['flip_decisions']} |" for r in rows]
+        curve = [(r['flops_per_token'], r['loss']) for r in rows]
+        lines.append('')
+        for p in pts:
+            x = reach(curve, p['loss'])
+            y = at(curve, p['flops'])
+            lines.append(f"- against {p['label']} ({p['loss']:.4f} at {p['flops'] / 1e6:.2f}M FLOPs): "
+                         + (f"the curve reaches its loss from {x / 1e6:.2f}M FLOPs ({x / p['flops']:.2f}x its)"
+                            if x is not None else "the curve never reaches its loss")
+                         + (f"; at its FLOPs the curve's loss is {y:.4f} ({y - p['loss']:+.4f})" if y is not None
+                            else "; its FLOPs are outside the curve"))
+        lines.append('')
+    lines += ['### The measured skip shares at the Pythia shapes (K=1, 2048 context, attention at its mean position)',
+              '', '| run, τ | thoughts skipped | ' + ' | '.join(f'{s}: FLOPs vs always thinking' for s in SHAPES)
+              + ' |', '|---|---|' + '---|' * len(SHAPES)]
+    configs = [GPTConfig.preset(s, n_thoughts=1) for s in SHAPES]
+    for name, (report, _) in reports.items():
+        for r in report['adaptive']:
+            if r['threshold'] < 1:
+                ratios = [adaptive_flops_per_token(c, r['skipped'], r['stopped']) / inference_flops_per_token(c)
+                          for c in configs]
+                lines.append(f"| {name} τ={r['threshold']:g} | {r['skipped']:.1%} | "
+                             + ' | '.join(f'{x:.3f}' for x in ratios) + ' |')
+    evens = [break_even(c) for c in configs]
+    lines += ['| break-even skip share | | ' + ' | '.join(f'{e:.1%}' if e is not None else 'never' for e in evens)
+              + ' |', '']
+    return '\n'.join(lines)
+
+
+def plot(reports, pts, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for name, (report, _) in reports.items():
+        rows = report['adaptive']
+        xs, ys = [r['flops_per_token'] / 1e6 for r in rows], [r['loss'] for r in rows]
+        line, = ax.plot(xs, ys, 'o-', label=f"{name} (τ sweep)", ms=4)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"{r['threshold']:g}", (x, y), xytext=(4, -9 if 'td' in name else 5),
+                        textcoords='offset points', fontsize=7, color=line.get_color())
+    for p, marker in zip(pts, 'sDv^'):
+        ax.plot([p['flops'] / 1e6], [p['loss']], marker, color='black', ms=7, label=p['label'], ls='none')
+    ax.set_xlabel('inference FLOPs per token (M), exact decoding through the KV cache, checks included')
+    ax.set_ylabel('test loss (whole test split)')
+    ax.set_title(f'Adaptive thoughts on the CPU experiment (seed {seed}): τ labels each point', fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    names = [n.strip() for n in runs.split(',') if n.strip()]
+    if not names or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds):
+        raise UserError(f"runs must name PonderLM-2 runs and thresholds be numbers in [0, 1], got {runs!r}, "
+                        f"{thresholds!r}")
+    check_output_dir(out, '--out')
+    os.makedirs(out, exist_ok=True)
+    pts = [point(n.strip()) for n in points.split(',') if n.strip()]  # (before any sweep: a missing one is said now)
+    for name in names:
+        ckpt = os.path.join(out_root, f'{name}-s{seed}', 'ckpt.pt')
+        if not os.path.exists(os.path.join(out, f'{name}-s{seed}.json')) and not os.path.exists(ckpt):
+            raise UserError(f"{ckpt} is missing: train it with `python experiments/repro.py --runs={name} "
+                            f"--seeds={seed}`")
+    reports = {name: sweep(name) for name in names}
+    text = tables(reports, pts)
+    with atomic_write(os.path.join(out, 'adaptive.md'), 'w') as f:
+        f.write(text + '\n')
+    plot(reports, pts, os.path.join(out, 'adaptive.png'))
+    print(text)
+    print(f"wrote {os.path.join(out, 'adaptive.md')} and adaptive.png")
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(ROOT, 'configurator.py')).read())
+    run_cli(main)
