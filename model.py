@@ -176,6 +176,8 @@ class KVCache:
 
     def reuse_last(self, rows):
         """rows (B,) bool: their last slot written takes the keys and values of the slot before it (no host sync)."""
+        if self.pos > self.k.size(3):
+            raise RuntimeError(f"KV cache overflow: {self.pos} > {self.k.size(3)} slots")
         p, keep = self.pos - 1, rows[None, :, None, None]
         self.k[:, :, :, p] = torch.where(keep, self.k[:, :, :, p - 1], self.k[:, :, :, p])
         self.v[:, :, :, p] = torch.where(keep, self.v[:, :, :, p - 1], self.v[:, :, :, p])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import generate_stream, pass_states
+from model import KVCache, generate_stream, pass_states
 from nanoponder.adaptive import skip_decisions
 from helpers import randomize_matrices, tiny
 
@@ -103,6 +103,12 @@ def test_threshold_one_is_todays_decoding_and_zero_reads_the_token_slot():
         assert int(cache.skipped) == int(cache.stopped) == idx.numel()
         with pytest.raises(ValueError, match='use_cache=True'):
             next(generate_stream(model, idx[:, :4], 2, use_cache=False))
+        # a slot past the cache's end is an overflow, also a thought slot that the CPU skips (5 slots: the third
+        # token's slot fits, its thought does not)
+        for tau in (1.0, 0.0):
+            model.think_threshold = tau
+            with pytest.raises(RuntimeError, match='KV cache overflow: 6 > 5 slots'):
+                model.sequential(idx[:, :3], [KVCache(model.config, 2, 5, 'cpu', torch.float32)])
 
 
 def test_eval_scores_each_threshold_and_sample_takes_one(tmp_path, tiny_tokenizer):
