@@ -210,8 +210,9 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_size)
         apply_rotary_(qkv[:, :, :, :2], cos, sin)  # q and k at once, with cos, sin (T, 1, 1, rot)
         q, k, v = qkv.transpose(1, 2).unbind(dim=3)  # each (B, nh, T, hs)
-        if kv_index is not None:  # (B, T): the slot whose keys and values each one shows (thought dropout)
-            k, v = (t.gather(2, kv_index[:, None, :, None].expand_as(t)) for t in (k, v))
+        if kv_index is not None:  # (B * T,): the slot of the batch whose keys and values each shows (thought dropout)
+            kv = qkv[:, :, :, 1:].flatten(0, 1)[kv_index].view(B, T, self.n_head, 2, self.head_size)
+            k, v = kv.transpose(1, 2).unbind(dim=3)
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
@@ -397,9 +398,9 @@ class GPT(nn.Module):
         x = torch.stack(stages, dim=2).view(B, T * S, C)
         pos = self.positions(T, cache and [cache], x.device).repeat_interleave(S)
         kv_index = None
-        if kept is not None:  # (B, T * S): a token's slot s shows the keys and values of its slot min(s, kept)
+        if kept is not None:  # (B * T * S,): a token's slot s shows the keys and values of its slot min(s, kept)
             slot = torch.minimum(torch.arange(S, device=x.device), kept[..., None])  # (B, T, S)
-            kv_index = (slot + S * torch.arange(T, device=x.device)[:, None]).view(B, T * S)
+            kv_index = (slot + S * torch.arange(B * T, device=x.device).view(B, T, 1)).flatten()
         return self.trunk(x, pos, cache, kv_index).view(B, T, S, C)
 
     def exact_passes(self, n_tokens):

@@ -15,6 +15,9 @@ cache, as a markdown table.
         --methods=vanilla,ponderlm2-k1 --dtype=bfloat16 --profile=True   # + torch.profiler's top ops per method
     python experiments/bench.py --model= --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4 \
         --methods=ponderlm2-k1 --dtype=bfloat16 --grad_passes=1,2 --compare_compile=False  # truncated backprop
+    python experiments/bench.py --model= --n_layer=6 --n_head=4 --n_embd=128 --vocab_size=512 --block_size=128 \
+        --batch_size=16 --methods=ponderlm2-k1 --thought_dropout=0.3 --grad_passes= --compare_compile=False \
+        --compare_checkpointing=False --check_memory=False --threads=1   # thought dropout's index map
 
 Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained
 with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N
@@ -24,7 +27,8 @@ its own child process, bench.py run again with the whole config on its command l
 so its peak memory is its own and not the high-water mark of the methods before it. Variants: main (training
 and decoding), compile (each Block compiled, as train.py's compile=True), checkpoint (activation checkpointing),
 memory (the memory plan of a training step against its measured peak, with and without checkpointing), gG
-(PonderLM-2 backpropagating through its last G passes only, train.py's jacobi_grad_passes) and sdpa
+(PonderLM-2 backpropagating through its last G passes only, train.py's jacobi_grad_passes), td (PonderLM-2
+with train.py's thought_dropout, a pattern drawn once) and sdpa
 (on CUDA when flash_attn imports: flash-attn vs SDPA), and hf (vanilla's decoding against Hugging Face's
 GPTNeoXForCausalLM.generate on the same weights, alternating in one process, when transformers imports). On a CPU,
 compiling costs about a minute per method: --compare_compile=False.
@@ -82,6 +86,7 @@ compare_compile = True  # also time the training step with each Block torch.comp
 compare_checkpointing = True  # also time it with activation checkpointing (train.py's activation_checkpointing)
 check_memory = True  # also check the memory plan of a training step against its measured peak
 grad_passes = '1,2'  # PonderLM-2: also the training step backpropagating through the last G passes only, each G
+thought_dropout = 0.0  # PonderLM-2: also the training step with this thought dropout (train.py's); 0 = not measured
 compare_attention = True  # CUDA only, with flash_attn installed: also time training with SDPA
 compare_hf = True  # also time Hugging Face's generate on vanilla's weights (needs transformers)
 profile = False  # also profile one training step per method (torch.profiler): top ops and the matmul share
@@ -92,7 +97,7 @@ task = ''  # internal: 'method:variant' makes this process the child that measur
 CONFIG_KEYS = list(known_config(globals()))
 # -----------------------------------------------------------------------------
 
-VARIANTS = ('main', 'compile', 'sdpa', 'checkpoint', 'memory', 'hf')
+VARIANTS = ('main', 'compile', 'sdpa', 'checkpoint', 'memory', 'hf', 'td')
 # the memory child's malloc returns large freed blocks at once, so that a CPU's peak RSS is the peak of live memory
 MEMORY_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536'}
 
@@ -140,6 +145,8 @@ def check_config():
     """Everything the children would trip over, checked once up front. Returns the method names."""
     names = parse_methods(methods)
     parse_grad_passes()
+    if not (isinstance(thought_dropout, (int, float)) and 0 <= thought_dropout < 1):
+        raise UserError(f"thought_dropout must be a probability in [0, 1), got {thought_dropout!r}")
     # the model's shape keys too (0: the preset's): torch's words for a zero or negative size come late, from a child
     for key in ('n_layer', 'n_head', 'n_embd'):
         if globals()[key] < (0 if model else 1):
@@ -254,7 +261,11 @@ def measure_training(gpt, variant, ctx, dev, ptdtype):
     device_type = torch.device(dev).type
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    train_step = training_step(gpt, ctx, dev)
+    kept = None
+    if variant == 'td':  # one pattern for every step: the index map's cost does not depend on which
+        from train import thought_pattern
+        kept = thought_pattern(seed, 0, 0, (batch_size, block_size), gpt.config.n_thoughts, thought_dropout).to(dev)
+    train_step = training_step(gpt, ctx, dev, kept)
     result = {}
     gpt.train()
     if variant == 'compile':  # the first call compiles: time it apart, it is not a training step
@@ -275,8 +286,9 @@ def measure_training(gpt, variant, ctx, dev, ptdtype):
     return result  # the optimizer's state goes with it: decoding runs without
 
 
-def training_step(gpt, ctx, dev):
-    """One training step of gpt on random tokens (forward + backward + AdamW), as train.py takes it."""
+def training_step(gpt, ctx, dev, kept=None):
+    """One training step of gpt on random tokens (forward + backward + AdamW), as train.py takes it; kept: the
+    thought-dropout pattern (B, T)."""
     device_type = torch.device(dev).type
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=device_type in ('cuda', 'cpu'))
     data = torch.randint(vocab_size, (batch_size, block_size + 1), device=dev)
@@ -284,7 +296,7 @@ def training_step(gpt, ctx, dev):
 
     def train_step():
         with ctx:
-            _, loss = gpt(x, y, n_jacobi=n_jacobi)  # n_jacobi is ignored by every method but PonderLM-2
+            _, loss = gpt(x, y, n_jacobi=n_jacobi, kept=kept)  # n_jacobi, kept: PonderLM-2's only
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -503,6 +515,11 @@ def collect(names, device_type, ptdtype):
                     'tokens_per_s': training_speed(g['step_s']), 'peak_mem_mib': g['peak_mem_mib'],
                     **({'base_mem_mib': g['base_mem_mib']} if 'base_mem_mib' in g else {}),
                     'flops_per_token': g['flops_per_token']}
+        if method_config(name).n_thoughts and thought_dropout:
+            d = run_child(name, 'td')
+            entry['td'] = d if 'error' in d else {
+                'tokens_per_s': training_speed(d['step_s']), 'peak_mem_mib': d['peak_mem_mib'],
+                **({'base_mem_mib': d['base_mem_mib']} if 'base_mem_mib' in d else {})}
         if flash and compare_attention:
             s = run_child(name, 'sdpa')
             entry['sdpa'] = s if 'error' in s else {'tokens_per_s': training_speed(s['step_s'])}
@@ -649,6 +666,7 @@ def report(info, out, attention):
     if check_memory:
         memory_table(out, cuda)
     grad_passes_table(out)
+    thought_dropout_table(out)
 
 
 def variants(out, attention):
@@ -744,6 +762,21 @@ def grad_passes_table(out):
     print("## memory plans with truncated backpropagation: PonderLM-2 K=1, bf16, R up to 4, one process")
     print()
     print(table(['model', 'micro-batch', 'G', 'activations GiB', 'total GiB', 'activations vs all'], rows))
+
+
+def thought_dropout_table(out):
+    """The training step with thought dropout's index map against the one without."""
+    rows = [[e['label'], spread(e['train']['tokens_per_s'])] + (['failed: ' + e['td']['error'], '-', '-', '-']
+            if 'error' in e['td'] else [spread(e['td']['tokens_per_s']),
+            times(ratio(e['td']['tokens_per_s']['median'], e['train']['tokens_per_s']['median'])),
+            num(memory_rise(e['td'])), times(ratio(memory_rise(e['td']), memory_rise(e['train'])))])
+            for e in out.values() if 'error' not in e and 'td' in e]
+    if rows:
+        print()
+        print(f"## thought dropout {thought_dropout:g}: the training step with the keys' and values' index map")
+        print()
+        print(table(['method', 'tokens/s, every thought', 'tokens/s, dropout', 'speed vs every thought',
+                     'peak mem MiB', 'mem vs every thought'], rows))
 
 
 def failed(out):

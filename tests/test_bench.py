@@ -64,7 +64,8 @@ def figures(node, path=''):
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
-    proc = bench(*TINY, f'--methods={",".join(METHODS)}', f'--json={out}', '--grad_passes=1')
+    proc = bench(*TINY, f'--methods={",".join(METHODS)}', f'--json={out}', '--grad_passes=1',
+                 '--thought_dropout=0.3')
     assert proc.returncode == 0, proc.stderr
     with open(out) as f:
         return proc.stdout, json.load(f)
@@ -114,6 +115,9 @@ def test_tables_have_a_row_per_method_and_the_columns(run):
                                                                      ('pythia-1.4b', '1 x 2048'))
                                               for g in ('all (0)', '1', '2')]
     assert all(float(row[5].rstrip('x')) < 1 for row in plans[1:] if row[2] != 'all (0)')
+    dropout = table_rows(body, 'thought dropout 0.3')  # each PonderLM-2 method with the index map
+    assert [row[0] for row in dropout[1:]] == ['PonderLM-2 K=1', 'PonderLM-2 K=2']
+    assert all(row[3].endswith('x') and float(row[3].rstrip('x')) > 0 for row in dropout[1:])
 
 
 def test_json_has_every_figure_positive_and_finite(run):
@@ -127,7 +131,7 @@ def test_json_has_every_figure_positive_and_finite(run):
         assert entry['label'] == METHODS[name]
         assert set(entry) == {'label', 'train', 'decode', 'checkpoint', 'memory'} | ({'hf'} if name == 'vanilla'
                                                                                      else set()) \
-            | ({'grad_passes'} if name.startswith('ponderlm2') else set())
+            | ({'grad_passes', 'td'} if name.startswith('ponderlm2') else set())
         assert set(entry['memory']) == {'plain', 'checkpointing'}
         assert entry['memory']['plain']['plan_mib'] > entry['memory']['checkpointing']['plan_mib']
         train = entry['train']
@@ -175,8 +179,9 @@ def test_json_echoes_the_config_under_its_keys(run):
     (['--peak_seconds=0'], 'peak_seconds must be > 0, got 0'),
     (['--preset=pythia-14m'], "unknown config key 'preset'"),  # renamed model=, as train.py says
     (['--dtype=float16'], 'needs CUDA'),
-    (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa, checkpoint, memory, hf or gG (G >= 1), got'),
+    (['--task=vanilla:turbo'], 'variant one of main, compile, sdpa, checkpoint, memory, hf, td or gG (G >= 1), got'),
     (['--grad_passes=0,1'], "grad_passes must be whole numbers >= 1, comma-separated (e.g. 1,2), or '', got"),
+    (['--thought_dropout=1.0'], 'thought_dropout must be a probability in [0, 1), got 1.0'),
 ])
 def test_mistakes_are_one_error_line_and_exit_2(args, message):
     proc = bench(*TINY, *args)
