@@ -140,25 +140,48 @@ def tables(reports, pts):
 
 
 def plot(reports, pts, path):
+    """Each sweep as a line with τ beside its points, the points as markers; the sweeps' crowded end (the high τ,
+    within 8% of thinking always) again in an inset, labelled there, the points within 1.5% of it with one label."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for name, (report, _) in reports.items():
+    full = max(r['flops_per_token'] for report, _ in reports.values() for r in report['adaptive']) / 1e6
+    inset = ax.inset_axes([0.30, 0.52, 0.36, 0.42])
+    for i, (name, (report, _)) in enumerate(reports.items()):
         rows = report['adaptive']
         xs, ys = [r['flops_per_token'] / 1e6 for r in rows], [r['loss'] for r in rows]
-        line, = ax.plot(xs, ys, 'o-', label=f"{name} (τ sweep)", ms=4)
+        for axes in (ax, inset):
+            line, = axes.plot(xs, ys, 'o-', label=f"{name} (τ sweep)", ms=4)
+        end = [(r, x, y) for r, x, y in zip(rows, xs, ys) if x > 0.985 * full]
         for r, x, y in zip(rows, xs, ys):
-            ax.annotate(f"{r['threshold']:g}", (x, y), xytext=(4, -9 if 'td' in name else 5),
-                        textcoords='offset points', fontsize=7, color=line.get_color())
+            if x <= 0.985 * full:
+                (inset if x > 0.92 * full else ax).annotate(
+                    f"{r['threshold']:g}", (x, y), xytext=(4, -10 if i % 2 else 5), textcoords='offset points',
+                    fontsize=7, color=line.get_color())
+        if end:  # one label for the cluster, above it for the first sweep, below for the second
+            x, y = max(x for _, x, _ in end), (max if i % 2 == 0 else min)(y for _, _, y in end)
+            inset.annotate('τ ' + ', '.join(f"{r['threshold']:g}" for r, _, _ in end), (x, y),
+                           xytext=(6, 6 if i % 2 == 0 else -12), textcoords='offset points', fontsize=7,
+                           color=line.get_color())
     for p, marker in zip(pts, 'sDv^'):
-        ax.plot([p['flops'] / 1e6], [p['loss']], marker, color='black', ms=7, label=p['label'], ls='none')
+        for axes in (ax, inset):
+            axes.plot([p['flops'] / 1e6], [p['loss']], marker, color='black', ms=7, ls='none',
+                      label=p['label'] if axes is ax else None)
+    ys = [r['loss'] for report, _ in reports.values() for r in report['adaptive'] if r['flops_per_token'] / 1e6
+          > 0.92 * full] + [p['loss'] for p in pts if p['flops'] / 1e6 > 0.92 * full]
+    inset.set_xlim(0.92 * full, 1.075 * full)  # room on the right for the cluster's labels
+    inset.set_ylim(min(ys) - 0.003, max(ys) + 0.003)
+    inset.tick_params(labelsize=7)
+    inset.set_title('τ near 1', fontsize=7)
+    inset.grid(alpha=0.3)
+    ax.set_xlim(right=1.08 * full)
+    ax.indicate_inset_zoom(inset, edgecolor='gray')
     ax.set_xlabel('inference FLOPs per token (M), exact decoding through the KV cache, checks included')
     ax.set_ylabel('test loss (whole test split)')
     ax.set_title(f'Adaptive thoughts on the CPU experiment (seed {seed}): τ labels each point', fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc='center right')
     fig.savefig(path)
     plt.close(fig)
 
