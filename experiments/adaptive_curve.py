@@ -2,7 +2,9 @@
 Adaptive thoughts, measured (docs/experiments.md): the loss against inference FLOPs per token of PonderLM-2 runs of
 experiments/repro.py decoding with a sweep of think_threshold τ (eval.py --think_thresholds on the whole test split,
 token by token through the KV cache, as decoding runs), with other runs (vanilla, 2x depth) as points; where each
-curve reaches each point's loss; and the FLOPs the measured skip shares would give at the Pythia shapes.
+curve reaches each point's loss; the FLOPs the measured skip shares would give at the Pythia shapes; and what one
+cached decoding pass costs by the number of rows it runs (running a batch's every row, as built, against running
+only the rows that still think).
 
     python experiments/adaptive_curve.py        # K=1 and K=1 trained with thought dropout 0.3, seed 1337
     python experiments/adaptive_curve.py --runs=ponderlm2-k2 --thresholds="(1,0.6,0)" --out=out-adaptive
@@ -16,11 +18,14 @@ import json
 import os
 import subprocess
 import sys
+import statistics
 import time
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
-from model import GPTConfig  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from nanoponder.cost import adaptive_flops_per_token, cpu_name, inference_flops_per_token  # noqa: E402
 from nanoponder.runtime import UserError, atomic_write, check_output_dir, run_cli, write_json  # noqa: E402
 
@@ -186,6 +191,44 @@ def plot(reports, pts, path):
     plt.close(fig)
 
 
+def pass_ms_by_rows(config, rows=(1, 2, 4, 8, 16), repeats=30):
+    """Median ms of one cached decoding pass (one slot per row through the trunk, after block_size - 1 tokens'
+    slots) at each number of rows, alternating between them; random weights (the time does not depend on them)."""
+    torch.manual_seed(0)
+    context = config.block_size - 1
+    model = GPT(config).eval()
+    base = context * config.slots
+    caches = {b: model.new_caches(b, context + 1, 'cpu')[0] for b in rows}
+    times = {b: [] for b in rows}
+    with torch.no_grad():
+        for b, cache in caches.items():
+            cache.k.normal_(), cache.v.normal_()
+        for _ in range(repeats + 3):  # the first 3 rounds warm up
+            for b, cache in caches.items():
+                cache.pos = base  # the same slot again, after the same cached keys
+                x = torch.randn(b, 1, config.n_embd)
+                t0 = time.perf_counter()
+                model.trunk(x, torch.tensor([context]), cache)
+                times[b].append(time.perf_counter() - t0)
+    return {b: 1e3 * statistics.median(t[3:]) for b, t in times.items()}
+
+
+def rows_table(config):
+    """The pass time by rows for the runs' shape and pythia-70m's, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shapes = {'this shape': config, 'pythia-70m': GPTConfig.preset('pythia-70m', n_thoughts=1, block_size=256)}
+        ms = {name: pass_ms_by_rows(c) for name, c in shapes.items()}
+    finally:
+        torch.set_num_threads(threads)
+    lines = ['### One cached decoding pass by the rows it runs (one thread, a full context cached, median of 30)', '',
+             '| rows | ' + ' | '.join(f'{n}: ms per pass | vs 1 row' for n in ms) + ' |', '|---|' + '---|---|' * len(ms)]
+    for b in ms['this shape']:
+        lines.append(f'| {b} | ' + ' | '.join(f'{m[b]:.3f} | {m[b] / m[1]:.2f}x' for m in ms.values()) + ' |')
+    return '\n'.join(lines + [''])
+
+
 def main():
     names = [n.strip() for n in runs.split(',') if n.strip()]
     if not names or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds):
@@ -200,7 +243,9 @@ def main():
             raise UserError(f"{ckpt} is missing: train it with `python experiments/repro.py --runs={name} "
                             f"--seeds={seed}`")
     reports = {name: sweep(name) for name in names}
-    text = tables(reports, pts)
+    shape = torch.load(os.path.join(out_root, f'{names[0]}-s{seed}', 'ckpt.pt'), map_location='cpu',
+                       weights_only=True)['model_args']
+    text = tables(reports, pts) + '\n' + rows_table(GPTConfig(**shape))
     with atomic_write(os.path.join(out, 'adaptive.md'), 'w') as f:
         f.write(text + '\n')
     plot(reports, pts, os.path.join(out, 'adaptive.png'))
