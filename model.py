@@ -209,10 +209,10 @@ class Attention(nn.Module):
         # HF's fused layout is per head: the 3C output rows are grouped [head, (q, k, v), head_size]
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_size)
         apply_rotary_(qkv[:, :, :, :2], cos, sin)  # q and k at once, with cos, sin (T, 1, 1, rot)
-        q, k, v = qkv.transpose(1, 2).unbind(dim=3)  # each (B, nh, T, hs)
+        q, kv = qkv[:, :, :, 0].transpose(1, 2), qkv[:, :, :, 1:]  # (B, nh, T, hs), (B, T, nh, 2, hs)
         if kv_index is not None:  # (B * T,): the slot of the batch whose keys and values each shows (thought dropout)
-            kv = qkv[:, :, :, 1:].flatten(0, 1)[kv_index].view(B, T, self.n_head, 2, self.head_size)
-            k, v = kv.transpose(1, 2).unbind(dim=3)
+            kv = kv.flatten(0, 1)[kv_index].view(B, T, self.n_head, 2, self.head_size)
+        k, v = kv.transpose(1, 2).unbind(dim=3)  # each (B, nh, T, hs)
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
@@ -317,7 +317,7 @@ class GPT(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
             if cache is not None:
-                x = block(x, cos, sin, cache, i)
+                x = block(x, cos, sin, cache, i, kv_index)
             elif recompute:
                 x = checkpoint(block, x, cos, sin, kv_index=kv_index, use_reentrant=False)
             else:  # no layer index: a compiled Block would specialize on it
@@ -367,10 +367,10 @@ class GPT(nn.Module):
 
     # --- PonderLM-2 ---
     def think(self, idx, n_jacobi, cache=None, stop=None, every_pass=False, kept=None):
-        """PonderLM-2 in parallel (docs/design.md): K thought stages, n_jacobi Jacobi passes over all (K+1)T slots,
-        a final pass -> each token's predicting state (B, T, C); every_pass: all slots' (B, T, K+1, C). cache: ends
-        with the last pass's keys and values; stop(r, thoughts, h) True after pass r: return now; kept (B, T): the
-        thoughts each token computes (thought dropout)."""
+        """PonderLM-2 in parallel (docs/design.md): K thought stages, n_jacobi Jacobi passes over all (K+1)T slots
+        (K(T-1): exact), a final pass -> each token's predicting state h (B, T, C); every_pass: all slots' (B, T, K+1,
+        C). cache: ends with the last pass's keys and values; stop(r, thoughts (B, T, K, C), h) True: return after
+        pass r; kept (B, T): the thoughts each token computes (thought dropout)."""
         K, G, graph = self.config.n_thoughts, self.jacobi_grad_passes, torch.is_grad_enabled()
         e = self.embed(idx)  # (B, T, C)
         stages = [e]
@@ -384,11 +384,11 @@ class GPT(nn.Module):
                 cache.pos = start
             with torch.set_grad_enabled(graph and (not G or r > n_jacobi - G)):
                 h = self.run_stages(stages, cache, kept)  # (B, T, K+1, C)
-            stopped = stop is not None and stop(r, torch.stack(stages[1:], dim=2), h[:, :, K])
+            # each token's last slot computed predicts
+            last = h[:, :, K] if kept is None else h.take_along_dim(kept[..., None, None], dim=2)[:, :, 0]
+            stopped = stop is not None and stop(r, torch.stack(stages[1:], dim=2), last)
             if stopped or r == n_jacobi:
-                if kept is None or every_pass:
-                    return h if every_pass else h[:, :, K]
-                return h.take_along_dim(kept[..., None, None], dim=2)[:, :, 0]  # each token's last slot computed
+                return h if every_pass else last
             stages = [e] + list(h[:, :, :K].unbind(dim=2))  # the Jacobi step: thought j+1 <- output at slot j
 
     def run_stages(self, stages, cache=None, kept=None):
@@ -398,7 +398,7 @@ class GPT(nn.Module):
         x = torch.stack(stages, dim=2).view(B, T * S, C)
         pos = self.positions(T, cache and [cache], x.device).repeat_interleave(S)
         kv_index = None
-        if kept is not None:  # (B * T * S,): a token's slot s shows the keys and values of its slot min(s, kept)
+        if kept is not None and S > 1:  # (B * T * S,): a token's slot s shows the keys and values of slot min(s, kept)
             slot = torch.minimum(torch.arange(S, device=x.device), kept[..., None])  # (B, T, S)
             kv_index = (slot + S * torch.arange(B * T, device=x.device).view(B, T, 1)).flatten()
         return self.trunk(x, pos, cache, kv_index).view(B, T, S, C)
@@ -421,11 +421,11 @@ class GPT(nn.Module):
             done = torch.zeros(B, 1, 1, dtype=torch.bool, device=idx.device)
             for _ in range(K):  # each thought is the previous slot's output
                 thoughts.append(h)
-                if tau < 1:  # adaptive: a row sure of its next token skips its other thoughts (docs/design.md)
+                if tau < 1:  # adaptive (docs/evaluation.md): a row sure of its next token skips the rest
                     sure = F.softmax(self.embed_out(h).float(), dim=-1).amax(dim=-1, keepdim=True) > tau
                     caches[0].stopped = caches[0].stopped + (sure & ~done).sum()
                     done = done | sure
-                if tau < 1 and h.device.type == 'cpu' and bool(done.all()):  # no row thinks: no pass (a host check: CPU only)
+                if tau < 1 and h.device.type == 'cpu' and bool(done.all()):  # no row thinks: no pass (CPU only)
                     caches[0].pos += 1
                     caches[0].reuse_last(done.view(B))
                     continue

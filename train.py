@@ -80,7 +80,7 @@ n_thoughts = 1                  # PonderLM-2: K latent thoughts per token (0 = o
 n_jacobi = 3                    # PonderLM-2: Jacobi passes in evaluation
 jacobi_train_range = (2, 4)     # PonderLM-2: R drawn uniformly from lo..hi per training iteration
 jacobi_grad_passes = 0          # PonderLM-2: backpropagate through the last G of the R+1 passes only; 0 = all
-thought_dropout = 0.0           # PonderLM-2: at each thought a token stops thinking with this probability (docs/design.md)
+thought_dropout = 0.0           # PonderLM-2: a token stops thinking at each thought with this probability
 n_ponder = 0                    # PonderLM: pondering steps (0 = off)
 ponder_multiply = False         # PonderLM: multiply the first input embeddings by n_ponder
 n_pause = 0                     # Pause: K pause slots after every token (0 = off)
@@ -150,7 +150,8 @@ def thought_pattern(seed, iteration, micro_batch, shape, K, p):
     """Thought dropout: the thoughts (B, T) = shape each token of a micro-batch computes, 0..K, stopping at each
     with probability p. A pure function of (seed, iteration, micro_batch = micro_step * world_size + rank, the
     batch's index in the iteration), so that a resume and any number of processes draw the same."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(iteration)) * 1_000_003 + int(micro_batch) + 1)
+    g = torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(iteration)) * 1_000_003 + int(micro_batch) + 1)
+                                      % 2**63)  # (a generator's seed is 64 bits)
     go_on = torch.rand((*shape, K), generator=g) >= p  # (B, T, K)
     return go_on.long().cumprod(dim=-1).sum(dim=-1)  # the thoughts before the first stop
 

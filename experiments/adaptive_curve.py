@@ -70,8 +70,29 @@ def point(name):
         raise UserError(f"{path} is missing: run `python experiments/repro.py --runs={name} --seeds={seed}`")
     with open(path) as f:
         r = json.load(f)
-    return dict(label=r['label'], loss=r.get('test_loss_exact') or r['test_loss'],
+    if not all(isinstance(r.get(k), (int, float)) for k in ('test_loss', 'inference_flops_per_token')):
+        raise UserError(f"{path} has no test_loss and inference_flops_per_token: a result file of the test split "
+                        f"(experiments/repro.py) is needed")
+    return dict(label=r.get('label', name), loss=r.get('test_loss_exact') or r['test_loss'],
                 flops=r['inference_flops_per_token'])
+
+
+def check_run(name):
+    """Before any work: the run is a PonderLM-2 model, and a sweep out holds already has these thresholds."""
+    path = os.path.join(out, f'{name}-s{seed}.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            had = [r['threshold'] for r in json.load(f).get('adaptive', [])]
+        if had != [float(t) for t in thresholds]:
+            raise UserError(f"{path} holds a sweep over thresholds {had}, not {list(thresholds)}: delete it to "
+                            f"measure again, or pass its thresholds")
+        return
+    ckpt = os.path.join(out_root, f'{name}-s{seed}', 'ckpt.pt')
+    if not os.path.exists(ckpt):
+        raise UserError(f"{ckpt} is missing: train it with `python experiments/repro.py --runs={name} "
+                        f"--seeds={seed}`")
+    if not torch.load(ckpt, map_location='cpu', weights_only=True)['model_args'].get('n_thoughts'):
+        raise UserError(f"{name} has no thoughts to skip: --runs takes PonderLM-2 runs (its points go in --points)")
 
 
 def reach(curve, loss):
@@ -121,9 +142,12 @@ def tables(reports, pts):
         for p in pts:
             x = reach(curve, p['loss'])
             y = at(curve, p['flops'])
+            measured = min(((f, l, r['threshold']) for (f, l), r in zip(curve, rows) if l <= p['loss']), default=None)
             lines.append(f"- against {p['label']} ({p['loss']:.4f} at {p['flops'] / 1e6:.2f}M FLOPs): "
-                         + (f"the curve reaches its loss from {x / 1e6:.2f}M FLOPs ({x / p['flops']:.2f}x its)"
-                            if x is not None else "the curve never reaches its loss")
+                         + (f"the cheapest measured point at or below its loss is τ={measured[2]:g}, "
+                            f"{measured[0] / 1e6:.2f}M FLOPs ({measured[0] / p['flops']:.2f}x its), {measured[1]:.4f}; "
+                            f"read between the points, the curve reaches its loss from {x / 1e6:.2f}M "
+                            f"({x / p['flops']:.2f}x)" if x is not None else "the curve never reaches its loss")
                          + (f"; at its FLOPs the curve's loss is {y:.4f} ({y - p['loss']:+.4f})" if y is not None
                             else "; its FLOPs are outside the curve"))
         lines.append('')
@@ -231,21 +255,18 @@ def rows_table(config):
 
 def main():
     names = [n.strip() for n in runs.split(',') if n.strip()]
-    if not names or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds):
-        raise UserError(f"runs must name PonderLM-2 runs and thresholds be numbers in [0, 1], got {runs!r}, "
-                        f"{thresholds!r}")
+    if not names:
+        raise UserError("runs names no run: pass PonderLM-2 runs of experiments/repro.py, e.g. --runs=ponderlm2-k1")
+    if not (isinstance(thresholds, (tuple, list)) and thresholds
+            and all(type(t) in (int, float) and 0 <= t <= 1 for t in thresholds)):
+        raise UserError(f"thresholds must be numbers in [0, 1], e.g. (1,0.6,0), got {thresholds!r}")
     check_output_dir(out, '--out')
-    os.makedirs(out, exist_ok=True)
     pts = [point(n.strip()) for n in points.split(',') if n.strip()]  # (before any sweep: a missing one is said now)
     for name in names:
-        ckpt = os.path.join(out_root, f'{name}-s{seed}', 'ckpt.pt')
-        if not os.path.exists(os.path.join(out, f'{name}-s{seed}.json')) and not os.path.exists(ckpt):
-            raise UserError(f"{ckpt} is missing: train it with `python experiments/repro.py --runs={name} "
-                            f"--seeds={seed}`")
+        check_run(name)
+    os.makedirs(out, exist_ok=True)
     reports = {name: sweep(name) for name in names}
-    shape = torch.load(os.path.join(out_root, f'{names[0]}-s{seed}', 'ckpt.pt'), map_location='cpu',
-                       weights_only=True)['model_args']
-    text = tables(reports, pts) + '\n' + rows_table(GPTConfig(**shape))
+    text = tables(reports, pts) + '\n' + rows_table(GPTConfig(**reports[names[0]][0]['config']))
     with atomic_write(os.path.join(out, 'adaptive.md'), 'w') as f:
         f.write(text + '\n')
     plot(reports, pts, os.path.join(out, 'adaptive.png'))

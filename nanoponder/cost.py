@@ -202,7 +202,7 @@ def attention_probability_count(length, block=kernels.BLOCK):
 
 
 def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_jacobi=None, blocks=None,
-                     grad_passes=0):
+                     grad_passes=0, thought_dropout=False):
     """-> (kept, working): the bytes that one micro-batch's forward keeps for backward, and the most that
     backward adds on top at once. Per slot and layer, in eager mode, autograd keeps the block input (fp32, the
     residual stream) and, in the compute dtype, the two LayerNorm outputs, q k v (3C, rotated in place),
@@ -211,11 +211,14 @@ def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing, n_
     insides at a time. The loss keeps the logits (in the compute dtype) for every token. blocks(length): whether
     attention over that many positions runs kernels.attend_blocks, which also keeps its probabilities.
     grad_passes: PonderLM-2's G >= 1 keeps the last G passes' activations only, and the passes without a graph add
-    the peak of one of them (a block's insides over its slots)."""
+    the peak of one of them (a block's insides over its slots). thought_dropout: PonderLM-2's keys and values
+    copied through the skip map, which attention keeps too (2C per slot and layer)."""
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     inner = config.n_inner or 4 * C
     B, T = batch_size, seq_len
     block_inside = (7 * C + 2 * inner) * dtype_bytes + 4 * config.n_head  # per slot
+    if thought_dropout and config.n_thoughts:
+        block_inside += 2 * C * dtype_bytes
     per_slot_layer = 4 * C + (0 if checkpointing else block_inside)
     slots = [S * T for S, count in pass_schedule(config, n_jacobi) for _ in range(count)]
     longest = max(slots)
@@ -261,7 +264,7 @@ class MemoryPlan:
 
 def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.float32, parallelism='ddp',
                 world_size=1, grad_accum=1, activation_checkpointing=False, gather_dtype=torch.float32,
-                device_type='cuda', grad_passes=0):
+                device_type='cuda', grad_passes=0, thought_dropout=0.0):
     """The peak bytes per process of training GPT(config) with micro-batches of batch_size x seq_len tokens
     (default block_size), dtype the autocast compute dtype, grad_accum micro-batches per process and
     iteration, n_jacobi PonderLM-2's R (training: the largest it draws). ddp (and one process) replicates weights,
@@ -269,7 +272,8 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
     MixedPrecisionPolicy's param_dtype) plus the root (embeddings, final LayerNorm), which stays gathered through
     forward and backward. device_type: where it trains, which decides the attention kernel (kernels.blocks_suit:
     the plan is for a model with the kernels installed, as every script runs it). grad_passes: PonderLM-2's G
-    (activation_bytes); under fsdp every pass still gathers the weights, with a graph or without."""
+    (activation_bytes); under fsdp every pass still gathers the weights, with a graph or without. thought_dropout:
+    train.py's p (> 0: the skip map's copies of the keys and values)."""
     n = count_params(config)
     P = n['total']
     T = seq_len or config.block_size
@@ -289,13 +293,14 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
         weights += c * cast
     kept, working = activation_bytes(config, batch_size, T, c, activation_checkpointing, n_jacobi,
                                      blocks=lambda length: kernels.blocks_suit(device_type, dtype, length),
-                                     grad_passes=grad_passes)
+                                     grad_passes=grad_passes, thought_dropout=thought_dropout > 0)
     slots = '+'.join(str(S) for S, count in pass_schedule(config, n_jacobi) for _ in range(count))
     description = (f"{config.method}, micro-batch {batch_size} x {T}, passes over {slots} slots per token, "
                    f"{str(dtype).removeprefix('torch.')}, {parallelism if world_size > 1 else 'one process'}"
                    f"{f' x {world_size}' if world_size > 1 else ''}"
                    f"{', activation checkpointing' if activation_checkpointing else ''}"
-                   f"{f', backward through the last {grad_passes}' if grad_passes and config.n_thoughts else ''}")
+                   f"{f', backward through the last {grad_passes}' if grad_passes and config.n_thoughts else ''}"
+                   f"{f', thought dropout {thought_dropout:g}' if thought_dropout and config.n_thoughts else ''}")
     return MemoryPlan(weights, grads, adam, kept + working, description)
 
 

@@ -75,9 +75,11 @@ class NanoPonderLM(TemplateLM):
             tokenizer = model_tokenizer(source, ckpt, tokenizer or '', model.config.vocab_size)
             kernels.install(model)
         check_thought_mode(thoughts)
-        if think_threshold is not None:
-            if not 0 <= float(think_threshold) <= 1:
-                raise UserError(f"think_threshold must be in [0, 1] (1 = always think), got {think_threshold}")
+        if think_threshold is not None:  # (set on the model: it stays its decoding rule after the tasks)
+            if isinstance(think_threshold, bool) or not isinstance(think_threshold, (int, float)) \
+                    or not 0 <= think_threshold <= 1:
+                raise UserError(f"think_threshold must be a number in [0, 1] (1 = always think), got "
+                                f"{think_threshold!r}")
             model.think_threshold = float(think_threshold)
         if model.think_threshold < 1 and model.config.n_thoughts and thoughts != 'exact':
             raise UserError(f"think_threshold {model.think_threshold:g} stops thoughts token by token, as decoding "

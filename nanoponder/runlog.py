@@ -68,7 +68,7 @@ def summary(cfg, model, pretrained, train_batches, world_size, device, dtype, it
     plan = plan_memory(config, cfg.batch_size, cfg.block_size, n_jacobi=hi, dtype=dtype, parallelism=cfg.parallelism,
                        world_size=world_size, grad_accum=accum, activation_checkpointing=cfg.activation_checkpointing,
                        gather_dtype=gather_dtype(cfg.parallelism, device, dtype), device_type=torch.device(device).type,
-                       grad_passes=G)
+                       grad_passes=G, thought_dropout=p)
     return [
         f"model: {source} {config.n_layer}L/{config.n_head}H/{config.n_embd}d, {method}; "
         f"{human(model.get_num_params())} non-embedding params ({human(model.get_num_params(False))} total)",

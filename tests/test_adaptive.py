@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model import KVCache, generate_stream, pass_states
-from nanoponder.adaptive import skip_decisions
+from nanoponder.adaptive import decode_at_batch_one, skip_decisions
 from helpers import randomize_matrices, tiny
 
 
@@ -81,6 +81,12 @@ def test_the_rule_is_the_branching_reference_at_every_threshold(K):
             decisions = skip_decisions(cache, idx.size(1), K + 1)  # (B, T, K): read back from the keys
             assert decisions.shape == (3, 10, K) and int(decisions.sum()) == ref_skipped
             assert not (decisions[:, :, :-1] & ~decisions[:, :, 1:]).any()  # a token that stops skips the rest
+            # batch 1, each row alone, decides as the batched run here; a decision changed by hand is one flip
+            _, flips = decode_at_batch_one(model, idx, decisions)
+            assert flips == 0
+            changed = decisions.clone()
+            changed[1, 4, 0] = ~changed[1, 4, 0]
+            assert decode_at_batch_one(model, idx, changed)[1] == pytest.approx(1 / decisions.numel())
             skips.append((ref_skipped, ref_stopped))
     total = K * idx.numel()
     assert skips[0][0] == total and skips[-1][0] == 0 and total > skips[1][0] > skips[2][0] > 0, skips  # it can tell

@@ -297,4 +297,20 @@ def test_the_adaptive_curve_reads_crossings_and_the_pythia_break_even():
     text = ac.tables({'k1': ({'tokens': 1000, 'adaptive': rows}, 12.0)},
                      [dict(label='vanilla', loss=3.2, flops=2.5e6)])
     assert '| 0 | 100.0% | 3.3000 | 3.00M | 100 | 0.00% of 64 |' in text
-    assert 'the curve reaches its loss from 3.67M FLOPs' in text and 'its FLOPs are outside the curve' in text
+    assert 'cheapest measured point at or below its loss is τ=0, 3.00M FLOPs (1.20x its), 3.3000' not in text
+    assert 'the curve reaches its loss from 3.67M (1.47x)' in text and 'its FLOPs are outside the curve' in text
+    assert 'cheapest measured point at or below its loss is τ=1, 5.00M FLOPs (2.00x its), 3.0000' in text
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['--thresholds=()'], 'thresholds must be numbers in [0, 1]'),
+    (['--runs=,'], 'runs names no run'),
+    (['--points=vanilla'], 'vanilla-s1337.json is missing: run `python experiments/repro.py --runs=vanilla'),
+    (['--points=', '--runs=vanilla'], 'vanilla-s1337/ckpt.pt is missing')])
+def test_the_adaptive_curve_checks_its_inputs_before_any_work(tmp_path, args, needle):
+    from helpers import assert_one_error
+    r = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'adaptive_curve.py'), f'--out={tmp_path / "a"}',
+                        f'--out_root={tmp_path / "runs"}', f'--results_dir={tmp_path / "results"}', *args],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert_one_error(r, 2, needle)
+    assert not (tmp_path / 'a').exists()  # nothing written

@@ -226,6 +226,9 @@ def test_lm_eval_adapter_honours_adaptive_thoughts_with_exact_thoughts_only(tok)
     assert max(abs(a[0] - b[0]) for a, b in zip(adaptive, always)) > 1e-3  # the threshold changed the scores
     with pytest.raises(ev.UserError, match="Jacobi passes cannot: use thoughts='exact'"):
         ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, thoughts='jacobi', think_threshold=0.5)
+    for bad in ('high', 1.5):
+        with pytest.raises(ev.UserError, match='think_threshold must be a number in'):
+            ev.lm_eval_adapter().NanoPonderLM(model=model, tokenizer=tok, think_threshold=bad)
 
 
 @pytest.mark.parametrize('kw', [dict(n_pause=2, pause_token_id=299), dict(n_loop=1), dict(n_hidden=2)])
