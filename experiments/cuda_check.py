@@ -6,8 +6,12 @@ it has not run on a GPU yet):
    backpropagation (jacobi_grad_passes=1) against the full one on CUDA in fp32: the same forward;
 2. bench.py on CUDA for each model at block_size 2048: vanilla and PonderLM-2 K=1 under bf16, the training step
    eager and with compiled Blocks, MFU against the GPU's datasheet peak, and the memory plan next to the measured
-   peak.
-It ends with one summary table; every figure is kept in out_dir (loss.json, bench-<model>.json and .md).
+   peak;
+3. adaptive thoughts (think_threshold) decoding on CUDA, fp32: the skip decisions of a batch against the CPU's and
+   against each row decoded alone (the flip rate), and decoding tokens/s at batch 1 and 8 with every thought and
+   with the rule (on CUDA every row runs, the skipping rows' results discarded).
+It ends with one summary table; every figure is kept in out_dir (loss.json, adaptive.json, bench-<model>.json and
+.md).
 
     python experiments/cuda_check.py                                # the whole check, into out/cuda_check
     python experiments/cuda_check.py --out_dir=$OUT --models=pythia-70m
@@ -30,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
 from model import GPT, GPTConfig  # noqa: E402
 from nanoponder import kernels  # noqa: E402
+from nanoponder.adaptive import decode_at_batch_one, skip_decisions  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
 from nanoponder.runtime import (UserError, check_output_dir, check_seed, failure, resolve_device, run_cli,  # noqa: E402
                                 write_json, write_result)
@@ -44,6 +49,7 @@ loss_model = 'pythia-70m'  # the preset of the loss check, PonderLM-2 K=1 with R
 loss_seq_len = 2048  # tokens of the loss check's one sequence
 fp32_tolerance = 1e-4  # largest relative difference of the loss, and relative error of a gradient, in fp32
 bf16_tolerance = 5e-2  # the same under bf16 autocast, against the CPU's fp32
+adaptive_tokens = 64  # tokens per row of the adaptive decoding check (8 rows)
 bench_args = ''  # more bench.py overrides, space-separated (shell quoting)
 out_dir = os.path.join(ROOT, 'out', 'cuda_check')
 seed = 1337
@@ -107,6 +113,57 @@ def check_loss(dev):
     return out
 
 
+def decode_speed(model, x):
+    """Tokens per second of decoding x (B, T) token by token through a KV cache, as sample.py does (after a
+    warm-up: first calls allocate)."""
+    model.sequential(x[:, :4], model.new_caches(x.size(0), 4, x.device))
+    caches = model.new_caches(x.size(0), x.size(1), x.device)
+    sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for t in range(x.size(1)):
+        model.embed_out(model.sequential(x[:, t:t + 1], caches)[0])
+    sync()
+    return x.numel() / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def check_adaptive(dev, rows=8):
+    """Part 3: PonderLM-2 K=1 (loss_model, random weights) decoding adaptive_tokens tokens of `rows` rows with
+    think_threshold at the median of the first readouts' top probabilities (about half the thoughts skipped, many
+    decisions near the threshold: a hard case for rounding), fp32 with TF32 off. Returns the figures."""
+    config = GPTConfig.preset(loss_model, block_size=max(adaptive_tokens, 8), **method_fields('ponderlm2-k1'))
+    torch.manual_seed(seed)
+    gpt = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (rows, adaptive_tokens))
+    first = gpt.embed_out(gpt.sequential(idx, gpt.new_caches(rows, adaptive_tokens, 'cpu'))[1][:, :, 0])
+    tau = first.float().softmax(dim=-1).amax(dim=-1).median().item()
+    gpt.think_threshold = tau
+    cpu_cache = gpt.new_caches(rows, adaptive_tokens, 'cpu')[0]
+    gpt.sequential(idx, [cpu_cache])
+    model = kernels.install(GPT(config).to(dev)).eval()
+    model.load_state_dict(gpt.state_dict())
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    x = idx.to(dev)
+    model.think_threshold = tau
+    cache = model.new_caches(rows, adaptive_tokens, dev)[0]
+    model.sequential(x, [cache])
+    batched = skip_decisions(cache, adaptive_tokens, config.slots).cpu()
+    out = {'model': loss_model, 'threshold': tau, 'rows': rows, 'tokens': adaptive_tokens,
+           'skipped': batched.float().mean().item(),
+           'flips_vs_cpu': (batched != skip_decisions(cpu_cache, adaptive_tokens, config.slots)).float().mean().item()}
+    speed_one, out['flips_batch_1'] = decode_at_batch_one(model, x, batched.to(dev))
+    out['tokens_per_s'] = {'batch 1, the rule': speed_one, f'batch {rows}, the rule': decode_speed(model, x)}
+    model.think_threshold = 1.0
+    out['tokens_per_s'][f'batch {rows}, every thought'] = decode_speed(model, x)
+    out['tokens_per_s']['batch 1, every thought'] = decode_at_batch_one(model, x, torch.zeros_like(batched).to(dev))[0]
+    print(f"{dev.type} adaptive decoding at threshold {tau:.3g}: {out['skipped']:.1%} of thoughts skipped; decisions "
+          f"flipped against the cpu's {out['flips_vs_cpu']:.2%}, batch 1 against batch {rows} "
+          f"{out['flips_batch_1']:.2%}; tokens/s " + ', '.join(f"{k} {v:,.0f}" for k, v in out['tokens_per_s'].items()))
+    return out
+
+
 def run_bench(model_name):
     """Part 2: bench.py for one preset on the device. Returns its JSON (None when it wrote none) and whether every
     measurement in it succeeded."""
@@ -135,7 +192,7 @@ def share(x):
     return 'n/a' if x is None else f"{x:.1%}"
 
 
-def summary(loss, benches):
+def summary(loss, benches, adaptive=None):
     """The loss check in two lines, then one row per model and method: eager tokens/s, MFU and share of the measured
     matmul peak, compiled tokens/s, the measured peak memory and the plan's."""
     lines = [f"loss of one {loss['seq_len']}-token sequence, {loss['model']} {loss['method']}: cpu fp32 "
@@ -147,6 +204,12 @@ def summary(loss, benches):
     r = loss['truncated']
     lines.append(f"- fp32, jacobi_grad_passes=1 against full backprop: relative difference {r['loss_rel_diff']:.1e}: "
                  f"{'ok' if r['ok'] else 'OFF'}")
+    if adaptive:
+        a = adaptive
+        lines.append(f"- adaptive decoding (fp32, threshold {a['threshold']:.3g}, {a['skipped']:.1%} skipped): "
+                     f"decisions flipped against the cpu's {a['flips_vs_cpu']:.2%}, batch 1 against batch "
+                     f"{a['rows']} {a['flips_batch_1']:.2%}; tokens/s "
+                     + ', '.join(f"{k} {v:,.0f}" for k, v in a['tokens_per_s'].items()))
     lines += ['', '| model | method | tokens/s | MFU | of matmul peak | compiled tokens/s | compile speedup | '
               'peak MiB | plan MiB |', '|---|---|---|---|---|---|---|---|---|']
     for model_name, bench in benches.items():
@@ -182,7 +245,7 @@ def check_config():
             method_fields(name.strip())
         except ValueError as e:
             raise UserError(str(e)) from None
-    for key in ('block_size', 'batch_size', 'loss_seq_len'):
+    for key in ('block_size', 'batch_size', 'loss_seq_len', 'adaptive_tokens'):
         if globals()[key] < 1:
             raise UserError(f"{key} must be >= 1, got {globals()[key]}")
     for key in ('fp32_tolerance', 'bf16_tolerance'):
@@ -204,8 +267,10 @@ def main():
     t0 = time.perf_counter()
     loss = check_loss(dev)
     write_json(os.path.join(out_dir, 'loss.json'), loss)
+    adaptive = check_adaptive(dev)
+    write_json(os.path.join(out_dir, 'adaptive.json'), adaptive)
     runs = {name: run_bench(name) for name in names}
-    table = summary(loss, {name: bench for name, (bench, _) in runs.items()})
+    table = summary(loss, {name: bench for name, (bench, _) in runs.items()}, adaptive)
     with write_result(os.path.join(out_dir, 'summary.md'), 'w') as f:
         f.write(table + '\n')
     print(table)

@@ -314,3 +314,19 @@ def test_the_adaptive_curve_checks_its_inputs_before_any_work(tmp_path, args, ne
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert_one_error(r, 2, needle)
     assert not (tmp_path / 'a').exists()  # nothing written
+
+
+def test_cuda_checks_adaptive_decoding_part_runs_its_plumbing_on_a_cpu(monkeypatch):
+    """Part 3 of experiments/cuda_check.py on the CPU against itself: the same batch decides the same (no flips),
+    about half of the thoughts are skipped at the median threshold, and each way of decoding has a speed. (Batch 1
+    against the batch may flip a decision this near the threshold: the two round differently.)"""
+    cc = load_cuda_check()
+    monkeypatch.setattr(cc, 'loss_model', 'pythia-14m')
+    monkeypatch.setattr(cc, 'adaptive_tokens', 12)
+    r = cc.check_adaptive(torch.device('cpu'), rows=4)
+    assert r['flips_vs_cpu'] == 0 and 0 <= r['flips_batch_1'] < 0.2 and 0.2 < r['skipped'] < 0.8
+    assert len(r['tokens_per_s']) == 4 and all(v > 0 for v in r['tokens_per_s'].values())
+    assert 'adaptive decoding (fp32' in cc.summary(
+        {'seq_len': 8, 'model': 'm', 'method': 'k1', 'cpu_loss': 1.0,
+         **{k: {'loss': 1.0, 'loss_rel_diff': 0.0, 'grad_rel_error': 0.0, 'ok': True, 'tolerance': 1.0}
+            for k in ('fp32', 'bf16', 'truncated')}}, {}, r)
