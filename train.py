@@ -13,6 +13,8 @@ several GPUs and nodes with DDP or FSDP2. The defaults are the headline run: Pon
     torchrun --standalone --nproc_per_node=8 train.py config/pythia1.4b_ponder.py --parallelism=fsdp \
         --activation_checkpointing=True                               # sharded: models DDP cannot fit
     python train.py config/pythia70m_ponder.py --init_from=resume     # go on from out_dir/ckpt.pt, exactly
+    python train.py config/shakespeare_ponder.py --thought_dropout=0.3 --out_dir=out-shakespeare-td  # trained to
+        # skip thoughts, for sample.py --think_threshold=0.6 (docs/experiments.md: adaptive thoughts)
     python train.py config/pythia70m_ponder.py --init_from=EleutherAI/pythia-70m --out_dir=out-cont  # continue
         # training a Hugging Face model: its architecture, and the method and block_size of this config
     nohup python train.py config/pythia70m_ponder.py > train.log 2>&1 &   # a plain line per log_interval
