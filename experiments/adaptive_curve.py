@@ -6,13 +6,14 @@ curve reaches each point's loss; the FLOPs the measured skip shares would give a
 cached decoding pass costs by the number of rows it runs (running a batch's every row, as built, against running
 only the rows that still think).
 
-    python experiments/adaptive_curve.py        # K=1 and K=1 trained with thought dropout 0.3, seed 1337
-    python experiments/adaptive_curve.py --runs=ponderlm2-k2 --thresholds="(1,0.6,0)" --out=out-adaptive
+    python experiments/adaptive_curve.py        # K=1 and K=1 trained with thought dropout 0.3, seeds 1337-1339
+    python experiments/adaptive_curve.py --runs=ponderlm2-k2 --seeds=1337 --thresholds="(1,0.6,0)" --out=out-adaptive
 
 Each run's sweep is `python eval.py --init_from=<out_root>/<run>-s<seed>/ckpt.pt --split=test --max_jacobi=0
 --jacobi_tols=() --exact=False --think_thresholds=<thresholds> --out=<out>/<run>-s<seed>` with OMP_NUM_THREADS=1
 (its report <run>-s<seed>.json is reused when it exists: delete it to measure again); the points' test losses and
-FLOPs come from results_dir's result files. Writes <out>/adaptive.md (the tables) and <out>/adaptive.png.
+FLOPs come from results_dir's result files. The curves and the points are means over the seeds (each seed's
+cheapest point below a point's loss is listed too). Writes <out>/adaptive.md (the tables) and <out>/adaptive.png.
 """
 import json
 import os
@@ -31,7 +32,7 @@ from nanoponder.runtime import UserError, atomic_write, check_output_dir, run_cl
 
 runs = 'ponderlm2-k1,ponderlm2-k1-td'  # PonderLM-2 runs (repro.py names), each swept over the thresholds
 points = 'vanilla,vanilla-2x'          # runs drawn as points, from results_dir
-seed = 1337
+seeds = '1337,1338,1339'
 thresholds = (1, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2, 0)
 out_root = os.path.join(ROOT, 'out-repro')  # the run folders (their ckpt.pt)
 results_dir = os.path.join(ROOT, 'experiments', 'results_v2')  # the result files of the points
@@ -39,7 +40,7 @@ out = os.path.join(ROOT, 'experiments', 'adaptive')  # the sweeps' reports, adap
 SHAPES = ('pythia-70m', 'pythia-410m', 'pythia-1.4b')  # the FLOPs at these shapes, from the measured shares
 
 
-def sweep(name):
+def sweep(name, seed):
     """The run's eval.py report (its 'adaptive' rows), made now unless out holds it; -> (report, seconds or None)."""
     path = os.path.join(out, f'{name}-s{seed}')
     if os.path.exists(path + '.json'):
@@ -49,7 +50,7 @@ def sweep(name):
     cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), f'--init_from={ckpt}', '--split=test', '--max_jacobi=0',
            '--jacobi_tols=()', '--exact=False', f"--think_thresholds=({','.join(map(str, thresholds))},)",
            f'--out={path}']
-    print(f"{name}: {' '.join(cmd[1:])}")
+    print(f"{name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     if r.returncode != 0:
@@ -64,7 +65,7 @@ def sweep(name):
     return report, seconds
 
 
-def point(name):
+def point(name, seed):
     path = os.path.join(results_dir, f'{name}-s{seed}.json')
     if not os.path.exists(path):
         raise UserError(f"{path} is missing: run `python experiments/repro.py --runs={name} --seeds={seed}`")
@@ -77,7 +78,7 @@ def point(name):
                 flops=r['inference_flops_per_token'])
 
 
-def check_run(name):
+def check_run(name, seed):
     """Before any work: the run is a PonderLM-2 model, and a sweep out holds already has these thresholds."""
     path = os.path.join(out, f'{name}-s{seed}.json')
     if os.path.exists(path):
@@ -126,17 +127,53 @@ def break_even(config):
     return hi if adaptive_flops_per_token(config, 1, 1) <= full else None
 
 
+def mean_report(sweeps):
+    """One run's sweeps {seed: (report, seconds)} -> one report whose rows are the means over the seeds (the loss's
+    min and max kept; flips summed), its wall seconds the sum."""
+    reports = [report for report, _ in sweeps.values()]
+    rows = []
+    for per_seed in zip(*(report['adaptive'] for report in reports)):
+        mean = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in
+                ('threshold', 'skipped', 'stopped', 'loss', 'flops_per_token', 'tokens_per_second')}
+        decisions = sum(r['flip_decisions'] for r in per_seed)
+        rows.append({**mean, 'loss_min': min(r['loss'] for r in per_seed), 'loss_max': max(r['loss'] for r in per_seed),
+                     'flip_decisions': decisions,
+                     'flip_rate': sum(r['flip_rate'] * r['flip_decisions'] for r in per_seed) / decisions,
+                     'per_seed': {seed: (r['flops_per_token'], r['loss']) for seed, r in zip(sweeps, per_seed)}})
+    walls = [seconds or report.get('wall_seconds') for report, seconds in sweeps.values()]
+    return {'tokens': reports[0]['tokens'], 'config': reports[0]['config'], 'adaptive': rows, 'seeds': list(sweeps),
+            **({'wall_seconds': sum(walls)} if all(walls) else {})}
+
+
+def mean_point(per_seed):
+    """A point run's {seed: point} -> the mean point (its per-seed losses kept)."""
+    first = next(iter(per_seed.values()))
+    return dict(label=first['label'], flops=first['flops'], per_seed={s: p['loss'] for s, p in per_seed.items()},
+                loss=sum(p['loss'] for p in per_seed.values()) / len(per_seed))
+
+
+def cheapest_below(rows, seed, loss):
+    """(threshold, flops) of the seed's cheapest measured point at or below loss, or None."""
+    return min(((r['per_seed'][seed][0], r['threshold']) for r in rows if r['per_seed'][seed][1] <= loss),
+               default=None)
+
+
 def tables(reports, pts):
-    lines = [f"Machine: {cpu_name()}; eval.py in float32, one thread; seed {seed}; the whole test split.", '']
-    for name, (report, seconds) in reports.items():
+    seed_list = reports[next(iter(reports))]['seeds']
+    lines = [f"Machine: {cpu_name()}; eval.py in float32, one thread; the whole test split; seeds "
+             f"{', '.join(map(str, seed_list))}: each figure is the mean over them (the loss's range in brackets).",
+             '']
+    for name, report in reports.items():
         rows = report['adaptive']
-        took = f", {seconds:.0f} s wall" if seconds else (f", {report['wall_seconds']:.0f} s wall"
-                                                          if 'wall_seconds' in report else '')
-        lines += [f"### {name}-s{seed} ({report['tokens']:,} test tokens{took})", '',
+        took = f", {report['wall_seconds']:.0f} s wall in all" if 'wall_seconds' in report else ''
+        lines += [f"### {name} ({report['tokens']:,} test tokens{took})", '',
                   '| τ | thoughts skipped | test loss | FLOPs / token | tokens/s (batch 1) | flips |',
                   '|---|---|---|---|---|---|']
-        lines += [f"| {r['threshold']:g} | {r['skipped']:.1%} | {r['loss']:.4f} | {r['flops_per_token'] / 1e6:.2f}M | "
-                  f"{r['tokens_per_second']:.0f} | {r['flip_rate']:.2%} of {r['flip_decisions']} |" for r in rows]
+        spread = len(seed_list) > 1
+        lines += [f"| {r['threshold']:g} | {r['skipped']:.1%} | {r['loss']:.4f}"
+                  + (f" ({r['loss_min']:.4f}–{r['loss_max']:.4f})" if spread else '')
+                  + f" | {r['flops_per_token'] / 1e6:.2f}M | {r['tokens_per_second']:.0f} | "
+                  f"{r['flip_rate']:.2%} of {r['flip_decisions']:,} |" for r in rows]
         curve = [(r['flops_per_token'], r['loss']) for r in rows]
         lines.append('')
         for p in pts:
@@ -149,13 +186,17 @@ def tables(reports, pts):
                             f"read between the points, the curve reaches its loss from {x / 1e6:.2f}M "
                             f"({x / p['flops']:.2f}x)" if x is not None else "the curve never reaches its loss")
                          + (f"; at its FLOPs the curve's loss is {y:.4f} ({y - p['loss']:+.4f})" if y is not None
-                            else "; its FLOPs are outside the curve"))
+                            else "; its FLOPs are outside the curve")
+                         + ("; per seed, the cheapest measured point at or below its loss: " + ', '.join(
+                             f"{seed} " + (f"τ={c[1]:g} ({c[0] / p['flops']:.2f}x)" if c else 'none')
+                             for seed in seed_list for c in [cheapest_below(rows, seed, p['per_seed'][seed])])
+                            if spread else ''))
         lines.append('')
     lines += ['### The measured skip shares at the Pythia shapes (K=1, 2048 context, attention at its mean position)',
               '', '| run, τ | thoughts skipped | ' + ' | '.join(f'{s}: FLOPs vs always thinking' for s in SHAPES)
               + ' |', '|---|---|' + '---|' * len(SHAPES)]
     configs = [GPTConfig.preset(s, n_thoughts=1) for s in SHAPES]
-    for name, (report, _) in reports.items():
+    for name, report in reports.items():
         for r in report['adaptive']:
             if r['threshold'] < 1:
                 ratios = [adaptive_flops_per_token(c, r['skipped'], r['stopped']) / inference_flops_per_token(c)
@@ -175,9 +216,9 @@ def plot(reports, pts, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    full = max(r['flops_per_token'] for report, _ in reports.values() for r in report['adaptive']) / 1e6
+    full = max(r['flops_per_token'] for report in reports.values() for r in report['adaptive']) / 1e6
     inset = ax.inset_axes([0.30, 0.52, 0.36, 0.42])
-    for i, (name, (report, _)) in enumerate(reports.items()):
+    for i, (name, report) in enumerate(reports.items()):
         rows = report['adaptive']
         xs, ys = [r['flops_per_token'] / 1e6 for r in rows], [r['loss'] for r in rows]
         for axes in (ax, inset):
@@ -197,7 +238,7 @@ def plot(reports, pts, path):
         for axes in (ax, inset):
             axes.plot([p['flops'] / 1e6], [p['loss']], marker, color='black', ms=7, ls='none',
                       label=p['label'] if axes is ax else None)
-    ys = [r['loss'] for report, _ in reports.values() for r in report['adaptive'] if r['flops_per_token'] / 1e6
+    ys = [r['loss'] for report in reports.values() for r in report['adaptive'] if r['flops_per_token'] / 1e6
           > 0.92 * full] + [p['loss'] for p in pts if p['flops'] / 1e6 > 0.92 * full]
     inset.set_xlim(0.92 * full, 1.075 * full)  # room on the right for the cluster's labels
     inset.set_ylim(min(ys) - 0.003, max(ys) + 0.003)
@@ -208,7 +249,9 @@ def plot(reports, pts, path):
     ax.indicate_inset_zoom(inset, edgecolor='gray')
     ax.set_xlabel('inference FLOPs per token (M), exact decoding through the KV cache, checks included')
     ax.set_ylabel('test loss (whole test split)')
-    ax.set_title(f'Adaptive thoughts on the CPU experiment (seed {seed}): τ labels each point', fontsize=9)
+    seed_list = next(iter(reports.values()))['seeds']
+    ax.set_title(f"Adaptive thoughts on the CPU experiment (mean over seeds {', '.join(map(str, seed_list))}): "
+                 f"τ labels each point", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='center right')
     fig.savefig(path)
@@ -261,12 +304,20 @@ def main():
             and all(type(t) in (int, float) and 0 <= t <= 1 for t in thresholds)):
         raise UserError(f"thresholds must be numbers in [0, 1], e.g. (1,0.6,0), got {thresholds!r}")
     check_output_dir(out, '--out')
-    pts = [point(n.strip()) for n in points.split(',') if n.strip()]  # (before any sweep: a missing one is said now)
+    try:
+        seed_list = [int(x) for x in str(seeds).split(',')]
+    except ValueError:
+        raise UserError(f"seeds must be whole numbers separated by commas, got {seeds!r}") from None
+    if len(set(seed_list)) < len(seed_list):
+        raise UserError(f"seeds lists a seed more than once: {seeds!r}")
+    # before any sweep: a missing point or run is said now
+    pts = [mean_point({s: point(n.strip(), s) for s in seed_list}) for n in points.split(',') if n.strip()]
     for name in names:
-        check_run(name)
+        for s in seed_list:
+            check_run(name, s)
     os.makedirs(out, exist_ok=True)
-    reports = {name: sweep(name) for name in names}
-    text = tables(reports, pts) + '\n' + rows_table(GPTConfig(**reports[names[0]][0]['config']))
+    reports = {name: mean_report({s: sweep(name, s) for s in seed_list}) for name in names}
+    text = tables(reports, pts) + '\n' + rows_table(GPTConfig(**reports[names[0]]['config']))
     with atomic_write(os.path.join(out, 'adaptive.md'), 'w') as f:
         f.write(text + '\n')
     plot(reports, pts, os.path.join(out, 'adaptive.png'))

@@ -294,8 +294,17 @@ def test_the_adaptive_curve_reads_crossings_and_the_pythia_break_even():
         assert ac.break_even(config) == pytest.approx(closed, rel=1e-9)
     rows = [dict(threshold=t, skipped=s, stopped=s, loss=l, flops_per_token=f * 1e6, tokens_per_second=100.0,
                  flip_rate=0.0, flip_decisions=64) for t, s, l, f in ((1, 0, 3.0, 5.0), (0, 1, 3.3, 3.0))]
-    text = ac.tables({'k1': ({'tokens': 1000, 'adaptive': rows}, 12.0)},
-                     [dict(label='vanilla', loss=3.2, flops=2.5e6)])
+    other = [{**r, 'loss': r['loss'] + 0.02, 'flip_rate': 0.5} for r in rows]  # a second seed
+    report = ac.mean_report({1: ({'tokens': 1000, 'config': {}, 'adaptive': rows}, 12.0),
+                             2: ({'tokens': 1000, 'config': {}, 'adaptive': other}, 13.0)})
+    assert report['wall_seconds'] == 25.0 and report['adaptive'][1]['flip_rate'] == 0.25  # 32 of 128 decisions
+    point = ac.mean_point({1: dict(label='vanilla', loss=3.19, flops=2.5e6), 2: dict(label='vanilla', loss=3.21,
+                                                                                     flops=2.5e6)})
+    text = ac.tables({'k1': report}, [point])
+    assert '| 0 | 100.0% | 3.3100 (3.3000–3.3200) | 3.00M | 100 | 25.00% of 128 |' in text
+    assert 'per seed, the cheapest measured point at or below its loss: 1 τ=1 (2.00x), 2 τ=1 (2.00x)' in text
+    text = ac.tables({'k1': ac.mean_report({1: ({'tokens': 1000, 'config': {}, 'adaptive': rows}, 12.0)})},
+                     [ac.mean_point({1: dict(label='vanilla', loss=3.2, flops=2.5e6)})])
     assert '| 0 | 100.0% | 3.3000 | 3.00M | 100 | 0.00% of 64 |' in text
     assert 'cheapest measured point at or below its loss is τ=0, 3.00M FLOPs (1.20x its), 3.3000' not in text
     assert 'the curve reaches its loss from 3.67M (1.47x)' in text and 'its FLOPs are outside the curve' in text
