@@ -16,8 +16,9 @@ cache, as a markdown table.
     python experiments/bench.py --model= --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4 \
         --methods=ponderlm2-k1 --dtype=bfloat16 --grad_passes=1,2 --compare_compile=False  # truncated backprop
     python experiments/bench.py --model= --n_layer=6 --n_head=4 --n_embd=128 --vocab_size=512 --block_size=128 \
-        --batch_size=16 --methods=ponderlm2-k1 --thought_dropout=0.3 --grad_passes= --compare_compile=False \
-        --compare_checkpointing=False --check_memory=False --threads=1   # thought dropout's index map
+        --batch_size=16 --new_tokens=64 --methods=ponderlm2-k1 --thought_dropout=0.3 --grad_passes= \
+        --compare_compile=False --compare_checkpointing=False --check_memory=False --threads=1 --repeats=7 \
+        --compare_hf=False --dtype=float32   # thought dropout's index map, on the CPU experiment's shape
 
 Methods (model.py's names): vanilla; ponderlm2-kK = PonderLM-2 with K latent thoughts per token, trained
 with R = n_jacobi Jacobi passes (fixed, so every step costs the same); ponderlm1-nN = PonderLM with N
