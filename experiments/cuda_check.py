@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)  # run as a script, this file's folder is on the path, not the repository's modules
 from model import GPT, GPTConfig  # noqa: E402
 from nanoponder import kernels  # noqa: E402
-from nanoponder.adaptive import decode_at_batch_one, skip_decisions  # noqa: E402
+from nanoponder.adaptive import decode_at_batch_one, skip_decisions, timed_decoding  # noqa: E402
 from nanoponder.methods import method_fields  # noqa: E402
 from nanoponder.runtime import (UserError, check_output_dir, check_seed, failure, resolve_device, run_cli,  # noqa: E402
                                 write_json, write_result)
@@ -117,14 +117,7 @@ def decode_speed(model, x):
     """Tokens per second of decoding x (B, T) token by token through a KV cache, as sample.py does (after a
     warm-up: first calls allocate)."""
     model.sequential(x[:, :4], model.new_caches(x.size(0), 4, x.device))
-    caches = model.new_caches(x.size(0), x.size(1), x.device)
-    sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for t in range(x.size(1)):
-        model.embed_out(model.sequential(x[:, t:t + 1], caches)[0])
-    sync()
-    return x.numel() / (time.perf_counter() - t0)
+    return x.numel() / timed_decoding(model, x)[0]
 
 
 @torch.no_grad()

@@ -56,22 +56,29 @@ def skip_decisions(cache, n_tokens, slots):
     return (k[..., 1:, :] == k[..., :-1, :]).all(dim=-1).all(dim=2).all(dim=0)
 
 
-def decode_at_batch_one(model, x, batched):
-    """Each row of x (B, n) decoded alone, token by token through a KV cache as sample.py does, after a warm-up
-    -> (tokens per second, the share of the skip decisions that differ from batched (B, n, K), the batched run's)."""
-    model.sequential(x[:1, :8], model.new_caches(1, 8, x.device))  # warm-up (first calls allocate)
+def timed_decoding(model, x):
+    """x (B, n) decoded token by token through a new KV cache, as sample.py decodes (the logits of each step
+    included) -> (seconds, the cache). The caller warms up first: first calls allocate."""
+    caches = model.new_caches(x.size(0), x.size(1), x.device)
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for t in range(x.size(1)):
+        h, _ = model.sequential(x[:, t:t + 1], caches)
+        model.embed_out(h)  # the logits a decoder samples from
+    sync()
+    return time.perf_counter() - start, caches[0]
+
+
+def decode_at_batch_one(model, x, batched):
+    """Each row of x (B, n) decoded alone (timed_decoding), after a warm-up -> (tokens per second, the share of the
+    skip decisions that differ from batched (B, n, K), the batched run's)."""
+    model.sequential(x[:1, :8], model.new_caches(1, 8, x.device))  # warm-up (first calls allocate)
     seconds, flips = 0.0, 0
     for row, decided in zip(x, batched):
-        caches = model.new_caches(1, x.size(1), x.device)
-        sync()
-        start = time.perf_counter()
-        for t in range(x.size(1)):
-            h, _ = model.sequential(row[None, t:t + 1], caches)
-            model.embed_out(h)  # the logits a decoder samples from
-        sync()
-        seconds += time.perf_counter() - start
-        flips += int((skip_decisions(caches[0], x.size(1), model.config.slots)[0] != decided).sum())
+        took, cache = timed_decoding(model, row[None])
+        seconds += took
+        flips += int((skip_decisions(cache, x.size(1), model.config.slots)[0] != decided).sum())
     return x.numel() / seconds, flips / batched.numel()
 
 
