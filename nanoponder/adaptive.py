@@ -57,7 +57,7 @@ def skip_decisions(cache, n_tokens, slots):
 
 
 def timed_decoding(model, x):
-    """x (B, n) decoded token by token through a new KV cache, as sample.py decodes (the logits of each step
+    """x (B, n) decoded token by token through a new KV cache, as generation decodes (the logits of each step
     included) -> (seconds, the cache). The caller warms up first: first calls allocate."""
     caches = model.new_caches(x.size(0), x.size(1), x.device)
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)

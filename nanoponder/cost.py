@@ -273,7 +273,7 @@ def plan_memory(config, batch_size, seq_len=None, *, n_jacobi=None, dtype=torch.
     forward and backward. device_type: where it trains, which decides the attention kernel (kernels.blocks_suit:
     the plan is for a model with the kernels installed, as every script runs it). grad_passes: PonderLM-2's G
     (activation_bytes); under fsdp every pass still gathers the weights, with a graph or without. thought_dropout:
-    train.py's p (> 0: the skip map's copies of the keys and values)."""
+    the probability p that a token stops at each thought (> 0: the skip map's copies of the keys and values)."""
     n = count_params(config)
     P = n['total']
     T = seq_len or config.block_size
