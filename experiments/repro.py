@@ -9,13 +9,17 @@ every run has the same tokens, the same init seed and the same 6x128 trunk, over
   the official repository's baselines at K=1's extra compute: Pause K=1 (the extra slot without a thought in it),
   Loop K=1 (the extra pass through the layers without feeding anything back through the sequence) and Hidden N=1
   (the output added to the input instead of given a slot).
-Thought models report the val loss with Jacobi thoughts (R=3, as the papers) and with exact thoughts (eval.py).
+Every verdict reads the whole test split's loss (Jacobi R=3 for thought models, as the papers; their exact-thought
+loss beside it); the val split draws the curves and picks the FLOPs-matched vanilla's best checkpoint. The family of
+pre-registered comparisons is experiments/family.json; the report tests it (paired t, Holm, sign-flip).
 
-    python experiments/repro.py --input=../shared/data/tinyshakespeare.txt   # every run, 3 seeds (~3 h on 2 cores)
-    python experiments/repro.py --runs=ponderlm2-k1,pause-k1,vanilla --seeds=1337   # some runs (names: RUNS below)
+    python experiments/repro.py --report=True   # the table, the verdicts and the plots, from experiments/results_v2/
+    python experiments/repro.py --runs=ponderlm2-k1,loop-k1,vanilla --seeds=$(seq -s, 1337 1346) \
+        --input=../shared/data/tinyshakespeare.txt   # some runs (names: RUNS below) over the ten seeds
+    python experiments/repro.py   # every run, 3 seeds (~6 lane-hours, 3 h on 2 cores; skips the files it has)
     python experiments/repro.py --seeds=1337 --runs=vanilla,ponderlm2-k1 --max_iters=100 \
         --out_root=out-quick --results_dir=out-quick/results   # a quicker look, apart from the committed runs
-    python experiments/repro.py --report=True   # the table and plots again, from experiments/results/ alone
+    python experiments/repro.py --report=True --results_dir=experiments/results   # the first, val-split version
 
 It prepares its data if missing (prepare_data.py --dataset=shakespeare --tokenizer=bpe:512, downloading the text
 unless --input names a copy) and works from any directory: train.py, eval.py, the configs
@@ -84,7 +88,7 @@ config = os.path.join(ROOT, 'experiments', 'repro_shakespeare.py')  # the budget
 data_dir = os.path.join(ROOT, 'data', 'shakespeare-bpe512')
 input = ''              # a local copy of Tiny Shakespeare, to prepare the data offline
 out_root = os.path.join(ROOT, 'out-repro')  # the run folders: checkpoints and logs
-results_dir = os.path.join(ROOT, 'experiments', 'results')  # one small file per finished run, the table, the plots
+results_dir = os.path.join(ROOT, 'experiments', 'results_v2')  # a small file per finished run, the table, the plots
 family = os.path.join(ROOT, 'experiments', 'family.json')  # the pre-registered comparisons the report tests
 runs = ','.join(RUNS)
 seeds = '1337,1338,1339'
@@ -354,45 +358,67 @@ def by_run(results):
     return {name: [r for r in results if r['name'] == name] for name in RUNS if any(r['name'] == name for r in results)}
 
 
+# (color, line style) per run, the same in every plot: a variant or a control in its base run's color, dashed
+STYLE = {
+    'ponderlm2-k2': ('#08306b', '-'), 'vanilla-flops': ('#7f7f7f', '-'), 'ponderlm2-k1': ('#1f77b4', '-'),
+    'ponderlm2-k1-g2': ('#17becf', ':'), 'ponderlm2-k1-g1': ('#17becf', '--'), 'ponderlm2-k1-td': ('#1f77b4', '-.'),
+    'ponderlm1-n3': ('#9467bd', '-'), 'pause-k1': ('#e377c2', '-'), 'loop-k1': ('#ff7f0e', '-'),
+    'hidden-n1': ('#8c564b', '-'), 'hidden-scale': ('#8c564b', '--'), 'vanilla-2x': ('#2ca02c', '-'),
+    'vanilla-scale': ('#d62728', '--'), 'vanilla': ('#d62728', '-'),
+}
+
+
 @contextmanager
-def figure(files, name):
-    """The axes of one 7 x 4.5 inch figure, put in files[name] as a PNG's bytes once the block has drawn it."""
+def figure(files, name, panels=1, size=(7, 4.5)):
+    """The axes of one figure (a list of them for panels > 1), put in files[name] as a PNG's bytes once the block
+    has drawn it."""
     import matplotlib
     matplotlib.use('Agg')  # files only, no display needed
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(1, panels, figsize=size)
     try:
         yield ax
         fig.tight_layout()
         png = io.BytesIO()
-        fig.savefig(png, format='png', dpi=120)
+        fig.savefig(png, format='png', dpi=120, bbox_inches='tight')
         files[name] = png.getvalue()
     finally:
         plt.close(fig)
 
 
-def plot(results, files, name, x_of, xlabel, leave_out=()):
-    """Val-loss curves against x_of(tokens, run): each run's mean over the seeds, with the min-max band."""
+def plot(results, files, name, x_of, xlabel, leave_out=(), zoom=False):
+    """Val-loss curves against x_of(tokens, run): each run's mean over the seeds, with the min-max band; the legend
+    beside the axes. zoom: a second panel, the last third of training with the y-axis on the runs' final losses."""
     results = [r for r in results if r['name'] not in leave_out]
     log_x = 'FLOPs' in xlabel
-    with figure(files, name) as ax:
-        for runs_ in by_run(results).values():
-            first = 1 if log_x else 0  # iteration 0 has no FLOPs to put on a log axis
-            xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve'][first:]]
-            losses = np.array([[loss for _, loss in r['curve'][first:]] for r in runs_])  # (seeds, evals)
-            label = f"{runs_[0]['label']} ({len(runs_)} seed{'s' * (len(runs_) > 1)})"
-            line, = ax.plot(xs, losses.mean(0), label=label)
-            if len(runs_) > 1:
-                ax.fill_between(xs, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-        settled = [loss for r in results for _, loss in r['curve'][len(r['curve']) // 4:]]
-        if settled:
-            ax.set_ylim(min(settled) - 0.05, max(settled) + 0.1)
-        ax.set_xscale('log' if log_x else 'linear')
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val loss (train.py's periodic evaluation, R=3)")
-        ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    with figure(files, name, panels=2 if zoom else 1, size=(12, 4.5) if zoom else (9, 4.5)) as axes:
+        axes = list(axes) if zoom else [axes]
+        for i, ax in enumerate(axes):
+            ends = []
+            for run, runs_ in by_run(results).items():
+                first = 1 if log_x else 2 * len(runs_[0]['curve']) // 3 if i else 0  # iteration 0: no FLOPs for a log x
+                xs = [x_of(tokens, runs_[0]) for tokens, _ in runs_[0]['curve'][first:]]
+                losses = np.array([[loss for _, loss in r['curve'][first:]] for r in runs_])  # (seeds, evals)
+                label = f"{runs_[0]['label']} ({len(runs_)} seed{'s' * (len(runs_) > 1)})"
+                color, style = STYLE[run]
+                ax.plot(xs, losses.mean(0), label=label, color=color, ls=style, lw=1.2)
+                if len(runs_) > 1 and not i:
+                    ax.fill_between(xs, losses.min(0), losses.max(0), color=color, alpha=0.12)
+                ends.append(losses.mean(0)[-1])
+            if i:  # the zoom: the final losses of the runs within 0.2 nats of the best, a little room around
+                near = [e for e in ends if e < min(ends) + 0.2]
+                ax.set_ylim(min(near) - 0.03, max(near) + 0.12)
+                ax.set_title('the last third of training, zoomed (seed means)', fontsize=9)
+            else:
+                settled = [loss for r in results for _, loss in r['curve'][len(r['curve']) // 4:]]
+                if settled:
+                    ax.set_ylim(min(settled) - 0.05, max(settled) + 0.1)
+                ax.set_title('Tiny Shakespeare, 512-id BPE, 6x128 trunk: seed mean, min-max band', fontsize=9)
+            ax.set_xscale('log' if log_x else 'linear')
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("val loss (train.py's periodic evaluation, R=3)")
+        axes[-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def spread(values, fmt):
@@ -552,46 +578,64 @@ def verdicts(results):
                 '"detects": the smallest difference found with 80% power at the Holm-worst level:', '', *lines]
 
 
+def label_heights(ys, gap):
+    """Heights (axes fraction, 0-1) for labels of points at heights ys, in the same order: each as near its point as
+    can be while every two are at least gap apart, all within 0-1 where n * gap <= 1."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = []
+    for i in order:  # up from the bottom: each at its point or just above the one below
+        placed.append(max(ys[i], placed[-1] + gap) if placed else max(ys[i], 0.0))
+    for j in range(len(placed) - 1, -1, -1):  # then down from the top: none above 1
+        placed[j] = min(placed[j], 1.0 if j == len(placed) - 1 else placed[j + 1] - gap)
+    heights = [0.0] * len(ys)
+    for i, y in zip(order, placed):
+        heights[i] = min(max(y, 0.0), 1.0)  # (rounding only: 1 - n * gap may fall a hair below 0)
+    return heights
+
+
 def plot_inference(results, files, name):
     """Final loss (whole test split where the result files have it, else val; Jacobi R=3) against inference FLOPs
     per token: a point per run at the mean over its seeds, with the 95% t-interval of that mean (3 or more seeds;
-    none for one), labels moved apart so that none covers another, the y-axis on the methods: a run far above them
-    (the overfit FLOPs-matched vanilla) is an arrow at the top edge with its value. The plot to read first."""
+    none for fewer), the labels in a column beside the axes, apart, each joined to its point; the y-axis on the
+    methods: a run far above them (the overfit FLOPs-matched vanilla) is an arrow at the top edge with its value.
+    Runs within 1% of one x (Loop, Hidden, 2x depth) are set side by side, 2% apart, lowest loss left. The plot to read first."""
     from scipy import stats as scipy_stats
     key = loss_key(results)
-    points = []  # (x, mean, half-width of the interval, label)
-    for runs_ in by_run(results).values():
+    points = []  # (x, mean, half-width of the interval, label, run)
+    for run, runs_ in by_run(results).items():
         losses = np.array([r[key] for r in runs_])
         half = scipy_stats.t.ppf(0.975, len(losses) - 1) * losses.std(ddof=1) / np.sqrt(len(losses)) \
             if len(losses) > 2 else 0.0
         points.append((runs_[0]['inference_flops_per_token'], losses.mean(), half,
-                       f"{runs_[0]['label']} ({len(runs_)})"))
-    means = sorted(m for _, m, _, _ in points)
+                       f"{runs_[0]['label']} ({len(runs_)})", run))
+    means = sorted(p[1] for p in points)
     core = [m for m in means if m <= np.median(means) + 4 * max(np.median(means) - means[0], 0.02)]
-    top = max(m + h for _, m, h, _ in points if m in core) + 0.01
-    bottom = min(m - h for _, m, h, _ in points if m in core) - 0.01
-    with figure(files, name) as ax:
-        placed = []  # label heights in data units, kept apart by at least gap
-        gap = (top - bottom) / 22
-        seen = {}  # runs at the same x (Loop, Hidden, 2x depth) are set side by side, 1% apart
-        for x, mean, half, label in sorted(points, key=lambda p: p[1]):
-            seen[x] = seen.get(x, -1) + 1
-            x *= 1.01 ** seen[x]
-            if mean > top:  # off the axis: an arrow at the top edge, its value beside it
-                ax.annotate(f"{label}: {mean:.3f}", xy=(x, top), xytext=(x, top - 3 * gap), ha='center',
-                            fontsize=7, arrowprops=dict(arrowstyle='->', color='gray'), color='gray')
+    top = max(m + h for _, m, h, *_ in points if m in core) + 0.01
+    bottom = min(m - h for _, m, h, *_ in points if m in core) - 0.01
+    with figure(files, name, size=(9, 4.5)) as ax:
+        seen, drawn = {}, []  # drawn: (x, y at the point, the label's text, its color)
+        for x, mean, half, label, run in sorted(points, key=lambda p: p[1]):
+            near = [p[0] for p in points if abs(p[0] / x - 1) < 0.01]  # the runs at about x: Pause's vocab is 520
+            seen[min(near)] = seen.get(min(near), -1) + 1
+            x = np.exp(np.mean(np.log(near))) * 1.02 ** (seen[min(near)] - (len(near) - 1) / 2)  # centred on them
+            color = STYLE[run][0]
+            if mean > top:  # off the axis: an arrow at the top edge, its value in the label
+                ax.annotate('', xy=(x, top), xytext=(x, top - (top - bottom) / 8),
+                            arrowprops=dict(arrowstyle='->', color=color))
+                drawn.append((x, top, f"{label}: {mean:.3f}, above the axis", color))
                 continue
-            bar = ax.errorbar([x], [mean], yerr=[[half], [half]] if half else None, fmt='o', capsize=3)
-            y = mean
-            while any(abs(p - y) < 0.999 * gap for p in placed):  # up past every label already placed near it
-                y = max(p for p in placed if abs(p - y) < 0.999 * gap) + gap  # (0.999: p + gap - p may round below)
-            placed.append(y)
-            ax.annotate(label, (x, mean), xytext=(x * 1.06, y), textcoords='data', fontsize=7, va='center',
-                        color=bar[0].get_color(), arrowprops=dict(arrowstyle='-', color='lightgray', lw=0.5))
-        ax.set_ylim(bottom, max([top] + [y + gap for y in placed]))
+            ax.errorbar([x], [mean], yerr=[[half], [half]] if half else None, fmt='o' if STYLE[run][1] == '-'
+                        else 's', color=color, capsize=3, ms=5)
+            drawn.append((x, mean, label, color))
+        ax.set_ylim(bottom, top)
+        heights = label_heights([(y - bottom) / (top - bottom) for _, y, _, _ in drawn], gap=1 / max(len(drawn), 22))
+        for (x, y, label, color), h in zip(drawn, heights):
+            ax.annotate(label, xy=(x, y), xytext=(1.03, h), textcoords='axes fraction', fontsize=7, va='center',
+                        color=color, annotation_clip=False,
+                        arrowprops=dict(arrowstyle='-', color=color, lw=0.5, alpha=0.35))
         ax.set_xscale('log')
-        lo, hi = min(x for x, *_ in points), max(x for x, *_ in points)
-        ax.set_xlim(lo / 1.3, hi * 2.2)  # room on the right for the labels
+        lo, hi = min(p[0] for p in points), max(p[0] for p in points)
+        ax.set_xlim(lo / 1.25, hi * 1.25)
         ax.set_xlabel('inference FLOPs per token (exact decoding through the KV cache)')
         split = 'test' if key == 'test_loss' else 'val'
         ax.set_ylabel(f'final {split} loss (whole {split} split, R=3)')
@@ -661,7 +705,7 @@ def write_report():
                     '', *pairs, *truncation_table(results)])
     files = {'results.md': (md + '\n').encode()}  # name -> its bytes: all built before any is written
     plot(results, files, 'val_loss_tokens.png', lambda tokens, r: tokens / 1e6,
-         'tokens trained (M)', leave_out=('vanilla-flops',))  # 10x the tokens: it is the FLOPs plot's comparison
+         'tokens trained (M)', leave_out=('vanilla-flops',), zoom=True)  # 10x the tokens: it is the FLOPs plot's comparison
     plot(results, files, 'val_loss_flops.png', lambda tokens, r: tokens * r['flops_per_token'], 'training FLOPs')
     plot_inference(results, files, 'val_loss_inference_flops.png')
     print(md)

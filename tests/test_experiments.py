@@ -103,6 +103,27 @@ def load_repro():
     return module
 
 
+def test_the_inference_plots_labels_stay_apart_in_order_and_on_the_figure():
+    """The labels' column: every two at least the gap apart, in their points' order, none outside 0-1, and each at
+    its point where nothing crowds it; every run has its own color and line style."""
+    repro = load_repro()
+    ys = [0.50, 0.10, 0.11, 0.12, 0.90, 0.995, 1.0, -0.2]
+    h = repro.label_heights(ys, gap=0.05)
+    by_point = [h[i] for i in sorted(range(len(ys)), key=lambda i: ys[i])]
+    assert all(b - a >= 0.05 - 1e-12 for a, b in zip(by_point, by_point[1:]))
+    assert 0.0 <= min(h) and max(h) <= 1.0
+    assert h[0] == 0.50 and h[1] == 0.10  # uncrowded: at its point
+    assert h[3] > h[2] > h[1] and h[5] < h[6] == 1.0  # crowded: pushed apart, the top one at the edge
+    rng = random.Random(0)
+    for _ in range(200):
+        ys = [rng.uniform(-0.1, 1.1) for _ in range(rng.randint(1, 20))]
+        h = repro.label_heights(ys, gap=1 / 22)
+        by_point = sorted(zip(ys, h))
+        assert all(b[1] - a[1] >= 1 / 22 - 1e-12 for a, b in zip(by_point, by_point[1:]))
+        assert 0.0 <= min(h) and max(h) <= 1.0
+    assert set(repro.STYLE) == set(repro.RUNS) and len(set(repro.STYLE.values())) == len(repro.RUNS)
+
+
 def test_an_evaluation_is_reused_until_its_checkpoint_or_its_split_changes(tmp_path, monkeypatch):
     """eval.json is reused while newer than the checkpoint and the split's token file: data prepared again (the
     val split halved when test was cut from it) is evaluated again, not reported beside a fresh test loss."""
