@@ -499,31 +499,30 @@ def paired_differences(results, bases=('ponderlm2-k1', 'vanilla')):
     FLOPs-matched vanilla at its best val checkpoint too, where it has one."""
     from nanoponder.stats import holm, p_text, paired_test  # scipy: a dependency of the report only
     key, label = loss_key(results), {r['name']: r['label'] for r in results}
-    listed, tests = [], []
+    listed, tests = [], []  # (run, base, the run's label, its differences per seed)
     for base in bases:
         for name in by_run(results):
             diffs = [d for _, d in paired(results, name, base, key)]
-            if name == base or not diffs or (base, name) in [(n, b) for n, b, _ in listed]:
+            if name == base or not diffs or (base, name) in [(n, b) for n, b, *_ in listed]:
                 continue
-            listed.append((name, base, diffs))
-            tests.append(paired_test(diffs) if len(diffs) > 1 else None)
+            listed.append((name, base, label[name], diffs))
+            if name == 'vanilla-flops' and key == 'test_loss' and base == 'ponderlm2-k1':
+                of = {r['seed']: r['test_loss'] for r in results if r['name'] == base}
+                best = [r['test_loss_best'] - of[r['seed']] for r in results if r['name'] == name
+                        and r['seed'] in of and r.get('test_loss_best') is not None]
+                if best:
+                    listed.append((name, base, f"{label[name]}, its best val checkpoint", best))
+    tests = [paired_test(diffs) if len(diffs) > 1 else None for *_, diffs in listed]
     adjusted = iter(holm([t['p'] for t in tests if t]))
     lines = []
-    for (name, base, diffs), c in zip(listed, tests):
-        line = f"{label[name]} - {label[base]}: mean {np.mean(diffs):+.4f} (per seed " \
+    for (name, base, title, diffs), c in zip(listed, tests):
+        line = f"{title} - {label[base]}: mean {np.mean(diffs):+.4f} (per seed " \
                f"{', '.join(f'{d:+.4f}' for d in diffs)})"
         if c:
             line += (f", 95% CI [{c['low']:+.4f}, {c['high']:+.4f}], p {p_text(c['p'])} unadjusted, Holm "
                      f"{p_text(next(adjusted))} over the {sum(t is not None for t in tests)} listed, sign-flip "
                      f"{p_text(c['p_sign_flip'])}")
         lines.append(line)
-        if name == 'vanilla-flops' and key == 'test_loss' and base == 'ponderlm2-k1':
-            of = {r['seed']: r['test_loss'] for r in results if r['name'] == base}
-            best = [r['test_loss_best'] - of[r['seed']] for r in results if r['name'] == name and r['seed'] in of
-                    and r.get('test_loss_best') is not None]
-            if best:
-                lines.append(f"{label[name]}, its best val checkpoint - {label[base]}: mean {np.mean(best):+.4f} "
-                             f"(per seed {', '.join(f'{d:+.4f}' for d in best)})")
     return lines
 
 
