@@ -64,15 +64,15 @@ def check_options():
                                   ('temperature', temperature, 0 <= temperature < math.inf,
                                    'finite and >= 0 (0 = greedy)'),
                                   ('top_k', top_k, top_k >= 0, '>= 0 (0 = off)'),
-                                  ('top_p', top_p, 0 < top_p <= 1, 'in (0, 1] (1 = off)')):
+                                  ('top_p', top_p, 0 < top_p <= 1, 'in (0, 1] (1 = off)'),
+                                  ('think_threshold', think_threshold, 0 <= think_threshold <= 1,
+                                   'in [0, 1] (1 = always think)')):
         if not ok:  # nan fails every comparison
             raise UserError(f"{name}={value} is out of range: {name} must be {rule}")
     if stream not in (None, True, False):
         raise UserError(f"stream must be True, False or None (auto), got {stream!r}")
     if lens not in (True, False):
         raise UserError(f"lens must be True or False, got {lens!r}")
-    if not 0 <= think_threshold <= 1:  # (nan fails it too)
-        raise UserError(f"think_threshold={think_threshold} is out of range: it must be in [0, 1] (1 = always think)")
     if think_threshold < 1 and (jacobi_tol is not None or n_jacobi is not None):
         print("note: with think_threshold < 1 the prompt goes token by token through the cache: n_jacobi and "
               "jacobi_tol are not used", file=sys.stderr)

@@ -152,10 +152,9 @@ def mean_point(per_seed):
                 loss=sum(p['loss'] for p in per_seed.values()) / len(per_seed))
 
 
-def cheapest_below(rows, seed, loss):
-    """(threshold, flops) of the seed's cheapest measured point at or below loss, or None."""
-    return min(((r['per_seed'][seed][0], r['threshold']) for r in rows if r['per_seed'][seed][1] <= loss),
-               default=None)
+def cheapest_below(points, loss):
+    """The cheapest (flops, loss, threshold) of points at or below loss, or None."""
+    return min((p for p in points if p[1] <= loss), default=None)
 
 
 def tables(reports, pts):
@@ -179,7 +178,7 @@ def tables(reports, pts):
         for p in pts:
             x = reach(curve, p['loss'])
             y = at(curve, p['flops'])
-            measured = min(((f, l, r['threshold']) for (f, l), r in zip(curve, rows) if l <= p['loss']), default=None)
+            measured = cheapest_below([(f, l, r['threshold']) for (f, l), r in zip(curve, rows)], p['loss'])
             lines.append(f"- against {p['label']} ({p['loss']:.4f} at {p['flops'] / 1e6:.2f}M FLOPs): "
                          + (f"the cheapest measured point at or below its loss is τ={measured[2]:g}, "
                             f"{measured[0] / 1e6:.2f}M FLOPs ({measured[0] / p['flops']:.2f}x its), {measured[1]:.4f}; "
@@ -188,8 +187,9 @@ def tables(reports, pts):
                          + (f"; at its FLOPs the curve's loss is {y:.4f} ({y - p['loss']:+.4f})" if y is not None
                             else "; its FLOPs are outside the curve")
                          + ("; per seed, the cheapest measured point at or below its loss: " + ', '.join(
-                             f"{seed} " + (f"τ={c[1]:g} ({c[0] / p['flops']:.2f}x)" if c else 'none')
-                             for seed in seed_list for c in [cheapest_below(rows, seed, p['per_seed'][seed])])
+                             f"{seed} " + (f"τ={c[2]:g} ({c[0] / p['flops']:.2f}x)" if c else 'none')
+                             for seed in seed_list for c in [cheapest_below(
+                                 [(*r['per_seed'][seed], r['threshold']) for r in rows], p['per_seed'][seed])])
                             if spread else ''))
         lines.append('')
     lines += ['### The measured skip shares at the Pythia shapes (K=1, 2048 context, attention at its mean position)',

@@ -499,7 +499,7 @@ def paired_differences(results, bases=('ponderlm2-k1', 'vanilla')):
     FLOPs-matched vanilla at its best val checkpoint too, where it has one."""
     from nanoponder.stats import holm, p_text, paired_test  # scipy: a dependency of the report only
     key, label = loss_key(results), {r['name']: r['label'] for r in results}
-    listed, tests = [], []  # (run, base, the run's label, its differences per seed)
+    listed = []  # (run, base, the run's label, its differences per seed)
     for base in bases:
         for name in by_run(results):
             diffs = [d for _, d in paired(results, name, base, key)]
